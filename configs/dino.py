@@ -1,0 +1,134 @@
+r"""DINO (Caron et al., 2021): self-distillation with no labels.
+
+Default: the facebookresearch/dino ViT-S/16 ImageNet recipe (main_dino.py
+defaults, ../shared/spec/methods.md §2.1): batch 512 (8 GPUs x 64), 100 epochs,
+2x224 global crops at (0.4, 1) + 8x96 local crops at (0.05, 0.4), head out_dim
+65536 with a weight-normalised last layer, AdamW lr 5e-4 * batch/256 with 10
+warm-up epochs and a cosine to 1e-6, weight decay cosine 0.04 -> 0.4, teacher
+momentum cosine 0.996 -> 1, teacher temperature 0.04 (warm-up schedule kept, from
+0.04; set teacher_temp=0.07 for the longer recipes), student temperature 0.1, last
+layer frozen for the first epoch, per-tensor gradient clipping at 3.0, drop path
+0.1. Matmuls in bfloat16; parameters, softmax and losses in float32.
+
+  # ImageNet (needs `imagenet2012` prepared for TFDS; the run stops at once and
+  # says how when it is not):
+  python main.py --config=configs/dino.py --workdir=/tmp/dino_vits16 \
+      --config.data.tfds_data_dir=$HOME/tensorflow_datasets
+
+  # Fashion-MNIST on a 2-core CPU (what `make demo` runs):
+  python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/dino_fmnist
+  # -> see experiments/fashion_mnist/RESULTS.md for the measured kNN numbers.
+
+  # A few steps, for tests:
+  python main.py --config=configs/dino.py:smoke --workdir=/tmp/dino_smoke
+
+Presets: '' (ImageNet ViT-S/16), 'vit_base' (ImageNet ViT-B/16, batch 512 lr
+7.5e-4 per 256), 'fashion_mnist', 'smoke'.
+"""
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FMNIST_STD = (0.3530, 0.3530, 0.3530)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The DINO ViT-S/16 ImageNet recipe; presets edit a copy of it."""
+  c = ml_collections.ConfigDict()
+  c.method = "dino"
+  c.seed = 0
+  c.batch_size = 512  # global, over all devices and hosts
+  c.total_epochs = 100
+  c.total_steps = 0  # > 0 overrides total_epochs
+  c.log_every_steps = 50
+  c.device_prefetch = 2
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant="small", patch_size=16, pos_grid=14, drop_path_rate=0.1, dtype="bfloat16",
+      scan_blocks=False, embed_dim=None, depth=None, num_heads=None, mlp_ratio=None))
+  c.head = ml_collections.ConfigDict(dict(
+      out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True, use_bn=False))
+  c.loss = ml_collections.ConfigDict(dict(
+      student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04,
+      warmup_teacher_temp_epochs=30, center_momentum=0.9))
+  c.teacher = ml_collections.ConfigDict(dict(momentum=0.996, momentum_end=1.0))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr_per_256=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
+      weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8, clip_grad=3.0,
+      freeze_last_layer_epochs=1, decay_biases=False))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="tfds", tfds_name="imagenet2012", tfds_data_dir=None, path="",
+      train_split="train", eval_train_split="train", eval_test_split="validation",
+      global_crops=dict(number=2, size=224, scale=(0.4, 1.0)),
+      local_crops=dict(number=8, size=96, scale=(0.05, 0.4)),
+      interpolation="bicubic", eval_resize=256, eval_size=224, workers=8, prefetch_buffer=4))
+  c.augment = ml_collections.ConfigDict(dict(
+      color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+      grayscale_prob=0.2, blur_probs=(1.0, 0.1, 0.5), solarize_probs=(0.0, 0.2, 0.0),
+      blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, max_to_keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(
+      knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
+  return c
+
+
+def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A small ViT on real Fashion-MNIST, sized for the 2-core CPU demo."""
+  c.batch_size = 128
+  c.total_epochs = 6
+  c.log_every_steps = 50
+  c.model.update(variant="tiny", patch_size=4, pos_grid=7, drop_path_rate=0.0, dtype="float32",
+                 embed_dim=96, depth=4, num_heads=3)
+  c.head.update(out_dim=1024, hidden_dim=512, bottleneck_dim=128)
+  c.loss.update(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
+  c.teacher.update(momentum=0.99)
+  c.optim.update(lr_per_256=1e-3, warmup_epochs=1, freeze_last_layer_epochs=0, min_lr=1e-5)
+  c.data.update(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist",
+                eval_test_split="test", eval_resize=28, eval_size=28, workers=0, prefetch_buffer=4)
+  c.data.global_crops.update(number=2, size=28, scale=(0.4, 1.0))
+  c.data.local_crops.update(number=4, size=16, scale=(0.1, 0.4))
+  c.augment.update(blur_sigma=(0.1, 0.5), hue=0.0, saturation=0.0, mean=FMNIST_MEAN,
+                   std=FMNIST_STD)
+  c.checkpoint.update(every_steps=500, max_to_keep=2)
+  c.eval.update(knn_every_steps=10**9, knn_at_start=True, batch_size=1000)
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps of a tiny model on Fashion-MNIST, for tests (seconds on a CPU)."""
+  c = fashion_mnist(c)
+  c.batch_size = 16
+  c.total_steps = 6
+  c.log_every_steps = 2
+  c.model.update(embed_dim=32, depth=2, num_heads=2)
+  c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=32)
+  c.data.local_crops.update(number=2)
+  c.checkpoint.update(every_steps=3, async_save=False)
+  c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
+  return c
+
+
+def vit_base(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.model.variant = "base"
+  c.optim.lr_per_256 = 7.5e-4
+  return c
+
+
+PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "vit_base": vit_base,
+           "fashion_mnist": fashion_mnist, "smoke": smoke}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config for preset `arg` (see the module docstring)."""
+  arg = (arg or "").strip()
+  if arg not in PRESETS:
+    raise ValueError(f"unknown preset {arg!r} for configs/dino.py; valid: "
+                     f"{sorted(k for k in PRESETS if k)}")
+  c = PRESETS[arg](base_config())
+  c.lock()  # Unknown override keys fail instead of being silently added.
+  return c

@@ -1,0 +1,52 @@
+r"""sslx entry point: flags -> config -> trainer.
+
+  python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/run \
+      [--config.batch_size=256 ...] [--mode=train|knn]
+
+A workdir that already holds a checkpoint resumes from it. `--mode=knn` runs the
+weighted kNN evaluation on the latest checkpoint of --workdir.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally ':preset'.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+flags.DEFINE_enum("mode", "train", ["train", "knn"], "What to do with the workdir.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _check_overrides(argv_all: list[str]) -> None:
+  """Fails on --config.<key> overrides that name no key, listing the valid keys."""
+  from sslx.config_check import unknown_override_message
+  msg = unknown_override_message(argv_all)
+  if msg:
+    print(msg, file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  logging.info("config:\n%s", config)
+  # Imported after flag parsing so `python main.py --help` stays fast.
+  from sslx import distributed
+  distributed.maybe_initialize()
+  from sslx.train import trainer
+  if FLAGS.mode == "train":
+    results = trainer.run(config, FLAGS.workdir)
+  else:
+    results = trainer.evaluate_workdir(config, FLAGS.workdir)
+  logging.info("results: %s", results)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.INFO)
+  _check_overrides(sys.argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main)

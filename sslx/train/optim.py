@@ -1,0 +1,123 @@
+"""The optax chain of the self-distillation methods: AdamW with scheduled lr and
+weight decay, per-tensor clipping and a frozen last layer (gotchas 10-12)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sslx.schedules import Schedule
+
+
+class _ClipState(NamedTuple):
+  pass
+
+
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+  """Clips each parameter's gradient to L2 norm `max_norm` on its own.
+
+  The official DINO/iBOT/SERE trainers clip every tensor separately with
+  coefficient max_norm / (norm + 1e-6) when that is below 1 (gotcha 11); optax
+  only ships global-norm and block-RMS clipping, hence this small transform.
+  """
+
+  def update(updates, state, params=None):
+    del params
+
+    def clip(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+      coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+      return (g * coef).astype(g.dtype)
+
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(lambda _: _ClipState(), update)
+
+
+class FreezeState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def freeze_for(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+  """Skips `inner` entirely (zero update, state untouched) for the first `steps` steps.
+
+  This mirrors PyTorch where a parameter whose grad is None is skipped by AdamW:
+  no moment update, no weight decay and no step count, so bias correction starts
+  afresh when the parameter unfreezes (gotcha 12, DINO's freeze_last_layer).
+  """
+
+  def init(params):
+    return FreezeState(jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    frozen = state.count < steps
+    out = jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates)
+    kept = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.inner, new_inner)
+    return out, FreezeState(state.count + 1, kept)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def decay_mask(params, *, decay_biases: bool) -> Any:
+  """True for parameters that get weight decay.
+
+  DINO/iBOT: no decay on biases and any 1-D parameter (LayerNorm scales...).
+  SERE (`decay_biases=True`): biases are decayed, other 1-D parameters are not
+  (gotcha 10).
+  """
+
+  def want(path, leaf):
+    name = _path_str(path).split("/")[-1]
+    if name == "bias":
+      return decay_biases
+    return leaf.ndim > 1
+
+  return jax.tree_util.tree_map_with_path(want, params)
+
+
+def label_frozen(params, pattern: str = r"(^|/)last_layer(/|$)") -> Any:
+  """Labels params 'frozen_head' if their path matches `pattern`, else 'rest'."""
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: "frozen_head" if regex.search(_path_str(p)) else "rest", params)
+
+
+def make_optimizer(params, *, lr: Schedule, weight_decay: Schedule, b1: float, b2: float,
+                   eps: float, clip_grad: float | None, freeze_steps: int,
+                   decay_biases: bool) -> optax.GradientTransformation:
+  """AdamW with scheduled lr and weight decay, per-tensor clipping and a frozen last layer.
+
+  The lr and weight decay are `optax.inject_hyperparams`, so their current values
+  live in the optimiser state (and are logged from there).
+  """
+  # A callable mask: multi_transform hands each group a tree with MaskedNode holes.
+  mask = lambda p: decay_mask(p, decay_biases=decay_biases)  # noqa: E731
+
+  def adamw(offset=0):
+    # A frozen group's own step count starts at 0 when it unfreezes (which is what
+    # restarts Adam's bias correction, as in PyTorch); the schedules must still see
+    # the global step, hence the offset.
+    return optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lambda c: lr(c + offset), weight_decay=lambda c: weight_decay(c + offset),
+        b1=b1, b2=b2, eps=eps, mask=mask)
+
+  parts = []
+  if clip_grad:
+    parts.append(clip_per_tensor(clip_grad))
+  labels = label_frozen(params)
+  if freeze_steps > 0 and "frozen_head" in jax.tree.leaves(labels):
+    parts.append(optax.multi_transform(
+        {"rest": adamw(), "frozen_head": freeze_for(adamw(freeze_steps), freeze_steps)}, labels))
+  else:
+    parts.append(adamw())
+  return optax.chain(*parts)

@@ -1,0 +1,93 @@
+"""Moves host batches onto the devices ahead of the step, in a background thread.
+
+The data-iterator state saved in a checkpoint must be the state *after the last
+batch the step consumed*, not after the batches already prefetched. Each queued
+batch therefore carries the iterator state read right after it was drawn, and
+`get_state` returns the state of the last batch handed out. The object speaks
+grain's `get_state`/`set_state`, so grain's own orbax handler saves it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+_DONE = object()
+
+
+class DevicePrefetcher:
+  """Iterator of device batches over a stateful host iterator.
+
+  Args:
+    host_iter: a grain iterator (anything with __next__, get_state, set_state).
+    put: maps a host batch (dict of numpy) to device arrays (e.g. `sharding.to_global`).
+    keys: the batch entries sent to the device; the others stay on the host.
+    size: how many device batches to keep ready.
+  """
+
+  def __init__(self, host_iter: Any, put: Callable[[Mapping[str, np.ndarray]], Any],
+               keys: tuple[str, ...], size: int = 2):
+    self._it = host_iter
+    self._put = put
+    self._keys = keys
+    self._size = size
+    self._queue: queue.Queue | None = None
+    self._thread: threading.Thread | None = None
+    self._stop = threading.Event()
+    self._state = None
+    self.host_info: dict[str, Any] = {}
+
+  # -- grain's checkpoint protocol --------------------------------------------
+  def get_state(self):
+    return self._state if self._state is not None else self._it.get_state()
+
+  def set_state(self, state) -> None:
+    if self._thread is not None:
+      raise RuntimeError("set_state after prefetching started; restore before the first batch")
+    self._it.set_state(state)
+    self._state = state
+
+  # -- iteration --------------------------------------------------------------
+  def _work(self):
+    try:
+      while not self._stop.is_set():
+        batch = next(self._it)
+        state = self._it.get_state()
+        info = {"skipped": int(np.sum(batch["skipped"])) if "skipped" in batch else 0}
+        device = self._put({k: batch[k] for k in self._keys if k in batch})
+        self._queue.put((device, state, info))
+    except StopIteration:
+      self._queue.put(_DONE)
+    except BaseException as e:  # Surface pipeline errors in the training thread.
+      self._queue.put(e)
+
+  def __iter__(self) -> Iterator[Any]:
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      self._queue = queue.Queue(maxsize=self._size)
+      self._thread = threading.Thread(target=self._work, daemon=True, name="prefetch")
+      self._thread.start()
+    item = self._queue.get()
+    if item is _DONE:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    device, self._state, self.host_info = item
+    return device
+
+  def close(self) -> None:
+    self._stop.set()
+    if self._thread is not None and self._queue is not None:
+      try:  # Unblock a producer waiting on a full queue.
+        while True:
+          self._queue.get_nowait()
+      except queue.Empty:
+        pass
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()

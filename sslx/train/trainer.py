@@ -1,0 +1,313 @@
+"""The one trainer: every method runs through `run(config, workdir)`.
+
+Phases, in order (as big_vision's train.py): mesh -> data -> method and shapes
+(`jax.eval_shape`) -> shardings -> optimiser -> jit with donation -> resume ->
+evaluators -> loop. A method supplies its networks, loss and schedules
+(sslx/methods); everything else lives here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from sslx import schedules
+from sslx.data import augment, pipeline
+from sslx.eval import knn
+from sslx.methods import METHODS
+from sslx.train import checkpoint as ckpt_lib
+from sslx.train import metrics as metrics_lib
+from sslx.train import optim, sharding
+from sslx.train.prefetch import DevicePrefetcher
+from sslx.train.state import TrainState, ema_update, tree_l2
+
+DEVICE_KEYS = ("global_crops", "local_crops", "global_boxes", "global_flips",
+               "local_boxes", "local_flips", "image_size")
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN/Inf; the message names the step window."""
+
+
+def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  return int(config.get("total_steps") or config.total_epochs * steps_per_epoch)
+
+
+def make_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, Callable]:
+  """lr, weight decay and teacher momentum, all per iteration (gotcha 13)."""
+  oc = config.optim
+  warmup = int(round(oc.warmup_epochs * steps_per_epoch))
+  base_lr = schedules.base_learning_rate(oc.lr_per_256, config.batch_size)
+  return {
+      "lr": schedules.cosine_schedule(base_lr, oc.min_lr, total_steps, warmup),
+      "weight_decay": schedules.cosine_schedule(oc.weight_decay, oc.weight_decay_end, total_steps),
+      "momentum": schedules.cosine_schedule(config.teacher.momentum, config.teacher.momentum_end,
+                                            total_steps),
+  }
+
+
+def make_train_step(config, method, tx, scheds: dict[str, Callable],
+                    method_scheds: dict[str, Callable]):
+  """The pure update: augment on device -> loss -> grads -> optax -> EMA teacher.
+
+  `scheds` are the trainer's (lr, weight_decay, momentum); `method_scheds` the
+  method's own (e.g. DINO's teacher temperature), all functions of the step.
+  """
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng, r_aug, r_model = jax.random.split(state.rng, 3)
+    g, l = augment.augment_multicrop(r_aug, batch["global_crops"], batch["local_crops"],
+                                     config.augment)
+    views = {**batch, "global": g, "local": l}
+    sched = {k: f(state.step) for k, f in method_scheds.items()}
+
+    def loss_fn(params):
+      return method.loss(params, state.teacher_params, state.loss_state, views, r_model, sched)
+
+    (loss, (loss_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    momentum = scheds["momentum"](state.step)
+    teacher = ema_update(state.teacher_params, method.teacher_params(params), momentum)
+    metrics = dict(metrics)
+    metrics.update(
+        loss=loss, lr=scheds["lr"](state.step), weight_decay=scheds["weight_decay"](state.step),
+        momentum=momentum, l2_grads=tree_l2(grads), l2_params=tree_l2(params),
+        l2_updates=tree_l2(updates))
+    new_state = state.replace(step=state.step + 1, params=params, teacher_params=teacher,
+                              opt_state=opt_state, loss_state=loss_state, rng=rng)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """uint8 images (the full eval batch, same on every process) -> numpy features.
+
+  Each process sends its own slice of the batch to its devices and gathers the
+  result back, so evaluation works unchanged on one CPU and on several hosts.
+  """
+  mean, std = tuple(config.augment.mean), tuple(config.augment.std)
+
+  @jax.jit
+  def features(params, images):
+    x = augment.normalize(images.astype(jnp.float32) / 255.0, mean, std)
+    return method.features(params, x)
+
+  shard = sharding.batch_sharding(mesh)
+  n, p = jax.process_count(), jax.process_index()
+
+  def fn(params, images: np.ndarray) -> np.ndarray:
+    per = images.shape[0] // n
+    local = images[p * per:(p + 1) * per]
+    feats = features(params, jax.make_array_from_process_local_data(shard, local))
+    if n > 1:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(feats, tiled=True))
+    return np.asarray(jax.device_get(feats))
+
+  return fn
+
+
+def evaluate_knn(config, feature_fn, params) -> dict[str, float]:
+  """Weighted kNN (DINO protocol) of `params` on the labelled splits in config.data."""
+  ec, dc = config.eval, config.data
+  batches = lambda split: pipeline.eval_dataset(dc, split, batch_size=ec.batch_size)  # noqa: E731
+  f = lambda images: feature_fn(params, images)  # noqa: E731
+  return knn.run_knn(f, batches(dc.eval_train_split), batches(dc.eval_test_split),
+                     num_classes=pipeline.num_classes(dc), k=ec.knn_k,
+                     temperature=ec.knn_temperature)
+
+
+def _check_finite(window: list, first_step: int, ckpt) -> None:
+  if not window:
+    return
+  losses = np.asarray(jax.device_get(window), np.float64)
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    last = ckpt.latest_step()
+    raise TrainingDiverged(
+        f"loss became {losses[bad[0]]} at step {first_step + int(bad[0])} (checked window: steps "
+        f"[{first_step}, {first_step + len(losses) - 1}]); training stopped. The last good "
+        f"checkpoint ({'step ' + str(last) if last is not None else 'none'}) is intact. Lower the "
+        "lr (--config.optim.lr_per_256), tighten clipping (--config.optim.clip_grad) or use "
+        "float32 (--config.model.dtype=float32).")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the last evaluation results and the final step (used by scripts/tests).
+  """
+  jax.config.update("jax_threefry_partitionable", True)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ---- Mesh ------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  per_process_batch = sharding.check_batch(config.batch_size, mesh)
+  batch_shard = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape),
+               mesh.devices.size, jax.devices()[0].platform, jax.process_count())
+
+  # ---- Data ------------------------------------------------------------------
+  steps_per_epoch = pipeline.steps_per_epoch(config.data, config.batch_size)
+  total_steps = total_steps_of(config, steps_per_epoch)
+  train_ds = pipeline.train_dataset(
+      config.data, seed=config.seed, batch_size=per_process_batch,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = DevicePrefetcher(iter(train_ds), lambda b: sharding.to_global(b, batch_shard),
+                               DEVICE_KEYS, size=config.get("device_prefetch", 2))
+
+  # ---- Method, shapes, shardings ---------------------------------------------
+  method = METHODS[config.method](config)
+  gsize = config.data.global_crops.size
+  image_shape = (gsize, gsize, 3)
+  scheds = make_schedules(config, steps_per_epoch, total_steps)
+  oc = config.optim
+  params_shape, _ = jax.eval_shape(lambda r: method.init(r, image_shape), jax.random.PRNGKey(0))
+  tx = optim.make_optimizer(
+      params_shape, lr=scheds["lr"], weight_decay=scheds["weight_decay"], b1=oc.b1, b2=oc.b2,
+      eps=oc.eps, clip_grad=oc.clip_grad,
+      freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
+      decay_biases=oc.decay_biases)
+
+  def init_state(rng):
+    r_init, r_train = jax.random.split(rng)
+    params, loss_state = method.init(r_init, image_shape)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      teacher_params=method.teacher_params(params), opt_state=tx.init(params),
+                      loss_state=loss_state, rng=r_train)
+
+  state_shape = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
+  state_sharding = sharding.param_sharding(mesh, state_shape)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
+  logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", config.method,
+               n_params / 1e6, total_steps, steps_per_epoch)
+
+  # ---- Jit with donation -------------------------------------------------------
+  method_scheds = method.schedules(steps_per_epoch, total_steps)
+  train_step = jax.jit(make_train_step(config, method, tx, scheds, method_scheds),
+                       in_shardings=(state_sharding, batch_shard),
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+
+  # ---- Resume ------------------------------------------------------------------
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                               async_save=config.checkpoint.get("async_save", True))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s/%d", ckpt.directory, latest)
+    state = ckpt.restore(latest, ckpt_lib.abstract_like(state_shape, state_sharding), data_iter)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+  start_step = int(jax.device_get(state.step))
+
+  # ---- Evaluators ----------------------------------------------------------------
+  writer = metrics_lib.create_writer(workdir, is_main_process=is_main)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+  feature_fn = make_feature_fn(method, mesh, config)
+  results: dict[str, Any] = {}
+
+  def run_evals(step: int, params):
+    t0 = time.time()
+    res = evaluate_knn(config, feature_fn, params)
+    scalars = {f"knn/{k}": v for k, v in res.items()}
+    writer.write_scalars(step, scalars)
+    logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%% (%.1f s)", step, res["top1"],
+                 res["top5"], time.time() - t0)
+    return res
+
+  ec = config.eval
+  if ec.knn_every_steps and start_step == 0 and ec.get("knn_at_start", False):
+    results["knn_init"] = run_evals(0, state.teacher_params)
+
+  # ---- Train loop -------------------------------------------------------------------
+  compiled = None
+  window: list = []
+  window_start = start_step
+  meter = None
+  images_per_step = config.batch_size  # source images (all their crops) per step
+  skipped_total = 0
+  step = start_step
+  try:
+    for step in range(start_step, total_steps):
+      batch = next(data_iter)
+      if compiled is None:
+        t0 = time.time()
+        compiled = train_step.lower(state, batch).compile()
+        flops = metrics_lib.step_flops(compiled)
+        peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
+        logging.info("compiled the train step in %.1f s (%s GFLOP/step)", time.time() - t0,
+                     f"{flops / 1e9:.1f}" if flops else "unknown")
+        # XLA counts one device's share of a sharded step: pair it with one device's peak.
+        meter = metrics_lib.Throughput(global_batch_size=images_per_step, total_steps=total_steps,
+                                       flops_per_step=flops, peak_flops=peak)
+        meter.update(step, time.time())
+      state, step_metrics = compiled(state, batch)
+      window.append(step_metrics["loss"])
+      skipped_total += data_iter.host_info.get("skipped", 0)
+      done = step + 1
+      is_last = done == total_steps
+      if done % config.log_every_steps == 0 or is_last:
+        _check_finite(window, window_start, ckpt)
+        window, window_start = [], done
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        scalars["data/skipped_images"] = float(skipped_total)
+        progress = meter.update(done, time.time())
+        for name, value in (("perf/img_per_sec", progress.images_per_second),
+                            ("perf/step_time", progress.seconds_per_step), ("perf/mfu", progress.mfu)):
+          if value is not None:
+            scalars[name] = value
+        writer.write_scalars(done, scalars)
+        logging.info("%s", metrics_lib.format_progress(
+            progress, {"loss": scalars["loss"], "lr": scalars["lr"]}))
+      if done % config.checkpoint.every_steps == 0 or is_last:
+        _check_finite(window, window_start, ckpt)
+        ckpt.save(done, state, data_iter)
+      if ec.knn_every_steps and (done % ec.knn_every_steps == 0 or is_last):
+        results["knn"] = run_evals(done, state.teacher_params)
+  finally:
+    writer.flush()
+    ckpt.close()
+    data_iter.close()
+  results["step"] = int(jax.device_get(state.step))
+  return results
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Standalone kNN of the teacher in the latest checkpoint of `workdir`."""
+  mesh = sharding.make_mesh(config.mesh)
+  method = METHODS[config.method](config)
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first with "
+                            f"`python main.py --config=... --workdir={workdir}`")
+  teacher = ckpt.restore_teacher(step)
+  ckpt.close()
+  res = evaluate_knn(config, make_feature_fn(method, mesh, config), teacher)
+  logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%%", step, res["top1"], res["top5"])
+  return {"step": step, **res}
