@@ -108,6 +108,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.update(embed_dim=32, depth=2, num_heads=2)
   c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=32)
   c.data.local_crops.update(number=2)
+  c.optim.update(warmup_epochs=0)
   c.checkpoint.update(every_steps=3, async_save=False)
   c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
   return c

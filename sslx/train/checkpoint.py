@@ -27,6 +27,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, data_iter: Any | None) -> None:
     """Starts an (async) save of `state` and, if given, the grain iterator state."""
     items = {"state": ocp.args.StandardSave(state)}

@@ -80,6 +80,10 @@ def decay_mask(params, *, decay_biases: bool) -> Any:
     name = _path_str(path).split("/")[-1]
     if name == "bias":
       return decay_biases
+    # Norm scales and weight-norm magnitudes are 1-D per layer but gain a leading
+    # axis when blocks are stacked by nn.scan: decide by name, not only by rank.
+    if name in ("scale", "g"):
+      return False
     return leaf.ndim > 1
 
   return jax.tree_util.tree_map_with_path(want, params)

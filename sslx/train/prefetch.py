@@ -9,6 +9,7 @@ grain's `get_state`/`set_state`, so grain's own orbax handler saves it.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from typing import Any, Callable, Iterator, Mapping
@@ -40,15 +41,21 @@ class DevicePrefetcher:
     self._state = None
     self.host_info: dict[str, Any] = {}
 
-  # -- grain's checkpoint protocol --------------------------------------------
-  def get_state(self):
-    return self._state if self._state is not None else self._it.get_state()
+  # -- grain's checkpoint protocol (its orbax handler stores bytes for non-grain
+  # iterators, so the state travels as JSON-encoded bytes) --------------------------
+  def get_state(self) -> bytes:
+    state = self._state if self._state is not None else self._it.get_state()
+    return json.dumps(state).encode() if not isinstance(state, bytes) else state
 
-  def set_state(self, state) -> None:
+  def set_state(self, state: bytes) -> None:
     if self._thread is not None:
       raise RuntimeError("set_state after prefetching started; restore before the first batch")
-    self._it.set_state(state)
-    self._state = state
+    decoded = json.loads(state.decode()) if isinstance(state, bytes) else state
+    self._it.set_state(decoded)
+    self._state = decoded
+
+  def start_prefetch(self) -> None:
+    """Called by grain's handler after a restore; prefetching starts on the first next()."""
 
   # -- iteration --------------------------------------------------------------
   def _work(self):

@@ -8,6 +8,8 @@ evaluators -> loop. A method supplies its networks, loss and schedules
 
 from __future__ import annotations
 
+import dataclasses
+import logging as logging_std
 import os
 import time
 from typing import Any, Callable
@@ -68,6 +70,7 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
                                      config.augment)
     views = {**batch, "global": g, "local": l}
     sched = {k: f(state.step) for k, f in method_scheds.items()}
+    sched["step"] = state.step
 
     def loss_fn(params):
       return method.loss(params, state.teacher_params, state.loss_state, views, r_model, sched)
@@ -142,12 +145,79 @@ def _check_finite(window: list, first_step: int, ckpt) -> None:
         "float32 (--config.model.dtype=float32).")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What `build` returns: the method, the state's shapes and shardings, the jitted step."""
+  method: Any
+  state_shape: Any
+  state_sharding: Any
+  train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+  init: Callable[[int], TrainState]  # seed -> sharded initial state
+
+
+def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
+  """Method -> shapes (jax.eval_shape) -> shardings -> optimiser -> jitted step."""
+  # Random bits that do not depend on how arrays are sharded: the same augmentation
+  # on 1 or 8 devices.
+  jax.config.update("jax_threefry_partitionable", True)
+  method = METHODS[config.method](config)
+  gsize = config.data.global_crops.size
+  image_shape = (gsize, gsize, 3)
+  scheds = make_schedules(config, steps_per_epoch, total_steps)
+  oc = config.optim
+  params_shape, _ = jax.eval_shape(lambda r: method.init(r, image_shape), jax.random.PRNGKey(0))
+  tx = optim.make_optimizer(
+      params_shape, lr=scheds["lr"], weight_decay=scheds["weight_decay"], b1=oc.b1, b2=oc.b2,
+      eps=oc.eps, clip_grad=oc.clip_grad,
+      freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
+      decay_biases=oc.decay_biases)
+
+  def init_state(rng):
+    r_init, r_train = jax.random.split(rng)
+    params, loss_state = method.init(r_init, image_shape)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      teacher_params=method.teacher_params(params), opt_state=tx.init(params),
+                      loss_state=loss_state, rng=r_train)
+
+  state_shape = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_sharding = sharding.param_sharding(mesh, state_shape)
+  method_scheds = method.schedules(steps_per_epoch, total_steps)
+  train_step = jax.jit(make_train_step(config, method, tx, scheds, method_scheds),
+                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_sharding, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  init_jit = jax.jit(init_state, out_shardings=state_sharding)
+  return Built(method, state_shape, state_sharding, train_step,
+               lambda seed: init_jit(jax.random.PRNGKey(seed)))
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's and jax's per-operation INFO chatter out of the training log."""
+  NOISY = ("/orbax/", "/jax/_src/xla_bridge", "/jax/_src/distributed")
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
+def quiet_libraries() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        stop_after: int | None = None) -> dict[str, Any]:
   """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+  Args:
+    stop_after: end this invocation (with a checkpoint) once this many steps are
+      done, without changing the schedules; a later call resumes. For time-sliced
+      jobs and the resume tests.
 
   Returns the last evaluation results and the final step (used by scripts/tests).
   """
-  jax.config.update("jax_threefry_partitionable", True)
+  quiet_libraries()
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -171,37 +241,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_iter = DevicePrefetcher(iter(train_ds), lambda b: sharding.to_global(b, batch_shard),
                                DEVICE_KEYS, size=config.get("device_prefetch", 2))
 
-  # ---- Method, shapes, shardings ---------------------------------------------
-  method = METHODS[config.method](config)
-  gsize = config.data.global_crops.size
-  image_shape = (gsize, gsize, 3)
-  scheds = make_schedules(config, steps_per_epoch, total_steps)
-  oc = config.optim
-  params_shape, _ = jax.eval_shape(lambda r: method.init(r, image_shape), jax.random.PRNGKey(0))
-  tx = optim.make_optimizer(
-      params_shape, lr=scheds["lr"], weight_decay=scheds["weight_decay"], b1=oc.b1, b2=oc.b2,
-      eps=oc.eps, clip_grad=oc.clip_grad,
-      freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
-      decay_biases=oc.decay_biases)
-
-  def init_state(rng):
-    r_init, r_train = jax.random.split(rng)
-    params, loss_state = method.init(r_init, image_shape)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      teacher_params=method.teacher_params(params), opt_state=tx.init(params),
-                      loss_state=loss_state, rng=r_train)
-
-  state_shape = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
-  state_sharding = sharding.param_sharding(mesh, state_shape)
+  # ---- Method, shapes, shardings, jit ----------------------------------------------
+  built = build(config, mesh, steps_per_epoch, total_steps)
+  state_shape, state_sharding, train_step = built.state_shape, built.state_sharding, built.train_step
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
   logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", config.method,
                n_params / 1e6, total_steps, steps_per_epoch)
-
-  # ---- Jit with donation -------------------------------------------------------
-  method_scheds = method.schedules(steps_per_epoch, total_steps)
-  train_step = jax.jit(make_train_step(config, method, tx, scheds, method_scheds),
-                       in_shardings=(state_sharding, batch_shard),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  method = built.method
 
   # ---- Resume ------------------------------------------------------------------
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
@@ -211,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("resuming from %s/%d", ckpt.directory, latest)
     state = ckpt.restore(latest, ckpt_lib.abstract_like(state_shape, state_sharding), data_iter)
   else:
-    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    state = built.init(config.seed)
   start_step = int(jax.device_get(state.step))
 
   # ---- Evaluators ----------------------------------------------------------------
@@ -260,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       window.append(step_metrics["loss"])
       skipped_total += data_iter.host_info.get("skipped", 0)
       done = step + 1
-      is_last = done == total_steps
+      is_last = done == total_steps or done == stop_after
       if done % config.log_every_steps == 0 or is_last:
         _check_finite(window, window_start, ckpt)
         window, window_start = [], done
@@ -279,6 +325,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpt.save(done, state, data_iter)
       if ec.knn_every_steps and (done % ec.knn_every_steps == 0 or is_last):
         results["knn"] = run_evals(done, state.teacher_params)
+      if done == stop_after:
+        break
   finally:
     writer.flush()
     ckpt.close()

@@ -1,0 +1,115 @@
+r"""Throughput benchmark: the train step (img/s, step time, MFU, memory) and the input pipeline.
+
+  # Train step of a config on whatever devices are visible (synthetic uint8 crops, so
+  # the step alone is measured; compile and the first step are excluded):
+  python experiments/bench.py --config=configs/dino.py --steps=20 \
+      --config.batch_size=128 --config.data.local_crops.number=10
+  # Input pipeline (host only, real decoding + multi-crop), images/s per worker process:
+  python experiments/bench.py --config=configs/dino.py:fashion_mnist --what=pipeline
+
+Results are recorded in experiments/bench/RESULTS.md with the machine named.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/dino.py", "Config to benchmark.",
+                                lock_config=True)
+flags.DEFINE_enum("what", "step", ["step", "pipeline", "both"], "What to measure.")
+flags.DEFINE_integer("steps", 10, "Timed train steps.")
+flags.DEFINE_integer("batches", 20, "Timed pipeline batches.")
+flags.DEFINE_integer("workers", -1, "Pipeline worker processes (-1: config.data.workers).")
+
+
+def synthetic_batch(config, per_process_batch: int):
+  import numpy as np
+  rng = np.random.default_rng(0)
+  g, l = config.data.global_crops, config.data.local_crops
+  b = per_process_batch
+  return {
+      "global_crops": rng.integers(0, 256, (b, g.number, g.size, g.size, 3), dtype=np.uint8),
+      "local_crops": rng.integers(0, 256, (b, l.number, l.size, l.size, 3), dtype=np.uint8),
+      "global_boxes": np.zeros((b, g.number, 4), np.float32),
+      "global_flips": np.zeros((b, g.number), bool),
+      "local_boxes": np.zeros((b, l.number, 4), np.float32),
+      "local_flips": np.zeros((b, l.number), bool),
+      "image_size": np.full((b, 2), 256, np.int32),
+  }
+
+
+def bench_step(config) -> dict:
+  import jax
+  from sslx.train import metrics, sharding, trainer
+  mesh = sharding.make_mesh(config.mesh)
+  per_process = sharding.check_batch(config.batch_size, mesh)
+  built = trainer.build(config, mesh, steps_per_epoch=1000, total_steps=100_000)
+  state = built.init(config.seed)
+  batch = sharding.to_global(synthetic_batch(config, per_process), sharding.batch_sharding(mesh))
+  t0 = time.time()
+  compiled = built.train_step.lower(state, batch).compile()
+  compile_s = time.time() - t0
+  flops = metrics.step_flops(compiled)  # one device's share
+  state, m = compiled(state, batch)  # the first step is slower; not timed
+  jax.block_until_ready(m)
+  t0 = time.time()
+  for _ in range(FLAGS.steps):
+    state, m = compiled(state, batch)
+  jax.block_until_ready((state, m))
+  step_s = (time.time() - t0) / FLAGS.steps
+  dev = jax.devices()[0]
+  peak = metrics.peak_flops_per_device(dev)
+  out = {
+      "device": f"{mesh.devices.size} x {dev.device_kind}",
+      "batch": config.batch_size,
+      "compile_s": round(compile_s, 1),
+      "step_s": round(step_s, 4),
+      "img_per_s": round(config.batch_size / step_s, 1),
+      "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1) if flops else None,
+      "mfu": round(flops / step_s / peak, 4) if (flops and peak) else None,
+  }
+  stats = getattr(dev, "memory_stats", lambda: None)()
+  if stats and "peak_bytes_in_use" in stats:
+    out["peak_mem_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
+  return out
+
+
+def bench_pipeline(config) -> dict:
+  from sslx.data import pipeline
+  workers = config.data.workers if FLAGS.workers < 0 else FLAGS.workers
+  with config.unlocked():
+    config.data.workers = workers
+  per_process = config.batch_size
+  it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process))
+  next(it)  # start-up (worker spawn, file listing) excluded
+  t0 = time.time()
+  for _ in range(FLAGS.batches):
+    next(it)
+  dt = time.time() - t0
+  close = getattr(it, "close", None)
+  if close:
+    close()
+  img_s = FLAGS.batches * per_process / dt
+  return {"workers": workers, "img_per_s": round(img_s, 1),
+          "img_per_s_per_core": round(img_s / max(workers, 1), 1),
+          "crops_per_image": config.data.global_crops.number + config.data.local_crops.number}
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if FLAGS.what in ("step", "both"):
+    print("train step:", bench_step(config), flush=True)
+  if FLAGS.what in ("pipeline", "both"):
+    print("input pipeline:", bench_pipeline(config), flush=True)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)

@@ -1,0 +1,265 @@
+"""On-device photometric augmentation (pure JAX, batched, jittable).
+
+The DINO / BYOL recipe on already cropped and flipped views: colour jitter (p = 0.8) -> grayscale
+(p = 0.2) -> Gaussian blur -> solarize -> normalise. Every image draws its own decisions and
+factors from its own key, so images of a batch are independent.
+
+Choices, so they can be compared with torchvision/PIL:
+  * Colour jitter follows torchvision ColorJitter on float images: brightness factor b ~ U(1-B, 1+B)
+    scales the image; contrast c blends with the mean of the image's grey level; saturation s blends
+    with the per-pixel grey image; hue h ~ U(-H, H) shifts H in HSV. Each step clips to [0, 1].
+    The order of the four steps is a random permutation per image, as torchvision draws one per call:
+    we draw it as the argsort of 4 uniforms and apply step k as ``lax.switch(perm[k], ...)``
+    inside a ``fori_loop`` (under vmap each step evaluates all four and selects).
+  * Grey level uses ITU-R 601-2 luma weights (0.299, 0.587, 0.114), as PIL's convert('L').
+  * Blur: a true separable Gaussian with sigma ~ U(blur_sigma) per image (PIL's GaussianBlur radius is
+    its sigma), kernel radius ceil(3 * max sigma), EDGE padding (PIL also extends the border pixel).
+  * Solarize inverts values >= 128/255, which matches PIL's ImageOps.solarize(threshold=128) on uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+SOLARIZE_THRESHOLD = 128.0 / 255.0
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 [..., 3] -> float32 in [0, 1]; float input is taken to be in [0, 1] already."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def grayscale(x: jax.Array) -> jax.Array:
+  """Luma of float [..., 3] -> [..., 1] (ITU-R 601-2)."""
+  return jnp.tensordot(x, jnp.asarray(LUMA_WEIGHTS, x.dtype), axes=([-1], [0]))[..., None]
+
+
+def adjust_brightness(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """One image float [H, W, 3]: x * factor, clipped to [0, 1]."""
+  return jnp.clip(x * factor, 0.0, 1.0)
+
+
+def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """One image: blend with the image's mean grey level."""
+  mean = jnp.mean(grayscale(x))
+  return jnp.clip(factor * x + (1.0 - factor) * mean, 0.0, 1.0)
+
+
+def adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """One image: blend with its per-pixel grey version."""
+  return jnp.clip(factor * x + (1.0 - factor) * grayscale(x), 0.0, 1.0)
+
+
+def rgb_to_hsv(x: jax.Array) -> jax.Array:
+  """float [..., 3] RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn)."""
+  r, g, b = x[..., 0], x[..., 1], x[..., 2]
+  maxc = jnp.max(x, axis=-1)
+  minc = jnp.min(x, axis=-1)
+  delta = maxc - minc
+  safe_delta = jnp.where(delta > 0, delta, 1.0)
+  safe_max = jnp.where(maxc > 0, maxc, 1.0)
+  s = jnp.where(maxc > 0, delta / safe_max, 0.0)
+  rc, gc, bc = ((maxc - c) / safe_delta for c in (r, g, b))
+  h = jnp.where(maxc == r, bc - gc, jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+  h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
+  return jnp.stack([h, s, maxc], axis=-1)
+
+
+def hsv_to_rgb(x: jax.Array) -> jax.Array:
+  """float [..., 3] HSV in [0, 1] -> RGB in [0, 1]."""
+  h, s, v = x[..., 0], x[..., 1], x[..., 2]
+  h6 = jnp.mod(h, 1.0) * 6.0
+  sector = jnp.floor(h6)
+  f = h6 - sector
+  p = v * (1.0 - s)
+  q = v * (1.0 - s * f)
+  t = v * (1.0 - s * (1.0 - f))
+  sector = sector.astype(jnp.int32) % 6
+  choices_r = jnp.stack([v, q, p, p, t, v], axis=-1)
+  choices_g = jnp.stack([t, v, v, q, p, p], axis=-1)
+  choices_b = jnp.stack([p, p, t, v, v, q], axis=-1)
+  pick = lambda c: jnp.take_along_axis(c, sector[..., None], axis=-1)[..., 0]
+  return jnp.stack([pick(choices_r), pick(choices_g), pick(choices_b)], axis=-1)
+
+
+def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
+  """One image: rotate hue by ``shift`` turns (in [-0.5, 0.5])."""
+  hsv = rgb_to_hsv(x)
+  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0))
+  return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
+
+
+def _color_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: float,
+                  saturation: float, hue: float) -> jax.Array:
+  k_perm, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
+  factors = jnp.stack([
+      jax.random.uniform(k_b, (), minval=max(0.0, 1.0 - brightness), maxval=1.0 + brightness),
+      jax.random.uniform(k_c, (), minval=max(0.0, 1.0 - contrast), maxval=1.0 + contrast),
+      jax.random.uniform(k_s, (), minval=max(0.0, 1.0 - saturation), maxval=1.0 + saturation),
+      jax.random.uniform(k_h, (), minval=-hue, maxval=hue),
+  ])
+  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+  # argsort of iid uniforms is a uniform random permutation, and compiles much faster than
+  # jax.random.permutation.
+  order = jnp.argsort(jax.random.uniform(k_perm, (len(ops),)))
+
+  def step(i: jax.Array, img: jax.Array) -> jax.Array:
+    op = order[i]
+    return jax.lax.switch(op, ops, img, factors[op])
+
+  # A loop rather than 4 unrolled switches: the body is compiled once (4x less compile time).
+  return jax.lax.fori_loop(0, len(ops), step, x)
+
+
+def _gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+  """One image float [H, W, C], separable Gaussian with edge padding."""
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  weights = jnp.exp(-0.5 * jnp.square(taps / sigma))
+  weights = weights / jnp.sum(weights)
+  h, w = x.shape[:2]
+  padded = jnp.pad(x, ((radius, radius), (0, 0), (0, 0)), mode='edge')
+  x = sum(weights[i] * padded[i:i + h] for i in range(2 * radius + 1))
+  padded = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode='edge')
+  return sum(weights[i] * padded[:, i:i + w] for i in range(2 * radius + 1))
+
+
+def _is_zero(p: Any) -> bool:
+  return isinstance(p, (int, float)) and p <= 0
+
+
+def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Array,
+                solarize_prob: float | jax.Array, color_jitter_prob: float = 0.8,
+                brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
+                hue: float = 0.1, grayscale_prob: float = 0.2,
+                blur_sigma: Sequence[float] = (0.1, 2.0)) -> jax.Array:
+  """Random colour jitter, grayscale, Gaussian blur and solarize, independently per image.
+
+  Args:
+    rng: a PRNG key.
+    images: uint8 [N, H, W, 3] (or float in [0, 1]).
+    blur_prob, solarize_prob: probability per image, a scalar or an array [N] (one per image).
+    color_jitter_prob, grayscale_prob: scalar probabilities. Any Python 0 skips that computation.
+    brightness, contrast, saturation, hue: jitter strengths (torchvision ColorJitter arguments);
+      Python floats.
+    blur_sigma: (min, max) of the Gaussian sigma in pixels; Python floats (they fix the kernel).
+  Returns:
+    float32 [N, H, W, 3] in [0, 1].
+  """
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f'photometric expects images [N, H, W, 3], got shape {images.shape}.')
+  sigma_lo, sigma_hi = float(blur_sigma[0]), float(blur_sigma[1])
+  if not 0 < sigma_lo <= sigma_hi:
+    raise ValueError(f'blur_sigma must satisfy 0 < min <= max, got {blur_sigma}.')
+  radius = max(1, int(math.ceil(3.0 * sigma_hi)))
+  x = to_float(images)
+  if images.shape[0] == 0:
+    return x
+
+  n = images.shape[0]
+  blur_p = blur_prob if _is_zero(blur_prob) else jnp.broadcast_to(
+      jnp.asarray(blur_prob, jnp.float32), (n,))
+  solarize_p = solarize_prob if _is_zero(solarize_prob) else jnp.broadcast_to(
+      jnp.asarray(solarize_prob, jnp.float32), (n,))
+
+  def one(key: jax.Array, img: jax.Array, blur_prob: Any, solarize_prob: Any) -> jax.Array:
+    keys = jax.random.split(key, 7)
+    if not _is_zero(color_jitter_prob):
+      jittered = _color_jitter(keys[0], img, brightness, contrast, saturation, hue)
+      img = jnp.where(jax.random.bernoulli(keys[1], color_jitter_prob), jittered, img)
+    if not _is_zero(grayscale_prob):
+      grey = jnp.broadcast_to(grayscale(img), img.shape)
+      img = jnp.where(jax.random.bernoulli(keys[2], grayscale_prob), grey, img)
+    if not _is_zero(blur_prob):
+      sigma = jax.random.uniform(keys[3], (), minval=sigma_lo, maxval=sigma_hi)
+      img = jnp.where(jax.random.bernoulli(keys[4], blur_prob),
+                      _gaussian_blur(img, sigma, radius), img)
+    if not _is_zero(solarize_prob):
+      solarized = jnp.where(img >= SOLARIZE_THRESHOLD, 1.0 - img, img)
+      img = jnp.where(jax.random.bernoulli(keys[5], solarize_prob), solarized, img)
+    return img
+
+  axes = (0, 0, None if _is_zero(blur_p) else 0, None if _is_zero(solarize_p) else 0)
+  return jax.vmap(one, in_axes=axes)(jax.random.split(rng, n), x, blur_p, solarize_p)
+
+
+def normalize(x: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+  """(x - mean) / std over the last (channel) axis, float32."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  return (x.astype(jnp.float32) - mean) / std
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+  if cfg is None:
+    return default
+  if hasattr(cfg, 'get'):
+    value = cfg.get(key, default)
+    return default if value is None else value
+  return getattr(cfg, key, default)
+
+
+def augment_multicrop(rng: jax.Array, global_crops: jax.Array, local_crops: jax.Array,
+                      cfg: Any = None) -> tuple[jax.Array, jax.Array]:
+  """DINO per-view photometric augmentation and normalisation of a multi-crop batch.
+
+  Global view 0 uses (blur_probs[0], solarize_probs[0]), every further global view uses index 1,
+  local views index 2. Defaults (cfg None or a key missing) are DINO's: blur (1.0, 0.1, 0.5),
+  solarize (0, 0.2, 0), jitter 0.8 of (0.4, 0.4, 0.2, 0.1), grayscale 0.2, sigma (0.1, 2.0),
+  ImageNet mean/std.
+
+  Args:
+    rng: a PRNG key.
+    global_crops: uint8 [B, Ng, G, G, 3].
+    local_crops: uint8 [B, Nl, L, L, 3] (Nl may be 0).
+    cfg: ``config.augment`` (ConfigDict or mapping) with keys color_jitter_prob, brightness, contrast,
+      saturation, hue, grayscale_prob, blur_probs, solarize_probs, blur_sigma, mean, std.
+  Returns:
+    (globals float32 [B, Ng, G, G, 3], locals float32 [B, Nl, L, L, 3]), normalised.
+  """
+  for name, crops in (('global_crops', global_crops), ('local_crops', local_crops)):
+    if crops.ndim != 5 or crops.shape[-1] != 3:
+      raise ValueError(f'{name} must be [B, N, S, S, 3], got shape {crops.shape}.')
+  common = dict(
+      color_jitter_prob=_get(cfg, 'color_jitter_prob', 0.8),
+      brightness=float(_get(cfg, 'brightness', 0.4)),
+      contrast=float(_get(cfg, 'contrast', 0.4)),
+      saturation=float(_get(cfg, 'saturation', 0.2)),
+      hue=float(_get(cfg, 'hue', 0.1)),
+      grayscale_prob=_get(cfg, 'grayscale_prob', 0.2),
+      blur_sigma=tuple(_get(cfg, 'blur_sigma', (0.1, 2.0))),
+  )
+  blur_probs = tuple(_get(cfg, 'blur_probs', (1.0, 0.1, 0.5)))
+  solarize_probs = tuple(_get(cfg, 'solarize_probs', (0.0, 0.2, 0.0)))
+  if len(blur_probs) != 3 or len(solarize_probs) != 3:
+    raise ValueError('config.augment.blur_probs and solarize_probs need 3 entries '
+                     '(global view 1, global view 2, local views).')
+  mean = tuple(_get(cfg, 'mean', IMAGENET_MEAN))
+  std = tuple(_get(cfg, 'std', IMAGENET_STD))
+
+  b, ng = global_crops.shape[:2]
+  k_global, k_local = jax.random.split(rng)
+  # All global views in one call (view-major), with per-image probabilities: one compiled copy.
+  view_row = jnp.minimum(jnp.arange(ng), 1)
+  per_view = lambda probs: jnp.repeat(jnp.asarray(probs[:2], jnp.float32)[view_row], b)
+  flat = jnp.swapaxes(global_crops, 0, 1).reshape((ng * b,) + global_crops.shape[2:])
+  globals_flat = photometric(k_global, flat, blur_prob=per_view(blur_probs),
+                             solarize_prob=per_view(solarize_probs), **common)
+  globals_out = jnp.swapaxes(
+      normalize(globals_flat, mean, std).reshape((ng, b) + global_crops.shape[2:]), 0, 1)
+
+  b, nl = local_crops.shape[:2]
+  flat = local_crops.reshape((b * nl,) + local_crops.shape[2:])
+  locals_flat = photometric(k_local, flat, blur_prob=blur_probs[2],
+                            solarize_prob=solarize_probs[2], **common)
+  locals_out = normalize(locals_flat, mean, std).reshape(local_crops.shape)
+  return globals_out, locals_out

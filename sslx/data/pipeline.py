@@ -1,0 +1,203 @@
+"""grain input pipelines: the infinite multi-crop training stream and one-pass evaluation batches.
+
+Training (per process): source[process_index::process_count] -> shuffle (reshuffled every epoch) ->
+repeat forever -> multi-crop with a per-record generator -> batch (drop remainder) -> worker
+processes (``workers`` > 0) -> a thread buffer of ``prefetch_buffer`` ready batches. The returned
+``grain.IterDataset``'s iterator supports ``get_state()`` / ``set_state()`` and
+``grain.checkpoint.CheckpointSave/Restore``.
+
+Config keys read (``config.data``): source, path, tfds_name, tfds_data_dir, train_split,
+global_crops, local_crops, interpolation, eval_resize, eval_size, workers, prefetch_buffer, and with
+defaults: read_threads (threads reading/cropping records per process, 4), crop_ratio ((3/4, 4/3)).
+grain is imported inside the functions, so this module imports on hosts without grain.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sslx.data import crops as crops_lib
+from sslx.data import sources
+
+if TYPE_CHECKING:
+  import grain
+
+DataError = sources.DataError
+
+
+def _crop_spec(cfg: Any) -> crops_lib.CropSpec:
+  return crops_lib.CropSpec(int(cfg.number), int(cfg.size), tuple(float(s) for s in cfg.scale))
+
+
+def _derive_seed(*values: int) -> int:
+  return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
+
+
+def _train_min_side(global_spec: crops_lib.CropSpec, local_spec: crops_lib.CropSpec) -> int:
+  # A JPEG may be draft-decoded only so far that even the smallest box of each crop kind keeps
+  # about one decoded pixel per output pixel.
+  sides = [s.size / math.sqrt(s.scale[0]) for s in (global_spec, local_spec) if s.number > 0]
+  return int(math.ceil(max(sides))) if sides else 1
+
+
+class _MultiCrop:
+  """Record -> multi-crop training example (picklable for worker processes)."""
+
+  def __init__(self, global_spec: crops_lib.CropSpec, local_spec: crops_lib.CropSpec,
+               interpolation: str, ratio: tuple[float, float]):
+    self.global_spec = global_spec
+    self.local_spec = local_spec
+    self.interpolation = interpolation
+    self.ratio = ratio
+
+  def __call__(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    out = crops_lib.multi_crop(rng, element['image'], element['image_size'], self.global_spec,
+                               self.local_spec, interpolation=self.interpolation,
+                               ratio=self.ratio, decode_scale=float(element['decode_scale']))
+    out['image_size'] = np.asarray(element['image_size'], np.int32)
+    for key in ('label', 'skipped', 'index'):
+      out[key] = element[key]
+    return out
+
+
+def _read_options(data_cfg: Any) -> 'grain.ReadOptions':
+  import grain  # pylint: disable=g-import-not-at-top
+  threads = int(data_cfg.get('read_threads', 4))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(16, 4 * threads))
+
+
+def _add_prefetch(ds: 'grain.IterDataset', data_cfg: Any) -> 'grain.IterDataset':
+  import grain  # pylint: disable=g-import-not-at-top
+  workers = int(data_cfg.get('workers', 0))
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=2))
+  buffer = int(data_cfg.get('prefetch_buffer', 0))
+  if buffer > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=buffer)
+  return ds
+
+
+def _check_shard(process_index: int, process_count: int) -> None:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'Need 0 <= process_index < process_count, got {process_index}, '
+                     f'{process_count}.')
+
+
+def train_source(data_cfg: Any) -> Any:
+  """The random-access source of the training split (draft decoding tuned to the crop sizes)."""
+  min_side = _train_min_side(_crop_spec(data_cfg.global_crops), _crop_spec(data_cfg.local_crops))
+  return sources.make_source(data_cfg, data_cfg.train_split, min_side=min_side)
+
+
+def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> 'grain.IterDataset':
+  """The infinite, shuffled, host-sharded multi-crop training stream of this process.
+
+  Args:
+    data_cfg: ``config.data``.
+    seed: run seed; shuffle order and crops derive from (seed, process_index).
+    batch_size: examples per batch on THIS process.
+  Returns:
+    A grain.IterDataset of dicts: 'global_crops' uint8 [B, Ng, G, G, 3], 'local_crops' uint8
+    [B, Nl, L, L, 3], 'global_boxes' float32 [B, Ng, 4] and 'local_boxes' float32 [B, Nl, 4]
+    ((x0, y0, w, h) in original pixels), 'global_flips' bool [B, Ng], 'local_flips' bool [B, Nl],
+    'image_size' int32 [B, 2] (original height, width), 'label' int32 [B] (-1 unknown),
+    'skipped' int32 [B], 'index' int64 [B] (requested record index in the source).
+  Raises:
+    DataError: missing data, or fewer records on this process than one batch.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  _check_shard(process_index, process_count)
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+  global_spec = _crop_spec(data_cfg.global_crops)
+  local_spec = _crop_spec(data_cfg.local_crops)
+  crops_lib.resample_filter(data_cfg.interpolation)  # fail early on a bad name
+  ratio = tuple(float(r) for r in data_cfg.get('crop_ratio', crops_lib.DEFAULT_RATIO))
+  source = train_source(data_cfg)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) < batch_size:
+    raise DataError(f'{source!r} gives process {process_index} only {len(ds)} records, fewer than '
+                    f'one batch of {batch_size}; lower the batch size.')
+  ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0))
+  ds = ds.repeat(None)  # epoch-indexed reshuffle and fresh crops every epoch
+  ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio),
+                     seed=_derive_seed(seed, process_index, 1))
+  ds = ds.to_iter_dataset(_read_options(data_cfg))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return _add_prefetch(ds, data_cfg)
+
+
+def steps_per_epoch(data_cfg: Any, global_batch_size: int) -> int:
+  """len(training source) // global_batch_size (>= 1).
+
+  Raises:
+    DataError: the training split has fewer records than one global batch.
+  """
+  n = len(train_source(data_cfg))
+  if n < global_batch_size:
+    raise DataError(f'The training split has {n} records, fewer than one global batch of '
+                    f'{global_batch_size}; lower the batch size.')
+  return n // global_batch_size
+
+
+def num_classes(data_cfg: Any) -> int | None:
+  """Number of classes of the training split (None for an unlabelled image folder)."""
+  return sources.source_num_classes(train_source(data_cfg))
+
+
+class _EvalRecord:
+  """Padded position -> evaluation example; positions past this process's records are padding."""
+
+  def __init__(self, source: Any, process_index: int, process_count: int, resize: int, size: int,
+               interpolation: str):
+    self.source = source
+    self.process_index = process_index
+    self.process_count = process_count
+    self.resize = resize
+    self.size = size
+    self.interpolation = interpolation
+
+  def __call__(self, position: int) -> dict[str, np.ndarray]:
+    index = self.process_index + int(position) * self.process_count
+    if index >= len(self.source):
+      return {'image': np.zeros((self.size, self.size, 3), np.uint8), 'label': np.int32(-1),
+              'mask': np.bool_(False)}
+    record = self.source[index]
+    image = crops_lib.resize_center_crop(record['image'], self.resize, self.size,
+                                         self.interpolation)
+    return {'image': image, 'label': np.int32(record['label']), 'mask': np.bool_(True)}
+
+
+def eval_dataset(data_cfg: Any, split: str, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> 'grain.IterDataset':
+  """One ordered pass over a labelled split for k-NN, sharded over processes.
+
+  Process p takes records p, p + P, p + 2P, ...; every process yields the same number of batches
+  (ceil(ceil(N / P) / batch_size)) so collective ops line up, and the tail is padded.
+
+  Returns:
+    An iterable (iterate it again for another pass) of dicts 'image' uint8 [b, S, S, 3] (shorter
+    side resized to eval_resize, centre crop eval_size), 'label' int32 [b], 'mask' bool [b]
+    (False on padding), b = batch_size.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  _check_shard(process_index, process_count)
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+  resize, size = int(data_cfg.eval_resize), int(data_cfg.eval_size)
+  if size > resize:
+    raise DataError(f'config.data.eval_size {size} > eval_resize {resize}; eval_resize must be '
+                    '>= eval_size.')
+  crops_lib.resample_filter(data_cfg.interpolation)
+  source = sources.make_source(data_cfg, split, min_side=resize)
+  per_process = -(-len(source) // process_count)
+  num_batches = -(-per_process // batch_size)
+  ds = grain.MapDataset.range(num_batches * batch_size).map(
+      _EvalRecord(source, process_index, process_count, resize, size, data_cfg.interpolation))
+  ds = ds.to_iter_dataset(_read_options(data_cfg)).batch(batch_size)
+  return _add_prefetch(ds, data_cfg)

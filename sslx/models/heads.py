@@ -1,0 +1,113 @@
+"""Projection heads (Flax linen).
+
+The last, weight-normalised layer of every head lives in a submodule named ``'last_layer'``: the optimizer
+freezes params whose path contains that name during the first epoch(s), as DINO does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+DType = Any
+
+# Effectively a plain normal (see vit.py): DINO truncates at +-2 absolute, i.e. +-100 sigma for std 0.02.
+_TRUNC_NORMAL_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+# DINO builds the last layer after applying its init, so its direction keeps PyTorch's Linear default.
+_TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+    """``x / max(||x||_2, eps)`` along ``axis`` in float32 (torch F.normalize semantics)."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class WeightNormDense(nn.Module):
+    """Bias-free Linear whose weight is ``g * v / ||v||`` with the norm taken per output unit.
+
+    Params: 'kernel' (v) [in, out] and, unless ``fixed_scale``, 'g' [out] initialised to 1. With
+    ``fixed_scale`` the magnitude is the constant 1 and no 'g' parameter exists.
+    """
+
+    features: int
+    fixed_scale: bool = True
+    dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., in]. Returns float32 [..., features]."""
+        v = self.param("kernel", _TORCH_DEFAULT_KERNEL, (x.shape[-1], self.features), jnp.float32)
+        weight = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        if not self.fixed_scale:
+            weight = weight * self.param("g", nn.initializers.ones, (self.features,), jnp.float32)
+        out = jnp.einsum("...i,io->...o", x.astype(self.dtype), weight.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+        return out.astype(jnp.float32)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: MLP -> L2-normalise -> weight-normalised Linear to ``out_dim`` logits.
+
+    MLP for num_layers >= 2: Dense(hidden) [BN] GELU, (num_layers - 2) x (Dense(hidden) [BN] GELU),
+    Dense(bottleneck); for num_layers == 1: Dense(bottleneck). GELU is the exact erf form (torch default).
+
+    Attributes:
+      out_dim: number of prototypes K.
+      hidden_dim: MLP hidden width.
+      bottleneck_dim: width of the L2-normalised bottleneck.
+      num_layers: MLP depth (>= 1).
+      use_bn: BatchNorm after each hidden Dense; needs the mutable 'batch_stats' collection in training.
+        Under jit on globally sharded arrays BatchNorm already sees the global batch; only inside
+        shard_map/pmap set ``bn_axis_name`` to the data axis to get cross-device statistics.
+      norm_last_layer: fix the last layer's magnitude at 1 (no 'g' param); otherwise 'g' is learned.
+      dtype: compute dtype of the Dense matmuls; params, normalisation and outputs are float32.
+      bn_axis_name: axis name for cross-device BatchNorm statistics (see use_bn).
+    """
+
+    out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    dtype: DType = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool | None = None) -> Array:
+        """Maps features to prototype logits.
+
+        Args:
+          x: float [..., D] backbone features (e.g. CLS tokens [B, D], or [B, N, D] for all tokens).
+          train: BatchNorm mode; required when use_bn (batch statistics when True), ignored otherwise.
+
+        Returns:
+          float32 logits [..., out_dim].
+        """
+        if self.num_layers < 1:
+            raise ValueError(f"DINOHead num_layers must be >= 1, got {self.num_layers}.")
+        if self.use_bn and train is None:
+            raise ValueError("DINOHead(use_bn=True) needs train=True/False to pick batch or running "
+                             "BatchNorm statistics; pass train explicitly.")
+        dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
+                                            kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
+                                            name=name)
+        h = x.astype(jnp.float32)
+        for i in range(self.num_layers - 1):
+            h = dense(self.hidden_dim, f"mlp_{i}")(h).astype(jnp.float32)
+            if self.use_bn:
+                # torch BatchNorm1d defaults: momentum 0.1 (flax keeps 0.9 of the old value), eps 1e-5.
+                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 dtype=jnp.float32, param_dtype=jnp.float32, axis_name=self.bn_axis_name,
+                                 name=f"bn_{i}")(h)
+            h = nn.gelu(h, approximate=False)
+        h = dense(self.bottleneck_dim, f"mlp_{self.num_layers - 1}")(h)
+        h = l2_normalize(h)
+        return WeightNormDense(self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype,
+                               name="last_layer")(h)

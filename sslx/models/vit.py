@@ -1,0 +1,351 @@
+"""Vision Transformer backbone (DINO flavour) in Flax linen.
+
+Conventions:
+  * Images are channels-last float arrays ``[B, H, W, C]``; H and W must be multiples of ``patch_size``.
+  * Token order is ``[CLS, patch_(0,0), patch_(0,1), ..., patch_(h-1,w-1)]`` (row-major patch grid).
+  * Parameters, LayerNorm and softmax are float32; Dense/conv matmuls run in ``dtype``; the residual stream
+    and all outputs are float32.
+  * Stochastic depth draws from the ``'dropout'`` rng collection and is active only when ``train=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+DType = Any
+
+# DINO's trunc_normal_(std=.02) truncates at +-2 in absolute units, i.e. +-100 sigma: effectively a plain
+# normal. Flax's bounds are in sigma units, so widen them to reproduce that distribution.
+_TRUNC_NORMAL_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+# DINO leaves the patch-embedding conv at PyTorch's default init: U(+-1/sqrt(fan_in)).
+_TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+VIT_VARIANTS: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+_VARIANT_ALIASES = {"t": "tiny", "s": "small", "b": "base", "l": "large"}
+
+
+def vit_kwargs(variant: str) -> dict[str, int]:
+    """Returns ``ViT`` keyword arguments (embed_dim, depth, num_heads) for a named size.
+
+    Args:
+      variant: 'tiny' | 'small' | 'base' | 'large' or the letters 'T' | 'S' | 'B' | 'L' (case-insensitive).
+
+    Returns:
+      A fresh dict, e.g. ``{'embed_dim': 384, 'depth': 12, 'num_heads': 6}`` for 'small'.
+    """
+    if not isinstance(variant, str):
+        raise TypeError(f"ViT variant must be a string such as 'small' or 'S', got {variant!r}.")
+    key = variant.strip().lower()
+    key = _VARIANT_ALIASES.get(key, key)
+    if key not in VIT_VARIANTS:
+        choices = ", ".join(f"'{k}'" for k in VIT_VARIANTS) + " (or 'T', 'S', 'B', 'L')"
+        raise ValueError(f"Unknown ViT variant {variant!r}; use one of {choices}.")
+    return dict(VIT_VARIANTS[key])
+
+
+def vit_flops_per_image(img_size: int | tuple[int, int], patch_size: int, embed_dim: int, depth: int,
+                        mlp_ratio: float = 4.0, in_chans: int = 3) -> int:
+    """Analytic forward FLOPs (2 per multiply-add) of one image through the ViT trunk.
+
+    Counts the patch embedding, qkv/proj, attention score and value matmuls and the MLP; ignores
+    LayerNorm, softmax, GELU and additions. Multiply by ~3 for forward+backward.
+
+    Args:
+      img_size: side (square) or (height, width) in pixels.
+      patch_size: patch side in pixels.
+      embed_dim: token width D.
+      depth: number of blocks.
+      mlp_ratio: MLP hidden width / D.
+      in_chans: image channels.
+
+    Returns:
+      FLOPs as a Python int.
+    """
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    n_patch = (h // patch_size) * (w // patch_size)
+    tokens = n_patch + 1
+    d = embed_dim
+    hidden = int(d * mlp_ratio)
+    embed = 2 * n_patch * (patch_size * patch_size * in_chans) * d
+    per_block = (2 * tokens * d * 3 * d          # qkv
+                 + 2 * tokens * tokens * d * 2  # scores and weighted values
+                 + 2 * tokens * d * d           # output projection
+                 + 2 * tokens * d * hidden * 2)  # MLP
+    return int(embed + depth * per_block)
+
+
+def _cubic_weight(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys cubic convolution kernel (PyTorch's bicubic uses a = -0.75)."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return np.where(x <= 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def bicubic_resize_matrix(src: int, dst: int, scale_factor: float | None = None) -> np.ndarray:
+    """1-D resize matrix reproducing ``torch.nn.functional.interpolate(mode='bicubic', align_corners=False)``.
+
+    Output sample ``i`` reads source coordinate ``(i + 0.5) / scale_factor - 0.5`` (not clamped), takes the
+    four neighbours ``floor - 1 .. floor + 2`` with clamped (edge-replicated) indices and Keys weights, a = -0.75.
+
+    Args:
+      src: input length.
+      dst: output length.
+      scale_factor: the factor handed to torch; defaults to ``dst / src`` (DINO passes ``(dst + 0.1) / src``).
+
+    Returns:
+      float64 array ``[dst, src]``; ``out = M @ in``. Rows sum to 1.
+    """
+    scale = dst / src if scale_factor is None else scale_factor
+    coord = (np.arange(dst, dtype=np.float64) + 0.5) / scale - 0.5
+    base = np.floor(coord)
+    frac = coord - base
+    mat = np.zeros((dst, src), dtype=np.float64)
+    rows = np.arange(dst)
+    for offset in (-1, 0, 1, 2):
+        idx = np.clip(base.astype(np.int64) + offset, 0, src - 1)
+        # np.add.at accumulates the weights that edge clamping folds onto the same source index.
+        np.add.at(mat, (rows, idx), _cubic_weight(frac - offset))
+    return mat
+
+
+def interpolate_pos_grid(grid: Array, out_hw: tuple[int, int]) -> Array:
+    """Resizes a square position-embedding grid the way DINO's ViT does (gotcha 34).
+
+    DINO calls torch bicubic with ``scale_factor = (n + 0.1) / N`` so that the floor of the output size is
+    ``n``; the factor (not n / N) sets the sampling positions. Each axis uses its own target size, so
+    non-square crops get the right rows and columns.
+
+    Args:
+      grid: float ``[N, N, D]`` trained grid.
+      out_hw: target ``(h, w)`` patch counts (static).
+
+    Returns:
+      float32 ``[h, w, D]``; ``grid`` itself (cast) when ``(h, w) == (N, N)``.
+    """
+    n_h, n_w = grid.shape[0], grid.shape[1]
+    h, w = out_hw
+    if (h, w) == (n_h, n_w):
+        return grid.astype(jnp.float32)
+    rows = jnp.asarray(bicubic_resize_matrix(n_h, h, (h + 0.1) / n_h), jnp.float32)
+    cols = jnp.asarray(bicubic_resize_matrix(n_w, w, (w + 0.1) / n_w), jnp.float32)
+    return jnp.einsum("hi,wj,ijd->hwd", rows, cols, grid.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth: zeroes a sample's residual branch with probability ``rate``.
+
+    ``rate`` may be a traced scalar (it is scanned over depth under ``nn.scan``).
+    """
+
+    @nn.compact
+    def __call__(self, x: Array, rate: Array | float, train: bool) -> Array:
+        """x: [B, ...] float32. Returns x (eval) or x * keep_mask / (1 - rate) (train)."""
+        if not train or (isinstance(rate, (int, float)) and rate == 0):
+            return x
+        keep = 1.0 - jnp.asarray(rate, jnp.float32)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        # keep == 1 (rate 0) must be the identity, and never divides by zero.
+        return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0.0).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (bias on, as DINO's vit_* factories)."""
+
+    num_heads: int
+    dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        """x: [B, T, D] float32. Returns (out [B, T, D] float32, attention [B, heads, T, T] float32)."""
+        b, t, d = x.shape
+        head_dim = d // self.num_heads
+        dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
+                                            kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
+                                            name=name)
+        qkv = dense(3 * d, "qkv")(x).reshape(b, t, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1)
+        out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v).reshape(b, t, d)
+        return dense(d, "proj")(out).astype(jnp.float32), attn
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    ``train`` (enables stochastic depth) is an attribute, not a call argument, so that the block body stays
+    static under ``nn.scan``.
+    """
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    dtype: DType = jnp.float32
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, drop_rate: Array | float) -> tuple[Array, Array]:
+        """x: [B, T, D] float32; drop_rate: scalar. Returns (x [B, T, D] float32, attention [B, h, T, T])."""
+        d = x.shape[-1]
+        norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
+                                         param_dtype=jnp.float32, name=name)
+        dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
+                                            kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
+                                            name=name)
+        branch, attn = Attention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm1")(x))
+        x = x + DropPath(name="drop_path1")(branch, drop_rate, self.train)
+        h = dense(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x))
+        h = nn.gelu(h, approximate=False)  # torch nn.GELU default is the exact erf form
+        h = dense(d, "fc2")(h).astype(jnp.float32)
+        x = x + DropPath(name="drop_path2")(h, drop_rate, self.train)
+        return x, attn
+
+
+class _ScanBody(nn.Module):
+    """Adapter giving ``Block`` the (carry, xs) -> (carry, ys) shape nn.scan expects."""
+
+    num_heads: int
+    mlp_ratio: float
+    layer_norm_eps: float
+    dtype: DType
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, None]:
+        x, _ = Block(self.num_heads, self.mlp_ratio, self.layer_norm_eps, self.dtype, self.train,
+                     name="block")(x, drop_rate)
+        return x, None
+
+
+class ViT(nn.Module):
+    """DINO-style Vision Transformer.
+
+    Attributes:
+      patch_size: patch side in pixels.
+      embed_dim: token width D.
+      depth: number of transformer blocks.
+      num_heads: attention heads (must divide D).
+      mlp_ratio: MLP hidden width / D.
+      drop_path_rate: stochastic-depth rate of the last block; block i uses rate * i / (depth - 1).
+      layer_norm_eps: LayerNorm epsilon (1e-6 as DINO's vit_* factories).
+      pos_grid: side of the trained position-embedding grid (img_size // patch_size, 14 for 224/16).
+      dtype: compute dtype of Dense/conv matmuls (e.g. jnp.bfloat16 on accelerators).
+      use_mask_token: create a learned [D] mask token (iBOT) used when a mask is passed.
+      scan_blocks: run the first depth-1 blocks with nn.scan (params stacked under 'blocks', leading axis
+        depth-1); the last block is always named f'block_{depth-1}'. Without scan blocks are 'block_i'.
+
+    Parameter names: 'patch_embed' (conv), 'cls_token' [1, 1, D], 'pos_embed' [1, 1 + pos_grid**2, D],
+    'mask_token' [D] (if use_mask_token), blocks as above, 'norm' (final LayerNorm).
+    """
+
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    pos_grid: int = 14
+    dtype: DType = jnp.float32
+    use_mask_token: bool = False
+    scan_blocks: bool = False
+
+    def _check_config(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                             "pick num_heads dividing embed_dim (e.g. from vit_kwargs).")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+
+    def _check_inputs(self, images: Array, mask: Array | None) -> tuple[int, int]:
+        if images.ndim != 4:
+            raise ValueError(f"ViT expects channels-last images [B, H, W, C], got shape {images.shape}; "
+                             "add a batch axis or transpose NCHW to NHWC.")
+        _, height, width, _ = images.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"Image size {height}x{width} is not a multiple of patch_size={self.patch_size}; "
+                             "crop or resize to a multiple of the patch size.")
+        grid = (height // self.patch_size, width // self.patch_size)
+        if mask is not None:
+            if not self.use_mask_token:
+                raise ValueError("A mask was passed but this ViT has no mask token; build it with "
+                                 "use_mask_token=True (iBOT) or pass mask=None.")
+            expected = (images.shape[0],) + grid
+            if tuple(mask.shape) != expected:
+                raise ValueError(f"mask must have shape [B, h, w] = {list(expected)} for images "
+                                 f"{list(images.shape)}, got {list(mask.shape)}.")
+        return grid
+
+    @nn.compact
+    def __call__(self, images: Array, *, train: bool, mask: Array | None = None,
+                 return_attention: bool = False) -> dict[str, Array]:
+        """Encodes a batch of images.
+
+        Args:
+          images: float [B, H, W, C], H and W multiples of patch_size.
+          train: enables stochastic depth (needs a 'dropout' rng when drop_path_rate > 0).
+          mask: optional bool [B, H/p, W/p]; True marks patches replaced by the mask token (iBOT).
+          return_attention: also return the last block's attention.
+
+        Returns:
+          dict of float32 arrays: 'cls' [B, D] and 'patch' [B, N, D] after the final LayerNorm;
+          'prenorm' [B, 1 + N, D], the last block's output before it; with return_attention, 'attention'
+          [B, heads, 1 + N, 1 + N] (softmax rows sum to 1). N = (H/p) * (W/p).
+        """
+        self._check_config()
+        grid_h, grid_w = self._check_inputs(images, mask)
+        d = self.embed_dim
+
+        x = nn.Conv(d, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
+                    padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=_TORCH_DEFAULT_KERNEL, bias_init=nn.initializers.zeros,
+                    name="patch_embed")(images.astype(self.dtype))
+        x = x.astype(jnp.float32).reshape(x.shape[0], grid_h * grid_w, d)
+
+        if self.use_mask_token:
+            mask_token = self.param("mask_token", nn.initializers.zeros, (d,), jnp.float32)
+            if mask is not None:
+                flat = jnp.asarray(mask, bool).reshape(x.shape[0], grid_h * grid_w, 1)
+                x = jnp.where(flat, mask_token, x)
+
+        cls_token = self.param("cls_token", _TRUNC_NORMAL_02, (1, 1, d), jnp.float32)
+        pos_embed = self.param("pos_embed", _TRUNC_NORMAL_02, (1, 1 + self.pos_grid ** 2, d), jnp.float32)
+        patch_pos = interpolate_pos_grid(pos_embed[0, 1:].reshape(self.pos_grid, self.pos_grid, d),
+                                         (grid_h, grid_w)).reshape(1, grid_h * grid_w, d)
+        x = jnp.concatenate([jnp.broadcast_to(cls_token, (x.shape[0], 1, d)), x], axis=1)
+        x = x + jnp.concatenate([pos_embed[:, :1], patch_pos], axis=1)
+
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
+        # With a zero rate no 'dropout' rng is needed, even in train mode.
+        drop_active = bool(train) and self.drop_path_rate > 0
+        block_args = (self.num_heads, self.mlp_ratio, self.layer_norm_eps, self.dtype, drop_active)
+        if self.scan_blocks and self.depth > 1:
+            scanned = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=0, length=self.depth - 1)
+            x, _ = scanned(*block_args, name="blocks")(x, jnp.asarray(rates[:-1]))
+        else:
+            for i in range(self.depth - 1):
+                x, _ = Block(*block_args, name=f"block_{i}")(x, float(rates[i]))
+        x, attn = Block(*block_args, name=f"block_{self.depth - 1}")(x, float(rates[-1]))
+
+        normed = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32,
+                              name="norm")(x)
+        out = {"cls": normed[:, 0], "patch": normed[:, 1:], "prenorm": x}
+        if return_attention:
+            out["attention"] = attn.astype(jnp.float32)
+        return out

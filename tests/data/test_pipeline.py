@@ -1,0 +1,208 @@
+"""Training and evaluation pipelines: layout, determinism, epochs, sharding, resume, checkpoints."""
+
+import itertools
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sslx.data import pipeline, sources
+
+KEYS = {
+    'global_crops': np.uint8, 'local_crops': np.uint8, 'global_boxes': np.float32,
+    'global_flips': np.bool_, 'local_boxes': np.float32, 'local_flips': np.bool_,
+    'image_size': np.int32, 'label': np.int32, 'skipped': np.int32, 'index': np.int64,
+}
+
+
+def _take(dataset_or_iter, n):
+  it = iter(dataset_or_iter)
+  return it, [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _close(it):
+  if hasattr(it, 'close'):
+    it.close()
+
+
+def test_train_batch_layout(fmnist_cfg):
+  it, (batch,) = _take(pipeline.train_dataset(fmnist_cfg, seed=0, batch_size=8), 1)
+  _close(it)
+  assert set(batch) == set(KEYS)
+  for key, dtype in KEYS.items():
+    assert batch[key].dtype == dtype, key
+  assert batch['global_crops'].shape == (8, 2, 32, 32, 3)
+  assert batch['local_crops'].shape == (8, 3, 16, 16, 3)
+  assert batch['global_boxes'].shape == (8, 2, 4) and batch['local_boxes'].shape == (8, 3, 4)
+  assert batch['global_flips'].shape == (8, 2) and batch['local_flips'].shape == (8, 3)
+  assert batch['image_size'].tolist() == [[28, 28]] * 8
+  labels = sources.FashionMnistSource(fmnist_cfg.path, 'train')._labels
+  np.testing.assert_array_equal(batch['label'], labels[batch['index']])
+  assert len(set(batch['index'].tolist())) == 8  # shuffled, no repeats within a batch
+  assert batch['index'].tolist() != list(range(8))
+  boxes = batch['local_boxes']
+  assert np.all(boxes[..., 2] * boxes[..., 3] <= 0.45 * 28 * 28)  # local scale (0.05, 0.4)
+
+
+def test_zero_local_crops(fmnist_cfg):
+  fmnist_cfg.local_crops.number = 0
+  it, (batch,) = _take(pipeline.train_dataset(fmnist_cfg, seed=0, batch_size=4), 1)
+  _close(it)
+  assert batch['local_crops'].shape == (4, 0, 16, 16, 3)
+  assert batch['local_boxes'].shape == (4, 0, 4) and batch['local_flips'].shape == (4, 0)
+
+
+def test_same_seed_same_batches_other_seed_differs(fmnist_cfg):
+  it_a, a = _take(pipeline.train_dataset(fmnist_cfg, seed=3, batch_size=8), 3)
+  it_b, b = _take(pipeline.train_dataset(fmnist_cfg, seed=3, batch_size=8), 3)
+  it_c, c = _take(pipeline.train_dataset(fmnist_cfg, seed=4, batch_size=8), 1)
+  for it in (it_a, it_b, it_c):
+    _close(it)
+  _assert_same(a, b)
+  assert not np.array_equal(a[0]['index'], c[0]['index'])
+
+
+@pytest.fixture
+def folder_cfg(image_folder, cfg_factory):
+  root, _ = image_folder
+  cfg = cfg_factory(source='image_folder', path=root, eval_resize=40, eval_size=32)
+  return cfg
+
+
+def test_epochs_reshuffle_and_recrop(folder_cfg):
+  # 10 images, batch 5: batches 0-1 are epoch 0, batches 2-3 epoch 1.
+  it, batches = _take(pipeline.train_dataset(folder_cfg, seed=0, batch_size=5), 4)
+  _close(it)
+  epoch0 = np.concatenate([b['index'] for b in batches[:2]])
+  epoch1 = np.concatenate([b['index'] for b in batches[2:]])
+  assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(10))
+  assert epoch0.tolist() != epoch1.tolist()
+  boxes = {}
+  for b in batches:
+    for index, box in zip(b['index'].tolist(), b['global_boxes']):
+      boxes.setdefault(index, []).append(box)
+  assert all(not np.array_equal(first, second) for first, second in boxes.values())
+  # The corrupt file is replaced (by its successor) and counted once per epoch.
+  skipped = np.concatenate([b['skipped'] for b in batches])
+  assert skipped.sum() == 2 and set(skipped.tolist()) == {0, 1}
+  sizes = np.concatenate([b['image_size'] for b in batches])
+  assert [512, 512] in sizes.tolist() and [10, 10] in sizes.tolist()
+
+
+def test_host_sharding_partitions_the_data(folder_cfg):
+  seen = []
+  for process in range(2):
+    it, batches = _take(pipeline.train_dataset(folder_cfg, seed=0, batch_size=5,
+                                               process_index=process, process_count=2), 2)
+    _close(it)
+    indices = [b['index'] for b in batches]
+    assert sorted(indices[0].tolist()) == sorted(indices[1].tolist())  # 5 records = 1 epoch
+    assert all(i % 2 == process for i in indices[0].tolist())
+    seen.extend(indices[0].tolist())
+  assert sorted(seen) == list(range(10))
+  with pytest.raises(sources.DataError, match='lower the batch size'):
+    pipeline.train_dataset(folder_cfg, seed=0, batch_size=6, process_index=0, process_count=2)
+
+
+def test_resume_from_state_gives_the_same_batches(fmnist_cfg):
+  dataset = pipeline.train_dataset(fmnist_cfg, seed=1, batch_size=8)
+  it, _ = _take(dataset, 3)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  _close(it)
+  resumed = iter(pipeline.train_dataset(fmnist_cfg, seed=1, batch_size=8))
+  resumed.set_state(state)
+  _assert_same(expected, [next(resumed) for _ in range(3)])
+  _close(resumed)
+
+
+def test_resume_with_worker_processes_via_orbax(fmnist_cfg, tmp_path):
+  fmnist_cfg.workers = 2
+  dataset = pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4)
+  it, first = _take(dataset, 3)
+  manager = ocp.CheckpointManager(tmp_path / 'ckpt')
+  manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  expected = [next(it) for _ in range(3)]
+  _close(it)
+  resumed = iter(pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4))
+  manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+  _assert_same(expected, [next(resumed) for _ in range(3)])
+  _close(resumed)
+  manager.close()
+  # Workers change only the interleaving, never the examples: the same records and crops appear.
+  fmnist_cfg.workers = 0
+  it0, in_process = _take(pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4), 6)
+  _close(it0)
+  by_index = lambda batches: {int(i): c.tobytes() for b in batches  # noqa: E731
+                              for i, c in zip(b['index'], b['global_crops'])}
+  with_workers = by_index(first + expected)
+  assert len(with_workers) == 24
+  reference = by_index(in_process)
+  common = set(with_workers) & set(reference)
+  assert common and all(with_workers[i] == reference[i] for i in common)
+
+
+def test_eval_dataset_pads_and_keeps_order(fmnist_cfg):
+  batches = list(pipeline.eval_dataset(fmnist_cfg, 'test', batch_size=4096))
+  assert len(batches) == 3
+  mask = np.concatenate([b['mask'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches])
+  assert mask.sum() == 10000 and not mask[10000:].any()
+  source = sources.FashionMnistSource(fmnist_cfg.path, 'test')
+  np.testing.assert_array_equal(labels[:10000], source._labels)
+  assert np.all(labels[10000:] == -1)
+  np.testing.assert_array_equal(batches[1]['image'][5], source[4096 + 5]['image'])
+  assert batches[0]['image'].shape == (4096, 28, 28, 3) and batches[0]['image'].dtype == np.uint8
+
+
+def test_eval_dataset_sharded_over_processes(fmnist_cfg):
+  per_process = []
+  for process in range(3):
+    batches = list(pipeline.eval_dataset(fmnist_cfg, 'test', batch_size=1000,
+                                         process_index=process, process_count=3))
+    per_process.append(batches)
+  assert [len(b) for b in per_process] == [4, 4, 4]  # same count on every process
+  total = sum(int(b['mask'].sum()) for batches in per_process for b in batches)
+  assert total == 10000
+  labels = sources.FashionMnistSource(fmnist_cfg.path, 'test')._labels
+  got = np.concatenate([b['label'] for b in per_process[1]])[:3333]
+  np.testing.assert_array_equal(got, labels[1::3])
+
+
+def test_eval_dataset_image_folder(folder_cfg):
+  dataset = pipeline.eval_dataset(folder_cfg, 'things', batch_size=4)
+  batches = list(dataset)
+  assert len(list(dataset)) == 2  # iterable twice
+  assert [b['image'].shape for b in batches] == [(4, 32, 32, 3)] * 2
+  assert np.concatenate([b['mask'] for b in batches]).sum() == 6
+  assert np.concatenate([b['label'] for b in batches])[:6].tolist() == [-1] * 6  # flat folder
+
+
+def test_steps_per_epoch_and_num_classes(fmnist_cfg, folder_cfg):
+  assert pipeline.steps_per_epoch(fmnist_cfg, 256) == 60000 // 256
+  assert pipeline.num_classes(fmnist_cfg) == 10
+  assert pipeline.num_classes(folder_cfg) == 2
+  with pytest.raises(sources.DataError, match='fewer than one global batch'):
+    pipeline.steps_per_epoch(folder_cfg, 64)
+
+
+def test_tfds_training_stream(tfds_dir, cfg_factory):
+  cfg = cfg_factory(source='tfds', tfds_name='sslx_tiny_images', tfds_data_dir=tfds_dir)
+  it = iter(pipeline.train_dataset(cfg, seed=0, batch_size=7))
+  batch = next(it)
+  _close(it)
+  assert sorted(batch['index'].tolist()) == list(range(7))
+  assert sorted(batch['image_size'][:, 0].tolist()) == list(range(20, 27))
+  assert pipeline.num_classes(cfg) == 3
+  assert list(itertools.islice(pipeline.eval_dataset(cfg, 'test', batch_size=2), 5))[1][
+      'mask'].tolist() == [True, False]

@@ -1,0 +1,179 @@
+"""Sources: Fashion-MNIST, image folders (odd modes, corrupt files, draft decoding), TFDS."""
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+from skimage import data as skdata
+
+from sslx.data import sources
+
+FMNIST_DIR = sources.FASHION_MNIST_DIR
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_records_and_load_time(fmnist_cfg):
+  sources._FMNIST_CACHE.clear()
+  start = time.perf_counter()
+  train = sources.FashionMnistSource(FMNIST_DIR, 'train')
+  assert time.perf_counter() - start < 1.5  # spec: < 1 s; slack for a loaded CI box
+  test = sources.FashionMnistSource(FMNIST_DIR, 'test')
+  assert (len(train), len(test)) == (60000, 10000)
+  record = train[123]
+  assert record['image'].shape == (28, 28, 3) and record['image'].dtype == np.uint8
+  np.testing.assert_array_equal(record['image'][..., 0], record['image'][..., 2])
+  assert record['image_size'].tolist() == [28, 28]
+  assert record['label'].dtype == np.int32 and 0 <= record['label'] < 10
+  assert int(record['skipped']) == 0 and int(record['index']) == 123
+  assert sorted(np.unique(train._labels).tolist()) == list(range(10))
+  # Workers receive only (path, split), not 47 MB of pixels.
+  clone = pickle.loads(pickle.dumps(train))
+  assert len(pickle.dumps(train)) < 10_000
+  np.testing.assert_array_equal(clone[5]['image'], train[5]['image'])
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path, cfg_factory):
+  with pytest.raises(sources.DataError, match='apt-get install dataset-fashion-mnist'):
+    sources.FashionMnistSource(str(tmp_path), 'train')
+  with pytest.raises(sources.DataError, match='config.data.path'):
+    sources.make_source(cfg_factory(path=str(tmp_path)), 'train')
+
+
+def test_fashion_mnist_bad_split(fmnist_cfg):
+  with pytest.raises(sources.DataError, match="'train' and 'test'"):
+    sources.FashionMnistSource(FMNIST_DIR, 'validation')
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_folder_decodes_every_mode(image_folder, caplog):
+  root, files = image_folder
+  source = sources.ImageFolderSource(root)
+  assert source.classes == ('animals', 'things') and source.num_classes == 2
+  assert len(source) == 10  # notes.txt is not an image
+  by_rel = {os.path.relpath(source.path(i), root): i for i in range(len(source))}
+  for name, (rel, size) in files.items():
+    index = by_rel[rel]
+    record = source[index]
+    image = record['image']
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3, name
+    expected_label = 0 if rel.startswith('animals') else 1
+    assert int(record['label']) == expected_label, name
+    if name == 'broken':
+      continue
+    assert int(record['skipped']) == 0, name
+    assert tuple(record['image_size']) == tuple(size) == image.shape[:2], name
+  camera = source[by_rel['things/camera.png']]['image']
+  np.testing.assert_array_equal(camera[..., 0], skdata.camera())
+  np.testing.assert_array_equal(camera[..., 1], camera[..., 2])
+  rgba = source[by_rel['animals/rgba.png']]['image']
+  assert rgba[0, 0].tolist() == [200, 0, 0]  # opaque part keeps its colour
+  assert rgba[0, -1].tolist() == [255, 255, 255]  # transparent part composited over white
+  sixteen = source[by_rel['things/sixteen.png']]['image']
+  assert sixteen.max() > 200 and sixteen[0, 0, 0] == 0  # rescaled, not clipped at 255
+  cmyk = source[by_rel['animals/cmyk.jpg']]['image']
+  assert abs(cmyk.astype(float).mean() - skdata.chelsea()[:120, :160].mean()) < 10
+
+
+def test_corrupt_file_is_substituted_and_logged(image_folder, caplog):
+  root, _ = image_folder
+  source = sources.ImageFolderSource(root)
+  broken = next(i for i in range(len(source)) if source.path(i).endswith('broken.jpg'))
+  record = source[broken]
+  assert int(record['skipped']) == 1
+  assert int(record['index']) == broken
+  np.testing.assert_array_equal(record['image'], source[broken + 1]['image'])
+  assert int(record['label']) == int(source[broken + 1]['label'])
+  assert 'broken.jpg' in caplog.text
+
+
+def test_flat_folder_has_unknown_labels(tmp_path):
+  for i in range(3):
+    Image.fromarray(np.full((12, 14, 3), 40 * i, np.uint8)).save(tmp_path / f'{i}.png')
+  source = sources.ImageFolderSource(str(tmp_path))
+  assert source.classes is None and source.num_classes is None
+  assert [int(source[i]['label']) for i in range(3)] == [-1, -1, -1]
+  assert [int(source[i]['image'][0, 0, 0]) for i in range(3)] == [0, 40, 80]  # sorted paths
+
+
+def test_missing_or_empty_folder_errors(tmp_path, cfg_factory):
+  with pytest.raises(sources.DataError, match='does not exist'):
+    sources.ImageFolderSource(str(tmp_path / 'nope'))
+  (tmp_path / 'empty_class').mkdir()
+  with pytest.raises(sources.DataError, match='holds no images'):
+    sources.ImageFolderSource(str(tmp_path))
+  cfg = cfg_factory(source='image_folder', path=str(tmp_path))
+  with pytest.raises(sources.DataError, match='needs <path>/<split>'):
+    sources.make_source(cfg, 'val')
+
+
+def test_draft_decode_keeps_original_coordinates(tmp_path):
+  big = np.asarray(Image.fromarray(skdata.astronaut()).resize((1600, 1200)))
+  path = tmp_path / 'big.jpg'
+  Image.fromarray(big).save(path, quality=95)
+  full, size, scale = sources.decode_image(str(path))
+  drafted, size_d, scale_d = sources.decode_image(str(path), min_side=250)
+  assert size.tolist() == size_d.tolist() == [1200, 1600] and scale == 1.0
+  assert scale_d == 0.25 and drafted.shape == (300, 400, 3)
+  assert min(drafted.shape[:2]) >= 250
+  # Same region seen through the draft decode: a box in original pixels maps by x * scale.
+  from sslx.data import crops  # pylint: disable=g-import-not-at-top
+  box = (400, 300, 640, 480)
+  a = crops.resize_box(Image.fromarray(full), box, 64, 'bicubic', 1.0).astype(float)
+  b = crops.resize_box(Image.fromarray(drafted), box, 64, 'bicubic', scale_d).astype(float)
+  assert np.abs(a - b).mean() < 6.0
+  shifted = crops.resize_box(Image.fromarray(drafted), (440, 300, 640, 480), 64, 'bicubic',
+                             scale_d).astype(float)
+  assert np.abs(a - shifted).mean() > 2 * np.abs(a - b).mean()  # the test can tell a misplacement
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tfds_source_reads_prepared_dataset(tfds_dir, cfg_factory):
+  cfg = cfg_factory(source='tfds', tfds_name='sslx_tiny_images', tfds_data_dir=tfds_dir)
+  source = sources.make_source(cfg, 'train')
+  assert len(source) == 7 and source.num_classes == 3
+  seen = {}
+  for i in range(len(source)):
+    record = source[i]
+    assert record['image'].dtype == np.uint8 and record['image'].shape[1:] == (30, 3)
+    assert tuple(record['image_size']) == record['image'].shape[:2]
+    seen[int(record['image'][0, 0, 0]) // 10] = int(record['label'])
+  assert seen == {i: i % 3 for i in range(7)}
+  clone = pickle.loads(pickle.dumps(source))
+  np.testing.assert_array_equal(clone[2]['image'], source[2]['image'])
+  assert len(sources.make_source(cfg, 'test')) == 3
+  with pytest.raises(sources.DataError, match='not .validation'):
+    sources.make_source(cfg, 'validation')
+
+
+def test_tfds_not_prepared_says_how(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  with pytest.raises(sources.DataError, match='downloads/manual') as info:
+    sources.TfdsSource('imagenet2012', 'train', str(tmp_path))
+  assert 'tfds build imagenet2012' in str(info.value)
+  assert 'array_record' in str(info.value)
+  assert not (tmp_path / 'imagenet2012').exists()  # nothing was built or downloaded
+
+
+def test_importing_sslx_data_needs_no_tensorflow():
+  code = ('import sys; import sslx.data.pipeline, sslx.data.augment, sslx.data.sources, '
+          'sslx.data.crops; bad = [m for m in ("tensorflow", "tensorflow_datasets") '
+          'if m in sys.modules]; assert not bad, bad')
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=root, timeout=120)
