@@ -37,11 +37,19 @@ def main(argv):
   # Imported after flag parsing so `python main.py --help` stays fast.
   from sslx import distributed
   distributed.maybe_initialize()
+  from sslx.data.sources import DataError
   from sslx.train import trainer
-  if FLAGS.mode == "train":
-    results = trainer.run(config, FLAGS.workdir)
-  else:
-    results = trainer.evaluate_workdir(config, FLAGS.workdir)
+  from sslx.train.sharding import ShardingError
+  try:
+    if FLAGS.mode == "train":
+      results = trainer.run(config, FLAGS.workdir)
+    else:
+      results = trainer.evaluate_workdir(config, FLAGS.workdir)
+  except (DataError, ShardingError, trainer.TrainingDiverged, FileNotFoundError) as e:
+    # Problems the user can fix: one clear message, not a traceback.
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   logging.info("results: %s", results)
 
 

@@ -48,7 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       variant="small", patch_size=16, pos_grid=14, drop_path_rate=0.1, dtype="bfloat16",
-      scan_blocks=False, embed_dim=None, depth=None, num_heads=None, mlp_ratio=None))
+      scan_blocks=False,
+      # 0 = take it from the variant; set to override (e.g. a custom small ViT).
+      embed_dim=0, depth=0, num_heads=0, mlp_ratio=0.0))
   c.head = ml_collections.ConfigDict(dict(
       out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True, use_bn=False))
   c.loss = ml_collections.ConfigDict(dict(
@@ -56,16 +58,17 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_teacher_temp_epochs=30, center_momentum=0.9))
   c.teacher = ml_collections.ConfigDict(dict(momentum=0.996, momentum_end=1.0))
   c.optim = ml_collections.ConfigDict(dict(
-      lr_per_256=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
+      lr_per_256=5e-4, min_lr=1e-6, warmup_epochs=10.0, weight_decay=0.04,
       weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8, clip_grad=3.0,
-      freeze_last_layer_epochs=1, decay_biases=False))
+      freeze_last_layer_epochs=1.0, decay_biases=False))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds", tfds_name="imagenet2012", tfds_data_dir=None, path="",
+      source="tfds", tfds_name="imagenet2012", tfds_data_dir="", path="",
       train_split="train", eval_train_split="train", eval_test_split="validation",
       global_crops=dict(number=2, size=224, scale=(0.4, 1.0)),
       local_crops=dict(number=8, size=96, scale=(0.05, 0.4)),
-      interpolation="bicubic", eval_resize=256, eval_size=224, workers=8, prefetch_buffer=4))
+      crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", eval_resize=256, eval_size=224,
+      workers=8, read_threads=4, prefetch_buffer=4))
   c.augment = ml_collections.ConfigDict(dict(
       color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
       grayscale_prob=0.2, blur_probs=(1.0, 0.1, 0.5), solarize_probs=(0.0, 0.2, 0.0),
@@ -87,7 +90,7 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.head.update(out_dim=1024, hidden_dim=512, bottleneck_dim=128)
   c.loss.update(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
   c.teacher.update(momentum=0.99)
-  c.optim.update(lr_per_256=1e-3, warmup_epochs=1, freeze_last_layer_epochs=0, min_lr=1e-5)
+  c.optim.update(lr_per_256=1e-3, warmup_epochs=1.0, freeze_last_layer_epochs=0.0, min_lr=1e-5)
   c.data.update(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist",
                 eval_test_split="test", eval_resize=28, eval_size=28, workers=0, prefetch_buffer=4)
   c.data.global_crops.update(number=2, size=28, scale=(0.4, 1.0))
@@ -108,7 +111,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.update(embed_dim=32, depth=2, num_heads=2)
   c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=32)
   c.data.local_crops.update(number=2)
-  c.optim.update(warmup_epochs=0)
+  c.optim.update(warmup_epochs=0.0)
   c.checkpoint.update(every_steps=3, async_save=False)
   c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
   return c

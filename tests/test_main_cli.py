@@ -35,3 +35,19 @@ def test_every_config_preset_loads():
                          else os.path.join(ROOT, "configs/dino.py"))
     assert c.method == "dino"
     assert c.batch_size > 0
+
+
+def test_imagenet_default_without_tfds_stops_at_once_with_the_recipe(tmp_path):
+  r = _main("--config=configs/dino.py", f"--workdir={tmp_path / 'w'}",
+            f"--config.data.tfds_data_dir={tmp_path / 'tfds'}")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "downloads/manual" in r.stderr and "tfds build imagenet2012" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path):
+  r = _main("--config=configs/dino.py:smoke", f"--workdir={tmp_path / 'w'}",
+            f"--config.data.path={tmp_path / 'nowhere'}")
+  assert r.returncode == 1
+  assert "apt-get install dataset-fashion-mnist" in r.stderr
+  assert "Traceback" not in r.stderr

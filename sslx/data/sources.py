@@ -429,7 +429,7 @@ def make_source(data_cfg: Any, split: str, *, min_side: int | None = None) -> _S
     raise DataError(f'No folder {split_dir!r} for split {split!r}; an image folder used for '
                     'evaluation needs <path>/<split>/<class>/... sub-folders.')
   if kind == 'tfds':
-    return TfdsSource(data_cfg.tfds_name, split, data_cfg.get('tfds_data_dir', None), min_side)
+    return TfdsSource(data_cfg.tfds_name, split, data_cfg.get('tfds_data_dir') or None, min_side)
   raise DataError(f"Unknown config.data.source {kind!r}; use 'fashion_mnist', 'image_folder' or "
                   "'tfds'.")
 

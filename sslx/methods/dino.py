@@ -48,7 +48,7 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = Tr
   """The ViT described by `config.model` (variant, patch size, dtype...)."""
   kwargs = dict(vit.vit_kwargs(model_cfg.variant))
   for key in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
-    if model_cfg.get(key) is not None:
+    if model_cfg.get(key):
       kwargs[key] = model_cfg[key]
   return vit.ViT(
       patch_size=model_cfg.patch_size,

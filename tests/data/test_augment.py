@@ -48,6 +48,9 @@ def test_full_recipe_range_shape_and_per_image_draws():
 def test_jitter_with_zero_strength_is_identity():
   images = _images()
   out = _run(images, color_jitter_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+  np.testing.assert_allclose(out, np.asarray(images) / 255.0, atol=1e-7)
+  # A vanishing hue shift goes through the HSV round trip and must come back unchanged.
+  out = _run(images, color_jitter_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=1e-9)
   np.testing.assert_allclose(out, np.asarray(images) / 255.0, atol=1e-5)
 
 
