@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
   c.model = ml_collections.ConfigDict(dict(
-      variant="small", patch_size=16, pos_grid=14, drop_path_rate=0.1, dtype="bfloat16",
+      arch="vit", variant="small", patch_size=16, pos_grid=14, drop_path_rate=0.1, dtype="bfloat16",
       scan_blocks=False,
       # 0 = take it from the variant; set to override (e.g. a custom small ViT).
       embed_dim=0, depth=0, num_heads=0, mlp_ratio=0.0))
@@ -73,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
       color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
       grayscale_prob=0.2, blur_probs=(1.0, 0.1, 0.5), solarize_probs=(0.0, 0.2, 0.0),
       blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+  # SERE add-on (configs/sere_dino.py switches it on): spatial/channel self-relation
+  # losses; grids 0 = derived from the token grids (13 and 6 at 224/96 px, patch 16).
+  c.sere = ml_collections.ConfigDict(dict(
+      enabled=False, alpha=1.0, beta=1.0, spatial_temp=0.5, channel_temp=0.1, other_temp=1.0,
+      temps_on="teacher", grid_gg=0, grid_lg=0, num_heads=0))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, max_to_keep=3, async_save=True))
   c.eval = ml_collections.ConfigDict(dict(

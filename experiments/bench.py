@@ -33,15 +33,19 @@ def synthetic_batch(config, per_process_batch: int):
   rng = np.random.default_rng(0)
   g, l = config.data.global_crops, config.data.local_crops
   b = per_process_batch
-  return {
+  from sslx.data import overlap
+  batch = {
       "global_crops": rng.integers(0, 256, (b, g.number, g.size, g.size, 3), dtype=np.uint8),
       "local_crops": rng.integers(0, 256, (b, l.number, l.size, l.size, 3), dtype=np.uint8),
-      "global_boxes": np.zeros((b, g.number, 4), np.float32),
+      "global_boxes": np.tile(np.float32([0, 0, 256, 256]), (b, g.number, 1)),
       "global_flips": np.zeros((b, g.number), bool),
-      "local_boxes": np.zeros((b, l.number, 4), np.float32),
+      "local_boxes": np.tile(np.float32([64, 64, 96, 96]), (b, l.number, 1)),
       "local_flips": np.zeros((b, l.number), bool),
       "image_size": np.full((b, 2), 256, np.int32),
   }
+  batch.update(overlap.batch_overlaps(batch["global_boxes"], batch["global_flips"],
+                                      batch["local_boxes"], batch["local_flips"]))
+  return batch
 
 
 def bench_step(config) -> dict:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sslx.data import crops as crops_lib
+from sslx.data import overlap as overlap_lib
 from sslx.data import sources
 
 if TYPE_CHECKING:
@@ -61,6 +62,13 @@ class _MultiCrop:
     for key in ('label', 'skipped', 'index'):
       out[key] = element[key]
     return out
+
+
+def _add_overlaps(batch: dict[str, Any]) -> dict[str, Any]:
+  """Adds the SERE overlap rectangles of every (global, other) crop pair (overlap.py)."""
+  batch.update(overlap_lib.batch_overlaps(batch['global_boxes'], batch['global_flips'],
+                                          batch['local_boxes'], batch['local_flips']))
+  return batch
 
 
 def _read_options(data_cfg: Any) -> 'grain.ReadOptions':
@@ -106,7 +114,10 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     [B, Nl, L, L, 3], 'global_boxes' float32 [B, Ng, 4] and 'local_boxes' float32 [B, Nl, 4]
     ((x0, y0, w, h) in original pixels), 'global_flips' bool [B, Ng], 'local_flips' bool [B, Nl],
     'image_size' int32 [B, 2] (original height, width), 'label' int32 [B] (-1 unknown),
-    'skipped' int32 [B], 'index' int64 [B] (requested record index in the source).
+    'skipped' int32 [B], 'index' int64 [B] (requested record index in the source), and the
+    overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py): 'gg_rects' float32
+    [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32 [B, Nl, Ng, 2, 4],
+    'lg_valid' bool [B, Nl, Ng].
   Raises:
     DataError: missing data, or fewer records on this process than one batch.
   """
@@ -128,7 +139,7 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
   ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio),
                      seed=_derive_seed(seed, process_index, 1))
   ds = ds.to_iter_dataset(_read_options(data_cfg))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True).map(_add_overlaps)
   return _add_prefetch(ds, data_cfg)
 
 

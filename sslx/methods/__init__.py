@@ -1,8 +1,21 @@
 """Self-supervised methods the trainer can run, by config name.
 
 A plain dict: `config.method` picks the class; each class takes the run config.
+Add-ons (SERE) wrap whichever base method runs when their config block is enabled.
 """
 
 from sslx.methods.dino import Dino
+from sslx.methods.sere import WithSere
 
 METHODS = {"dino": Dino}
+
+
+def make_method(config):
+  """The method object for `config`, with the SERE add-on when config.sere.enabled."""
+  if config.method not in METHODS:
+    raise ValueError(f"config.method={config.method!r}; valid: {sorted(METHODS)}")
+  method = METHODS[config.method](config)
+  sere = config.get("sere")
+  if sere is not None and sere.enabled:
+    method = WithSere(method, config)
+  return method

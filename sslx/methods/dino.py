@@ -46,6 +46,8 @@ class BackboneWithHead(nn.Module):
 
 def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = True) -> vit.ViT:
   """The ViT described by `config.model` (variant, patch size, dtype...)."""
+  if model_cfg.get("arch", "vit") != "vit":
+    raise ValueError(f"config.model.arch={model_cfg.arch!r}: only 'vit' backbones exist so far")
   kwargs = dict(vit.vit_kwargs(model_cfg.variant))
   for key in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
     if model_cfg.get(key):

@@ -111,3 +111,50 @@ class DINOHead(nn.Module):
         h = l2_normalize(h)
         return WeightNormDense(self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype,
                                name="last_layer")(h)
+
+
+class SereProjection(nn.Module):
+  """SERE projection h: BatchNorm over (batch, tokens) per channel, then ReLU; no linear layer.
+
+  Always uses the statistics of the current batch (the official code never puts
+  these heads in eval mode, teacher included; spec gotcha 9). Under jit on
+  globally sharded arrays the statistics are global-batch ones (SyncBN).
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, name="bn")(
+        x.astype(jnp.float32))
+    return nn.relu(x)
+
+
+class SerePredictor(nn.Module):
+  """SERE predictor g: 1x1 linear (no bias) -> BatchNorm -> ReLU, applied to h's output."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="linear")(x)
+    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, name="bn")(
+        x.astype(jnp.float32))
+    return nn.relu(x)
+
+
+class SereHeads(nn.Module):
+  """The four SERE branches for one crop kind (global or local; the official code has
+  separate weights for each kind).
+
+  `__call__(tokens [B, N, C], student: bool)` returns (spatial features, channel
+  features): the student gets predictor(projection(x)), the teacher projection(x)
+  (spec gotcha 2). Initialise with student=True so the tree holds both paths; the
+  teacher (the EMA of the student's tree) then simply leaves its predictors unused.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, student: bool) -> tuple[jax.Array, jax.Array]:
+    outs = []
+    for branch in ("spatial", "channel"):
+      z = SereProjection(name=f"{branch}_projection")(tokens)
+      outs.append(SerePredictor(self.dtype, name=f"{branch}_predictor")(z) if student else z)
+    return tuple(outs)

@@ -24,7 +24,7 @@ from absl import logging
 from sslx import schedules
 from sslx.data import augment, pipeline
 from sslx.eval import knn
-from sslx.methods import METHODS
+from sslx.methods import make_method
 from sslx.train import checkpoint as ckpt_lib
 from sslx.train import metrics as metrics_lib
 from sslx.train import optim, sharding
@@ -32,7 +32,8 @@ from sslx.train.prefetch import DevicePrefetcher
 from sslx.train.state import TrainState, ema_update, tree_l2
 
 DEVICE_KEYS = ("global_crops", "local_crops", "global_boxes", "global_flips",
-               "local_boxes", "local_flips", "image_size")
+               "local_boxes", "local_flips", "image_size", "gg_rects", "gg_valid", "lg_rects",
+               "lg_valid")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -160,7 +161,7 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
   # Random bits that do not depend on how arrays are sharded: the same augmentation
   # on 1 or 8 devices.
   jax.config.update("jax_threefry_partitionable", True)
-  method = METHODS[config.method](config)
+  method = make_method(config)
   gsize = config.data.global_crops.size
   image_shape = (gsize, gsize, 3)
   scheds = make_schedules(config, steps_per_epoch, total_steps)
@@ -348,7 +349,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Standalone kNN of the teacher in the latest checkpoint of `workdir`."""
   mesh = sharding.make_mesh(config.mesh)
-  method = METHODS[config.method](config)
+  method = make_method(config)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   step = ckpt.latest_step()
   if step is None:
