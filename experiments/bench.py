@@ -26,6 +26,9 @@ flags.DEFINE_enum("what", "step", ["step", "pipeline", "both"], "What to measure
 flags.DEFINE_integer("steps", 10, "Timed train steps.")
 flags.DEFINE_integer("batches", 20, "Timed pipeline batches.")
 flags.DEFINE_integer("workers", -1, "Pipeline worker processes (-1: config.data.workers).")
+flags.DEFINE_string("make_jpegs", "", "If set, first write ImageNet-sized JPEGs (scikit-image "
+                    "sample photos, random 500x375-ish crops) into this folder and read from it.")
+flags.DEFINE_integer("num_jpegs", 256, "How many JPEGs --make_jpegs writes.")
 
 
 def synthetic_batch(config, per_process_batch: int):
@@ -84,6 +87,22 @@ def bench_step(config) -> dict:
   return out
 
 
+def make_jpegs(folder: str, n: int) -> None:
+  """ImageNet-like files (JPEG q90, ~500x375, like the ILSVRC train median) from skimage photos."""
+  import numpy as np
+  from PIL import Image
+  from skimage import data as skdata
+  photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(),
+            skdata.immunohistochemistry(), skdata.hubble_deep_field()]
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(folder, "photos"), exist_ok=True)
+  for i in range(n):
+    img = Image.fromarray(photos[i % len(photos)])
+    w, h = (500, 375) if i % 3 else (375, 500)
+    img = img.resize((int(w * rng.uniform(1.0, 1.3)), int(h * rng.uniform(1.0, 1.3))))
+    img.save(os.path.join(folder, "photos", f"{i:05d}.jpg"), quality=90)
+
+
 def bench_pipeline(config) -> dict:
   from sslx.data import pipeline
   workers = config.data.workers if FLAGS.workers < 0 else FLAGS.workers
@@ -108,6 +127,10 @@ def bench_pipeline(config) -> dict:
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.make_jpegs:
+    make_jpegs(FLAGS.make_jpegs, FLAGS.num_jpegs)
+    with config.unlocked():
+      config.data.source, config.data.path = "image_folder", FLAGS.make_jpegs
   if FLAGS.what in ("step", "both"):
     print("train step:", bench_step(config), flush=True)
   if FLAGS.what in ("pipeline", "both"):
