@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,18 +29,33 @@ def test_unknown_preset_is_one_line(tmp_path):
   assert "Traceback" not in r.stderr
 
 
-def test_every_config_preset_loads():
+@pytest.mark.parametrize("name", ["dino", "sere_dino"])
+def test_every_config_preset_loads(name):
   sys.path.insert(0, ROOT)
   from sslx.config_check import load_config_file
   for preset in ("", "fashion_mnist", "smoke", "vit_base"):
-    c = load_config_file(os.path.join(ROOT, f"configs/dino.py:{preset}") if preset
-                         else os.path.join(ROOT, "configs/dino.py"))
+    path = os.path.join(ROOT, f"configs/{name}.py")
+    c = load_config_file(f"{path}:{preset}" if preset else path)
     assert c.method == "dino"
     assert c.batch_size > 0
+    assert c.sere.enabled == (name == "sere_dino")
 
 
-def test_imagenet_default_without_tfds_stops_at_once_with_the_recipe(tmp_path):
-  r = _main("--config=configs/dino.py", f"--workdir={tmp_path / 'w'}",
+def test_sere_dino_default_is_the_paper_recipe():
+  sys.path.insert(0, ROOT)
+  from sslx.config_check import load_config_file
+  c = load_config_file(os.path.join(ROOT, "configs/sere_dino.py"))
+  assert (c.data.global_crops.number, c.data.global_crops.size) == (2, 224)
+  assert tuple(c.data.global_crops.scale) == (0.35, 1.0)
+  assert (c.data.local_crops.number, c.data.local_crops.size) == (4, 96)
+  assert tuple(c.data.local_crops.scale) == (0.05, 0.35)
+  assert (c.sere.alpha, c.sere.beta, c.sere.spatial_temp, c.sere.channel_temp) == (1.0, 1.0, 0.5, 0.1)
+  assert c.optim.lr_per_256 == 5e-4 and c.batch_size == 512 and c.total_epochs == 100
+
+
+@pytest.mark.parametrize("config", ["configs/dino.py", "configs/sere_dino.py"])
+def test_imagenet_default_without_tfds_stops_at_once_with_the_recipe(tmp_path, config):
+  r = _main(f"--config={config}", f"--workdir={tmp_path / 'w'}",
             f"--config.data.tfds_data_dir={tmp_path / 'tfds'}")
   assert r.returncode == 1, r.stderr[-2000:]
   assert "downloads/manual" in r.stderr and "tfds build imagenet2012" in r.stderr

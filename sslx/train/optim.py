@@ -111,7 +111,7 @@ def make_optimizer(params, *, lr: Schedule, weight_decay: Schedule, b1: float, b
     # A frozen group's own step count starts at 0 when it unfreezes (which is what
     # restarts Adam's bias correction, as in PyTorch); the schedules must still see
     # the global step, hence the offset.
-    return optax.inject_hyperparams(optax.adamw)(
+    return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=lambda c: lr(c + offset), weight_decay=lambda c: weight_decay(c + offset),
         b1=b1, b2=b2, eps=eps, mask=mask)
 

@@ -92,3 +92,18 @@ def test_no_freeze_means_all_params_move():
   state = tx.init(params)
   u, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   assert float(jnp.abs(u["head"]["last_layer"]["kernel"]).min()) > 0
+
+
+def test_weight_decay_is_applied_with_its_schedule_and_mask():
+  # Regression: a callable mask handed to inject_hyperparams was taken for a schedule,
+  # which silently switched weight decay off.
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+  tx = optim.make_optimizer(params, lr=lambda s: 0.1, weight_decay=lambda s: 0.4 + s, b1=0.9,
+                            b2=0.999, eps=1e-8, clip_grad=None, freeze_steps=0, decay_biases=False)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  u0, state = tx.update(zeros, state, params)
+  u1, _ = tx.update(zeros, state, params)
+  np.testing.assert_allclose(u0["dense"]["kernel"], -0.1 * 0.4, rtol=1e-6)  # -lr * wd * w
+  np.testing.assert_allclose(u1["dense"]["kernel"], -0.1 * 1.4, rtol=1e-6)  # the schedule moves
+  np.testing.assert_array_equal(u0["dense"]["bias"], 0.0)  # masked: no decay on biases

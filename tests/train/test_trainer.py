@@ -47,6 +47,7 @@ def test_stop_then_resume_gives_the_uninterrupted_losses(tmp_path):
   assert first["step"] == 3
   second = trainer.run(config, b)  # resumes from the step-3 checkpoint (state + data iterator)
   assert second["step"] == 6
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(a))  # TensorBoard
   la, lb = losses_by_step(a), losses_by_step(b)
   assert sorted(la) == [1, 2, 3, 4, 5, 6]
   for step in (4, 5, 6):
@@ -100,3 +101,17 @@ def test_batch_not_divisible_by_devices_is_rejected():
   out = _multidevice(8, batch=12)
   assert "not divisible by the 8 devices" in out["error"]
   assert "multiple of 8" in out["error"]
+
+
+def test_standalone_knn_on_a_workdir(tmp_path):
+  config = smoke_config(total_steps=2)
+  trainer.run(config, str(tmp_path))
+  res = trainer.evaluate_workdir(config, str(tmp_path))
+  assert res["step"] == 2
+  assert res["num_train"] == 60000 and res["num_test"] == 10000
+  assert 10.0 < res["top1"] <= 100.0  # ten classes: far above chance even untrained
+
+
+def test_standalone_knn_without_checkpoint_says_how(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train first"):
+    trainer.evaluate_workdir(smoke_config(), str(tmp_path))
