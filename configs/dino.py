@@ -15,9 +15,10 @@ layer frozen for the first epoch, per-tensor gradient clipping at 3.0, drop path
   python main.py --config=configs/dino.py --workdir=/tmp/dino_vits16 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets
 
-  # Fashion-MNIST on a 2-core CPU (what `make demo` runs):
+  # Fashion-MNIST on a 2-core CPU (what `make demo` runs; 11 min on 2 cores):
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/dino_fmnist
-  # -> see experiments/fashion_mnist/RESULTS.md for the measured kNN numbers.
+  # -> kNN top-1 63.88% after 1 epoch vs 55.72% at random init (raw pixels 84.59%);
+  #    experiments/fashion_mnist/RESULTS.md has the details.
 
   # A few steps, for tests:
   python main.py --config=configs/dino.py:smoke --workdir=/tmp/dino_smoke
@@ -90,13 +91,14 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A small ViT on real Fashion-MNIST, sized for the 2-core CPU demo (about 8 minutes).
 
   Tuned on the CPU budget (experiments/fashion_mnist/RESULTS.md): small batches and a
-  fast teacher (momentum 0.95) learn most per image in one epoch.
+  fast teacher (momentum 0.95) learn most per image in one epoch; 4-px patches give
+  7x7 global token grids (3x3 for the 12-px local crops).
   """
   c.batch_size = 64
   c.total_epochs = 1
   c.log_every_steps = 50
-  c.model.update(variant="tiny", patch_size=7, pos_grid=4, drop_path_rate=0.0, dtype="float32",
-                 embed_dim=128, depth=4, num_heads=4)
+  c.model.update(variant="tiny", patch_size=4, pos_grid=7, drop_path_rate=0.0, dtype="float32",
+                 embed_dim=64, depth=4, num_heads=2)
   c.head.update(out_dim=1024, hidden_dim=512, bottleneck_dim=128)
   c.loss.update(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
   c.teacher.update(momentum=0.95)
@@ -104,7 +106,7 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.update(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist",
                 eval_test_split="test", eval_resize=28, eval_size=28, workers=0, prefetch_buffer=4)
   c.data.global_crops.update(number=2, size=28, scale=(0.4, 1.0))
-  c.data.local_crops.update(number=6, size=14, scale=(0.1, 0.4))
+  c.data.local_crops.update(number=6, size=12, scale=(0.1, 0.4))
   c.augment.update(blur_sigma=(0.1, 0.5), hue=0.0, saturation=0.0, mean=FMNIST_MEAN,
                    std=FMNIST_STD)
   c.checkpoint.update(every_steps=500, max_to_keep=2)

@@ -49,13 +49,18 @@ def resolve_grids(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return grid_gg, grid_lg
 
 
-def validate(config: ml_collections.ConfigDict, num_heads: int, embed_dim: int) -> None:
-  """Rejects SERE settings that cannot work, with the fix in the message."""
-  sc = config.sere
+def check_backbone(config: ml_collections.ConfigDict) -> None:
+  """SERE needs a backbone with patch tokens (a ViT)."""
   if config.model.get("arch", "vit") != "vit":
     raise SereConfigError(
         f"SERE needs patch tokens, but config.model.arch={config.model.arch!r} has none; use a "
         "ViT backbone or set --config.sere.enabled=False")
+
+
+def validate(config: ml_collections.ConfigDict, num_heads: int, embed_dim: int) -> None:
+  """Rejects SERE settings that cannot work, with the fix in the message."""
+  sc = config.sere
+  check_backbone(config)
   grid_gg, grid_lg = resolve_grids(config)
   for name, value in (("grid_gg", grid_gg), ("grid_lg", grid_lg)):
     if value < 2:
@@ -91,6 +96,7 @@ class WithSere:
     return backbone.num_heads, backbone.embed_dim
 
   def init(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> tuple[Any, Any]:
+    check_backbone(self.config)
     num_heads, dim = self._dims()
     validate(self.config, num_heads, dim)
     r_base, r_global, r_local = jax.random.split(rng, 3)

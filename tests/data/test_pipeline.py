@@ -13,6 +13,7 @@ KEYS = {
     'global_crops': np.uint8, 'local_crops': np.uint8, 'global_boxes': np.float32,
     'global_flips': np.bool_, 'local_boxes': np.float32, 'local_flips': np.bool_,
     'image_size': np.int32, 'label': np.int32, 'skipped': np.int32, 'index': np.int64,
+    'gg_rects': np.float32, 'gg_valid': np.bool_, 'lg_rects': np.float32, 'lg_valid': np.bool_,
 }
 
 
@@ -51,6 +52,14 @@ def test_train_batch_layout(fmnist_cfg):
   assert batch['index'].tolist() != list(range(8))
   boxes = batch['local_boxes']
   assert np.all(boxes[..., 2] * boxes[..., 3] <= 0.45 * 28 * 28)  # local scale (0.05, 0.4)
+  # SERE overlap rectangles of every (global, other) crop pair, from the recorded boxes.
+  assert batch['gg_rects'].shape == (8, 2, 2, 2, 4) and batch['gg_valid'].shape == (8, 2, 2)
+  assert batch['lg_rects'].shape == (8, 3, 2, 2, 4) and batch['lg_valid'].shape == (8, 3, 2)
+  from sslx.data import overlap
+  want = overlap.batch_overlaps(batch['global_boxes'], batch['global_flips'],
+                                batch['local_boxes'], batch['local_flips'])
+  for key, value in want.items():
+    np.testing.assert_array_equal(batch[key], value)
 
 
 def test_zero_local_crops(fmnist_cfg):
