@@ -1,4 +1,4 @@
-r"""`make demo`: DINO on real Fashion-MNIST, then kNN of pretrained vs random init vs raw pixels.
+r"""`make demo`: DINO+SERE on real Fashion-MNIST, then kNN: pretrained vs random init vs raw pixels.
 
   python experiments/fashion_mnist/demo.py --workdir=runs/demo [--config=configs/dino.py:fashion_mnist]
 
@@ -17,7 +17,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/dino.py:fashion_mnist", "Config.",
+config_flags.DEFINE_config_file("config", "configs/sere_dino.py:fashion_mnist", "Config.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/demo", "Work directory (emptied first).")
 

@@ -246,7 +246,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   built = build(config, mesh, steps_per_epoch, total_steps)
   state_shape, state_sharding, train_step = built.state_shape, built.state_sharding, built.train_step
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
-  logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", config.method,
+  name = config.method + ("+sere" if config.get("sere") and config.sere.enabled else "")
+  logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", name,
                n_params / 1e6, total_steps, steps_per_epoch)
   method = built.method
 
