@@ -237,6 +237,15 @@ def _check_pairs(rects, valid, shape: tuple[int, ...], name: str) -> tuple[Array
     return rects, valid
 
 
+def _prepare(student_global, teacher_global, student_local, temp, other_temp, temps_on):
+    """Stacks and checks the views; returns (sg, tg, sl, teacher_temp, student_temp)."""
+    sg = _stack_views(student_global, 'student_global')
+    tg = _stack_views(teacher_global, 'teacher_global')
+    sl = _stack_views(student_local, 'student_local')
+    _check_views(sg, tg, sl)
+    return (sg, tg, sl) + tuple(_temps(temp, other_temp, temps_on))
+
+
 def _global_pairs(n_global: int) -> tuple[list[int], list[int]]:
     pairs = [(q, v) for q in range(n_global) for v in range(n_global) if q != v]
     return [q for q, _ in pairs], [v for _, v in pairs]
@@ -287,11 +296,8 @@ def sere_spatial_loss(student_global: Array | Sequence[Array], teacher_global: A
       (loss float32 scalar, metrics dict of float32 scalars: 'spatial_gg', 'spatial_lg' (mean over those
       terms; 0 when there are none), 'overlap_gg', 'overlap_lg' (fraction of overlapping pairs used)).
     """
-    sg = _stack_views(student_global, 'student_global')
-    tg = _stack_views(teacher_global, 'teacher_global')
-    sl = _stack_views(student_local, 'student_local')
-    _check_views(sg, tg, sl)
-    teacher_temp, student_temp = _temps(temp, other_temp, temps_on)
+    sg, tg, sl, teacher_temp, student_temp = _prepare(student_global, teacher_global, student_local,
+                                                      temp, other_temp, temps_on)
     n_global, batch, n_tok, _ = sg.shape
     gh, gw = _token_grid(n_tok, global_hw, 'global views')
     parts, metrics = [], {}
@@ -355,11 +361,8 @@ def sere_channel_loss(student_global: Array | Sequence[Array], teacher_global: A
     Returns:
       (loss float32 scalar, metrics dict: 'channel_gg', 'channel_lg' (means over those terms; 0 if none)).
     """
-    sg = _stack_views(student_global, 'student_global')
-    tg = _stack_views(teacher_global, 'teacher_global')
-    sl = _stack_views(student_local, 'student_local')
-    _check_views(sg, tg, sl)
-    teacher_temp, student_temp = _temps(temp, other_temp, temps_on)
+    sg, tg, sl, teacher_temp, student_temp = _prepare(student_global, teacher_global, student_local,
+                                                      temp, other_temp, temps_on)
     n_global, batch, _, channels = sg.shape
     t_rel = jax.lax.stop_gradient(channel_relation(tg))
     p_t = jax.nn.softmax(t_rel / jnp.asarray(teacher_temp, jnp.float32), axis=-1)   # [Ng, B, C, C]
