@@ -229,7 +229,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(config.mesh)
   per_process_batch = sharding.check_batch(config.batch_size, mesh)
   batch_shard = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
   logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape),
                mesh.devices.size, jax.devices()[0].platform, jax.process_count())
 
