@@ -69,7 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
       global_crops=dict(number=2, size=224, scale=(0.4, 1.0)),
       local_crops=dict(number=8, size=96, scale=(0.05, 0.4)),
       crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", eval_resize=256, eval_size=224,
-      workers=8, read_threads=4, prefetch_buffer=4))
+      workers=8, read_threads=4, prefetch_buffer=4,
+      # Block masks on the global crops' patch grid (sslx/data/masks.py); 'none' for DINO.
+      masks=dict(scheme="none", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), num_masked=75,
+                 min_area=16, max_area=0, aspect=0.3, exact=False)))
   c.augment = ml_collections.ConfigDict(dict(
       color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
       grayscale_prob=0.2, blur_probs=(1.0, 0.1, 0.5), solarize_probs=(0.0, 0.2, 0.0),

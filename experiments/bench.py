@@ -109,7 +109,8 @@ def bench_pipeline(config) -> dict:
   with config.unlocked():
     config.data.workers = workers
   per_process = config.batch_size
-  it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process))
+  it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process,
+                                   patch_size=config.model.patch_size))
   next(it)  # start-up (worker spawn, file listing) excluded
   t0 = time.time()
   for _ in range(FLAGS.batches):

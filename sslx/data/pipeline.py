@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sslx.data import crops as crops_lib
+from sslx.data import masks as masks_lib
 from sslx.data import overlap as overlap_lib
 from sslx.data import sources
 
@@ -48,17 +49,25 @@ class _MultiCrop:
   """Record -> multi-crop training example (picklable for worker processes)."""
 
   def __init__(self, global_spec: crops_lib.CropSpec, local_spec: crops_lib.CropSpec,
-               interpolation: str, ratio: tuple[float, float]):
+               interpolation: str, ratio: tuple[float, float],
+               mask_spec: masks_lib.MaskSpec = masks_lib.MaskSpec(), patch_size: int = 16):
     self.global_spec = global_spec
     self.local_spec = local_spec
     self.interpolation = interpolation
     self.ratio = ratio
+    self.mask_spec = mask_spec
+    self.patch_size = patch_size
 
   def __call__(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     out = crops_lib.multi_crop(rng, element['image'], element['image_size'], self.global_spec,
                                self.local_spec, interpolation=self.interpolation,
                                ratio=self.ratio, decode_scale=float(element['decode_scale']))
     out['image_size'] = np.asarray(element['image_size'], np.int32)
+    if self.mask_spec.scheme != 'none':
+      # Drawn after all crops, from the same record generator: masks never change the crops.
+      side = self.global_spec.size // self.patch_size
+      out['global_masks'] = np.stack(
+          [self.mask_spec.draw(rng, (side, side)) for _ in range(self.global_spec.number)])
     for key in ('label', 'skipped', 'index'):
       out[key] = element[key]
     return out
@@ -102,13 +111,14 @@ def train_source(data_cfg: Any) -> Any:
 
 
 def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1) -> 'grain.IterDataset':
+                  process_count: int = 1, patch_size: int = 16) -> 'grain.IterDataset':
   """The infinite, shuffled, host-sharded multi-crop training stream of this process.
 
   Args:
     data_cfg: ``config.data``.
     seed: run seed; shuffle order and crops derive from (seed, process_index).
     batch_size: examples per batch on THIS process.
+    patch_size: the model's patch size; block masks live on the global crops' patch grid.
   Returns:
     A grain.IterDataset of dicts: 'global_crops' uint8 [B, Ng, G, G, 3], 'local_crops' uint8
     [B, Nl, L, L, 3], 'global_boxes' float32 [B, Ng, 4] and 'local_boxes' float32 [B, Nl, 4]
@@ -117,7 +127,8 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     'skipped' int32 [B], 'index' int64 [B] (requested record index in the source), and the
     overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py): 'gg_rects' float32
     [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32 [B, Nl, Ng, 2, 4],
-    'lg_valid' bool [B, Nl, Ng].
+    'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than 'none' (sslx/data/masks.py)
+    also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch).
   Raises:
     DataError: missing data, or fewer records on this process than one batch.
   """
@@ -136,8 +147,12 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
                     f'one batch of {batch_size}; lower the batch size.')
   ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0))
   ds = ds.repeat(None)  # epoch-indexed reshuffle and fresh crops every epoch
-  ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio),
-                     seed=_derive_seed(seed, process_index, 1))
+  mask_spec = masks_lib.MaskSpec.from_config(data_cfg.get('masks'))
+  if mask_spec.scheme != 'none' and global_spec.size % patch_size:
+    raise DataError(f'global crops of {global_spec.size} px do not tile into {patch_size}-px '
+                    'patches; masks need whole patches (change data.global_crops.size)')
+  ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
+                                patch_size), seed=_derive_seed(seed, process_index, 1))
   ds = ds.to_iter_dataset(_read_options(data_cfg))
   ds = ds.batch(batch_size, drop_remainder=True).map(_add_overlaps)
   return _add_prefetch(ds, data_cfg)

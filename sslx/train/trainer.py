@@ -9,6 +9,7 @@ evaluators -> loop. A method supplies its networks, loss and schedules
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging as logging_std
 import os
 import time
@@ -33,7 +34,7 @@ from sslx.train.state import TrainState, ema_update, tree_l2
 
 DEVICE_KEYS = ("global_crops", "local_crops", "global_boxes", "global_flips",
                "local_boxes", "local_flips", "image_size", "gg_rects", "gg_valid", "lg_rects",
-               "lg_valid")
+               "lg_valid", "global_masks", "local_masks")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -57,11 +58,25 @@ def make_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, 
   }
 
 
+def default_optimizer(config, params_shape, steps_per_epoch: int,
+                      total_steps: int) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
+  """AdamW from config.optim with the DINO schedules -> (tx, schedules)."""
+  oc = config.optim
+  scheds = make_schedules(config, steps_per_epoch, total_steps)
+  tx = optim.make_optimizer(
+      params_shape, lr=scheds["lr"], weight_decay=scheds["weight_decay"], b1=oc.b1, b2=oc.b2,
+      eps=oc.eps, clip_grad=oc.clip_grad,
+      freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
+      decay_biases=oc.decay_biases)
+  return tx, scheds
+
+
 def make_train_step(config, method, tx, scheds: dict[str, Callable],
                     method_scheds: dict[str, Callable]):
   """The pure update: augment on device -> loss -> grads -> optax -> EMA teacher.
 
-  `scheds` are the trainer's (lr, weight_decay, momentum); `method_scheds` the
+  `scheds` are the optimiser's (lr, weight_decay, momentum: functions of the step, logged
+  and, for momentum, used by the EMA teacher); `method_scheds` the
   method's own (e.g. DINO's teacher temperature), all functions of the step.
   """
 
@@ -164,14 +179,11 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
   method = make_method(config)
   gsize = config.data.global_crops.size
   image_shape = (gsize, gsize, 3)
-  scheds = make_schedules(config, steps_per_epoch, total_steps)
-  oc = config.optim
   params_shape, _ = jax.eval_shape(lambda r: method.init(r, image_shape), jax.random.PRNGKey(0))
-  tx = optim.make_optimizer(
-      params_shape, lr=scheds["lr"], weight_decay=scheds["weight_decay"], b1=oc.b1, b2=oc.b2,
-      eps=oc.eps, clip_grad=oc.clip_grad,
-      freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
-      decay_biases=oc.decay_biases)
+  # A method may bring its own optimiser (LARS, per-part optimisers...); the default is the
+  # AdamW recipe of DINO/iBOT/SERE read from config.optim.
+  make_tx = getattr(method, "optimizer", None) or functools.partial(default_optimizer, config)
+  tx, scheds = make_tx(params_shape, steps_per_epoch, total_steps)
 
   def init_state(rng):
     r_init, r_train = jax.random.split(rng)
@@ -237,7 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = total_steps_of(config, steps_per_epoch)
   train_ds = pipeline.train_dataset(
       config.data, seed=config.seed, batch_size=per_process_batch,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      patch_size=config.model.patch_size)
   data_iter = DevicePrefetcher(iter(train_ds), lambda b: sharding.to_global(b, batch_shard),
                                DEVICE_KEYS, size=config.get("device_prefetch", 2))
 

@@ -215,3 +215,22 @@ def test_tfds_training_stream(tfds_dir, cfg_factory):
   assert pipeline.num_classes(cfg) == 3
   assert list(itertools.islice(pipeline.eval_dataset(cfg, 'test', batch_size=2), 5))[1][
       'mask'].tolist() == [True, False]
+
+
+def test_block_masks_ride_in_the_batch_without_changing_the_crops(fmnist_cfg):
+  it, (plain,) = _take(pipeline.train_dataset(fmnist_cfg, seed=5, batch_size=8), 1)
+  _close(it)
+  fmnist_cfg.masks = dict(scheme='beit', ratios=(0.0,), ratio_vars=(0.0,), num_masked=20,
+                          min_area=4, max_area=0, aspect=0.3, exact=True)
+  it, (masked, again) = _take(pipeline.train_dataset(fmnist_cfg, seed=5, batch_size=8,
+                                                     patch_size=4), 2)
+  _close(it)
+  assert masked['global_masks'].shape == (8, 2, 8, 8) and masked['global_masks'].dtype == bool
+  assert (masked['global_masks'].sum(axis=(2, 3)) == 20).all()  # exact count, every crop
+  assert 'global_masks' not in plain
+  for key in ('global_crops', 'local_crops', 'global_boxes', 'index'):
+    np.testing.assert_array_equal(plain[key], masked[key], err_msg=key)
+  assert not np.array_equal(masked['global_masks'], again['global_masks'])
+  fmnist_cfg.global_crops.size = 30
+  with pytest.raises(pipeline.DataError, match='patches'):
+    pipeline.train_dataset(fmnist_cfg, seed=5, batch_size=8, patch_size=4)

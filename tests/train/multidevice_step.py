@@ -39,7 +39,8 @@ it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process))
 losses = []
 for _ in range(2):
   host = next(it)
-  batch = sharding.to_global({k: host[k] for k in trainer.DEVICE_KEYS}, sharding.batch_sharding(mesh))
+  batch = sharding.to_global({k: host[k] for k in trainer.DEVICE_KEYS if k in host},
+                             sharding.batch_sharding(mesh))
   state, metrics = built.train_step(state, batch)
   losses.append(float(metrics["loss"]))
 leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))]
