@@ -5,9 +5,13 @@ Add-ons (SERE) wrap whichever base method runs when their config block is enable
 """
 
 from sslx.methods.dino import Dino
+from sslx.methods.ibot import Ibot
+from sslx.methods.mocov3 import MocoV3
 from sslx.methods.sere import WithSere
 
-METHODS = {"dino": Dino}
+__all__ = ["METHODS", "Dino", "Ibot", "MocoV3", "WithSere", "make_method"]
+
+METHODS = {"dino": Dino, "ibot": Ibot, "mocov3": MocoV3}
 
 
 def make_method(config):

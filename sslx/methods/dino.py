@@ -44,8 +44,14 @@ class BackboneWithHead(nn.Module):
     return out, self.head(out["cls"])
 
 
-def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = True) -> vit.ViT:
-  """The ViT described by `config.model` (variant, patch size, dtype...)."""
+def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = True,
+                   mask_token: bool = False) -> vit.ViT:
+  """The ViT described by `config.model` (variant, patch size, dtype...).
+
+  Args:
+    drop_path: False for teachers (no stochastic depth).
+    mask_token: give the ViT iBOT's learned mask token (students of masked methods).
+  """
   if model_cfg.get("arch", "vit") != "vit":
     raise ValueError(f"config.model.arch={model_cfg.arch!r}: only 'vit' backbones exist so far")
   kwargs = dict(vit.vit_kwargs(model_cfg.variant))
@@ -58,6 +64,9 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = Tr
       pos_grid=model_cfg.pos_grid,
       dtype=compute_dtype(model_cfg.dtype),
       scan_blocks=model_cfg.get("scan_blocks", False),
+      pos_embed=model_cfg.get("pos_embed", "learned"),
+      patch_init=model_cfg.get("patch_init", "torch"),
+      use_mask_token=mask_token,
       **kwargs)
 
 

@@ -51,6 +51,28 @@ class WeightNormDense(nn.Module):
         return out.astype(jnp.float32)
 
 
+def _bottleneck_mlp(head: "DINOHead", x: Array, train: bool | None) -> Array:
+    """The MLP + L2 normalisation shared by DINOHead and IBOTHead, built inside ``head``'s scope.
+
+    Submodules are named 'mlp_i' (and 'bn_i') in both heads, so a DINO head's parameters are
+    exactly an iBOT head's minus 'last_layer2'.
+    """
+    dense = lambda feat, name: nn.Dense(feat, dtype=head.dtype, param_dtype=jnp.float32,  # noqa: E731
+                                        kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
+                                        name=name, parent=head)
+    h = x.astype(jnp.float32)
+    for i in range(head.num_layers - 1):
+        h = dense(head.hidden_dim, f"mlp_{i}")(h).astype(jnp.float32)
+        if head.use_bn:
+            # torch BatchNorm1d defaults: momentum 0.1 (flax keeps 0.9 of the old value), eps 1e-5.
+            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=jnp.float32, param_dtype=jnp.float32, axis_name=head.bn_axis_name,
+                             name=f"bn_{i}", parent=head)(h)
+        h = nn.gelu(h, approximate=False)
+    h = dense(head.bottleneck_dim, f"mlp_{head.num_layers - 1}")(h)
+    return l2_normalize(h)
+
+
 class DINOHead(nn.Module):
     """DINO projection head: MLP -> L2-normalise -> weight-normalised Linear to ``out_dim`` logits.
 
@@ -95,22 +117,51 @@ class DINOHead(nn.Module):
         if self.use_bn and train is None:
             raise ValueError("DINOHead(use_bn=True) needs train=True/False to pick batch or running "
                              "BatchNorm statistics; pass train explicitly.")
-        dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
-                                            kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
-                                            name=name)
-        h = x.astype(jnp.float32)
-        for i in range(self.num_layers - 1):
-            h = dense(self.hidden_dim, f"mlp_{i}")(h).astype(jnp.float32)
-            if self.use_bn:
-                # torch BatchNorm1d defaults: momentum 0.1 (flax keeps 0.9 of the old value), eps 1e-5.
-                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=jnp.float32, param_dtype=jnp.float32, axis_name=self.bn_axis_name,
-                                 name=f"bn_{i}")(h)
-            h = nn.gelu(h, approximate=False)
-        h = dense(self.bottleneck_dim, f"mlp_{self.num_layers - 1}")(h)
-        h = l2_normalize(h)
+        h = _bottleneck_mlp(self, x, train)
         return WeightNormDense(self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype,
                                name="last_layer")(h)
+
+
+class IBOTHead(nn.Module):
+    """iBOT head: DINO's MLP on every token, then 'last_layer' on CLS and 'last_layer2' on patches.
+
+    With ``shared_head`` (the SERE/iBOT README recipes) the patch tokens go through the same
+    'last_layer' and ``patch_out_dim`` must equal ``out_dim`` (bytedance/ibot models/head.py).
+    Attributes as DINOHead, plus patch_out_dim and shared_head.
+    """
+
+    out_dim: int
+    patch_out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    shared_head: bool = True
+    dtype: DType = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, cls: Array, patches: Array | None = None, *,
+                 train: bool | None = None) -> tuple[Array, Array | None]:
+        """cls [B, D], patches [B, N, D] or None -> (cls logits [B, K], patch logits [B, N, Kp] or None)."""
+        if self.num_layers < 1:
+            raise ValueError(f"IBOTHead num_layers must be >= 1, got {self.num_layers}.")
+        if self.shared_head and self.patch_out_dim != self.out_dim:
+            raise ValueError(f"shared_head needs patch_out_dim == out_dim, got {self.patch_out_dim} "
+                             f"and {self.out_dim}; set head.patch_out_dim={self.out_dim} or "
+                             "head.shared_head=False")
+        tokens = cls[:, None] if patches is None else jnp.concatenate([cls[:, None], patches], 1)
+        h = _bottleneck_mlp(self, tokens, train)
+        last = WeightNormDense(self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype,
+                               name="last_layer")
+        cls_logits = last(h[:, 0])
+        if patches is None:
+            return cls_logits, None
+        if not self.shared_head:
+            last = WeightNormDense(self.patch_out_dim, fixed_scale=self.norm_last_layer,
+                                   dtype=self.dtype, name="last_layer2")
+        return cls_logits, last(h[:, 1:])
 
 
 class SereProjection(nn.Module):
@@ -158,3 +209,30 @@ class SereHeads(nn.Module):
       z = SereProjection(name=f"{branch}_projection")(tokens)
       outs.append(SerePredictor(self.dtype, name=f"{branch}_predictor")(z) if student else z)
     return tuple(outs)
+
+
+class MocoMLP(nn.Module):
+  """MoCo v3 projector / predictor: [Dense(no bias) -> BN -> ReLU] x (L-1) -> Dense(no bias) -> BN.
+
+  The last BatchNorm has no affine parameters (facebookresearch/moco-v3 builder.py _build_mlp).
+  BatchNorm always uses the statistics of the current call's batch (the official momentum encoder
+  runs in train mode too) and keeps no running averages; under jit on sharded arrays those are
+  global-batch statistics, as the official SyncBatchNorm.
+  """
+  num_layers: int
+  hidden_dim: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = x.astype(jnp.float32)
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      h = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
+                   name=f"linear_{i}")(h).astype(jnp.float32)
+      h = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_bias=not last,
+                       use_scale=not last, name=f"bn_{i}")(h)
+      if not last:
+        h = nn.relu(h)
+    return h

@@ -26,6 +26,18 @@ _TRUNC_NORMAL_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, u
 # DINO leaves the patch-embedding conv at PyTorch's default init: U(+-1/sqrt(fan_in)).
 _TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
+
+
+def _patch_xavier(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    """MoCo v3's patch-embedding init: xavier-uniform of the conv seen as a (p*p*C -> D) linear map.
+
+    Flax's xavier_uniform would count the receptive field in fan_out too (p*p*D), which is smaller.
+    """
+    fan_in, fan_out = int(np.prod(shape[:-1])), int(shape[-1])
+    bound = float(np.sqrt(6.0 / (fan_in + fan_out)))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 VIT_VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -33,6 +45,25 @@ VIT_VARIANTS: dict[str, dict[str, int]] = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 _VARIANT_ALIASES = {"t": "tiny", "s": "small", "b": "base", "l": "large"}
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos patch positions [grid_h * grid_w, dim] in MoCo v3's layout.
+
+    Row-major patches; channels are [sin(x w), cos(x w), sin(y w), cos(y w)] with
+    w_k = temperature^(-k / (dim/4)), x the column and y the row index
+    (facebookresearch/moco-v3 vits.py, build_2d_sincos_position_embedding).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need embed_dim divisible by 4, got {dim}.")
+    q = dim // 4
+    omega = 1.0 / temperature ** (np.arange(q, dtype=np.float64) / q)
+    ys, xs = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                         indexing="ij")
+    out_x = xs.reshape(-1, 1) * omega
+    out_y = ys.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(out_x), np.cos(out_x), np.sin(out_y), np.cos(out_y)],
+                          axis=1).astype(np.float32)
 
 
 def vit_kwargs(variant: str) -> dict[str, int]:
@@ -244,10 +275,15 @@ class ViT(nn.Module):
       pos_grid: side of the trained position-embedding grid (img_size // patch_size, 14 for 224/16).
       dtype: compute dtype of Dense/conv matmuls (e.g. jnp.bfloat16 on accelerators).
       use_mask_token: create a learned [D] mask token (iBOT) used when a mask is passed.
+      pos_embed: 'learned' (DINO/iBOT: a trained [1 + pos_grid**2, D] table, interpolated to other
+        grids) or 'sincos' (MoCo v3: fixed 2-D sin-cos at the actual grid, zero for CLS, no param).
+      patch_init: 'torch' (PyTorch's conv default, DINO) or 'xavier' (MoCo v3's uniform
+        +-sqrt(6 / (3 p^2 + D)), used with its frozen random patch embedding).
       scan_blocks: run the first depth-1 blocks with nn.scan (params stacked under 'blocks', leading axis
         depth-1); the last block is always named f'block_{depth-1}'. Without scan blocks are 'block_i'.
 
-    Parameter names: 'patch_embed' (conv), 'cls_token' [1, 1, D], 'pos_embed' [1, 1 + pos_grid**2, D],
+    Parameter names: 'patch_embed' (conv), 'cls_token' [1, 1, D], 'pos_embed' [1, 1 + pos_grid**2, D]
+    (learned only),
     'mask_token' [D] (if use_mask_token), blocks as above, 'norm' (final LayerNorm).
     """
 
@@ -262,6 +298,8 @@ class ViT(nn.Module):
     dtype: DType = jnp.float32
     use_mask_token: bool = False
     scan_blocks: bool = False
+    pos_embed: str = "learned"
+    patch_init: str = "torch"
 
     def _check_config(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -271,6 +309,10 @@ class ViT(nn.Module):
             raise ValueError(f"depth must be >= 1, got {self.depth}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed={self.pos_embed!r}; valid: 'learned', 'sincos'.")
+        if self.patch_init not in ("torch", "xavier"):
+            raise ValueError(f"patch_init={self.patch_init!r}; valid: 'torch', 'xavier'.")
 
     def _check_inputs(self, images: Array, mask: Array | None) -> tuple[int, int]:
         if images.ndim != 4:
@@ -313,8 +355,9 @@ class ViT(nn.Module):
 
         x = nn.Conv(d, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
                     padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=_TORCH_DEFAULT_KERNEL, bias_init=nn.initializers.zeros,
-                    name="patch_embed")(images.astype(self.dtype))
+                    kernel_init=(_patch_xavier if self.patch_init == "xavier"
+                                 else _TORCH_DEFAULT_KERNEL),
+                    bias_init=nn.initializers.zeros, name="patch_embed")(images.astype(self.dtype))
         x = x.astype(jnp.float32).reshape(x.shape[0], grid_h * grid_w, d)
 
         if self.use_mask_token:
@@ -324,11 +367,17 @@ class ViT(nn.Module):
                 x = jnp.where(flat, mask_token, x)
 
         cls_token = self.param("cls_token", _TRUNC_NORMAL_02, (1, 1, d), jnp.float32)
-        pos_embed = self.param("pos_embed", _TRUNC_NORMAL_02, (1, 1 + self.pos_grid ** 2, d), jnp.float32)
-        patch_pos = interpolate_pos_grid(pos_embed[0, 1:].reshape(self.pos_grid, self.pos_grid, d),
-                                         (grid_h, grid_w)).reshape(1, grid_h * grid_w, d)
+        if self.pos_embed == "sincos":
+            pos = jnp.asarray(np.concatenate([np.zeros((1, d), np.float32),
+                                              sincos_2d(grid_h, grid_w, d)]))[None]
+        else:
+            table = self.param("pos_embed", _TRUNC_NORMAL_02, (1, 1 + self.pos_grid ** 2, d),
+                               jnp.float32)
+            patch_pos = interpolate_pos_grid(table[0, 1:].reshape(self.pos_grid, self.pos_grid, d),
+                                             (grid_h, grid_w)).reshape(1, grid_h * grid_w, d)
+            pos = jnp.concatenate([table[:, :1], patch_pos], axis=1)
         x = jnp.concatenate([jnp.broadcast_to(cls_token, (x.shape[0], 1, d)), x], axis=1)
-        x = x + jnp.concatenate([pos_embed[:, :1], patch_pos], axis=1)
+        x = x + pos
 
         rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
         # With a zero rate no 'dropout' rng is needed, even in train mode.

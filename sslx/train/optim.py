@@ -68,16 +68,18 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def decay_mask(params, *, decay_biases: bool) -> Any:
+def decay_mask(params, *, decay_biases: bool, decay_norms: bool = False) -> Any:
   """True for parameters that get weight decay.
 
   DINO/iBOT: no decay on biases and any 1-D parameter (LayerNorm scales...).
   SERE (`decay_biases=True`): biases are decayed, other 1-D parameters are not
-  (gotcha 10).
+  (gotcha 10). MoCo v3 (`decay_biases=decay_norms=True`): AdamW over every parameter.
   """
 
   def want(path, leaf):
     name = _path_str(path).split("/")[-1]
+    if decay_norms and decay_biases:
+      return True
     if name == "bias":
       return decay_biases
     # Norm scales and weight-norm magnitudes are 1-D per layer but gain a leading
@@ -89,23 +91,40 @@ def decay_mask(params, *, decay_biases: bool) -> Any:
   return jax.tree_util.tree_map_with_path(want, params)
 
 
-def label_frozen(params, pattern: str = r"(^|/)last_layer(/|$)") -> Any:
-  """Labels params 'frozen_head' if their path matches `pattern`, else 'rest'."""
+LAST_LAYER = r"(^|/)last_layer\d*(/|$)"  # 'last_layer' and iBOT's 'last_layer2' (gotcha 12)
+
+
+def label_frozen(params, pattern: str = LAST_LAYER, fixed: str = "") -> Any:
+  """Labels params 'fixed' if their path matches `fixed` (never trained), else 'frozen_head' if it
+  matches `pattern` (trained after the freeze), else 'rest'."""
   regex = re.compile(pattern)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: "frozen_head" if regex.search(_path_str(p)) else "rest", params)
+  fixed_re = re.compile(fixed) if fixed else None
+
+  def label(path, _):
+    name = _path_str(path)
+    if fixed_re is not None and fixed_re.search(name):
+      return "fixed"
+    return "frozen_head" if regex.search(name) else "rest"
+
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(params, *, lr: Schedule, weight_decay: Schedule, b1: float, b2: float,
                    eps: float, clip_grad: float | None, freeze_steps: int,
-                   decay_biases: bool) -> optax.GradientTransformation:
+                   decay_biases: bool, decay_norms: bool = False,
+                   fixed: str = "") -> optax.GradientTransformation:
   """AdamW with scheduled lr and weight decay, per-tensor clipping and a frozen last layer.
 
   The lr and weight decay are `optax.inject_hyperparams`, so their current values
   live in the optimiser state (and are logged from there).
+
+  Args:
+    fixed: regex over parameter paths ('backbone/patch_embed' for MoCo v3's frozen random patch
+      embedding) that are never updated: no step, no decay, no optimiser state (PyTorch's
+      requires_grad=False).
   """
   # A callable mask: multi_transform hands each group a tree with MaskedNode holes.
-  mask = lambda p: decay_mask(p, decay_biases=decay_biases)  # noqa: E731
+  mask = lambda p: decay_mask(p, decay_biases=decay_biases, decay_norms=decay_norms)  # noqa: E731
 
   def adamw(offset=0):
     # A frozen group's own step count starts at 0 when it unfreezes (which is what
@@ -118,10 +137,18 @@ def make_optimizer(params, *, lr: Schedule, weight_decay: Schedule, b1: float, b
   parts = []
   if clip_grad:
     parts.append(clip_per_tensor(clip_grad))
-  labels = label_frozen(params)
-  if freeze_steps > 0 and "frozen_head" in jax.tree.leaves(labels):
-    parts.append(optax.multi_transform(
-        {"rest": adamw(), "frozen_head": freeze_for(adamw(freeze_steps), freeze_steps)}, labels))
-  else:
-    parts.append(adamw())
+  labels = label_frozen(params, fixed=fixed)
+  present = set(jax.tree.leaves(labels))
+  if fixed and "fixed" not in present:
+    raise ValueError(f"config.optim.frozen={fixed!r} matches no parameter; paths look like "
+                     "'backbone/patch_embed/kernel'")
+  if freeze_steps <= 0:
+    labels = jax.tree.map(lambda x: "rest" if x == "frozen_head" else x, labels)
+    present.discard("frozen_head")
+  groups = {"rest": adamw()}
+  if "frozen_head" in present:
+    groups["frozen_head"] = freeze_for(adamw(freeze_steps), freeze_steps)
+  if "fixed" in present:
+    groups["fixed"] = optax.set_to_zero()
+  parts.append(groups["rest"] if len(groups) == 1 else optax.multi_transform(groups, labels))
   return optax.chain(*parts)

@@ -67,7 +67,8 @@ def default_optimizer(config, params_shape, steps_per_epoch: int,
       params_shape, lr=scheds["lr"], weight_decay=scheds["weight_decay"], b1=oc.b1, b2=oc.b2,
       eps=oc.eps, clip_grad=oc.clip_grad,
       freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
-      decay_biases=oc.decay_biases)
+      decay_biases=oc.decay_biases, decay_norms=oc.get("decay_norms", False),
+      fixed=oc.get("frozen", ""))
   return tx, scheds
 
 

@@ -1,6 +1,6 @@
-"""Runs two train steps of the smoke config on N fake CPU devices; prints JSON.
+"""Runs two train steps of a smoke config on N fake CPU devices; prints JSON.
 
-Used by test_trainer.py: `python multidevice_step.py N` in a fresh process, because
+Used by test_trainer.py: `python multidevice_step.py N [batch [config name]]` in a fresh process, because
 the device count is fixed when jax starts.
 """
 
@@ -24,7 +24,8 @@ from sslx.config_check import load_config_file  # noqa: E402
 from sslx.data import pipeline  # noqa: E402
 from sslx.train import sharding, trainer  # noqa: E402
 
-config = load_config_file(os.path.join(ROOT, "configs/dino.py:smoke"))
+name = sys.argv[3] if len(sys.argv) > 3 else "dino"
+config = load_config_file(os.path.join(ROOT, f"configs/{name}.py:smoke"))
 with config.unlocked():
   config.batch_size = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 mesh = sharding.make_mesh(config.mesh)
@@ -35,16 +36,18 @@ except sharding.ShardingError as e:
   sys.exit(0)
 built = trainer.build(config, mesh, steps_per_epoch=100, total_steps=100)
 state = built.init(config.seed)
-it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process))
-losses = []
+it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process,
+                                 patch_size=config.model.patch_size))
+losses, grad_norms = [], []
 for _ in range(2):
   host = next(it)
   batch = sharding.to_global({k: host[k] for k in trainer.DEVICE_KEYS if k in host},
                              sharding.batch_sharding(mesh))
   state, metrics = built.train_step(state, batch)
   losses.append(float(metrics["loss"]))
+  grad_norms.append(float(metrics["l2_grads"]))
 leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))]
 print(json.dumps({
-    "devices": len(jax.devices()), "losses": losses,
+    "devices": len(jax.devices()), "losses": losses, "grad_norms": grad_norms,
     "params": np.concatenate([x.ravel() for x in leaves]).tolist(),
-    "center": np.asarray(state.loss_state["center"]).tolist()}))
+    "center": np.asarray(state.loss_state.get("center", np.zeros(1))).tolist()}))

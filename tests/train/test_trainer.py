@@ -81,8 +81,9 @@ def test_mesh_larger_than_devices_is_rejected_before_compiling():
     sharding.make_mesh({"data": 2, "fsdp": 1})
 
 
-def _multidevice(n, batch=16):
-  r = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_step.py"), str(n), str(batch)],
+def _multidevice(n, batch=16, name="dino"):
+  r = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_step.py"), str(n), str(batch),
+                      name],
                      capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads(r.stdout.strip().splitlines()[-1])
@@ -115,3 +116,27 @@ def test_standalone_knn_on_a_workdir(tmp_path):
 def test_standalone_knn_without_checkpoint_says_how(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     trainer.evaluate_workdir(smoke_config(), str(tmp_path))
+
+
+def test_mocov3_step_is_the_same_on_1_and_8_devices():
+  # The InfoNCE negatives are the keys of the global batch and BatchNorm uses global statistics,
+  # so sharding the batch over 8 devices must not change the loss or the update.
+  one, eight = _multidevice(1, name="mocov3"), _multidevice(8, name="mocov3")
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  np.testing.assert_allclose(eight["grad_norms"], one["grad_norms"], rtol=1e-4)
+  # Adam moves a parameter by about lr (2.5e-4 here) whatever its gradient's size, so entries
+  # whose gradient is at float-noise level can differ by ~lr; a wrong loss would differ by far more.
+  np.testing.assert_allclose(eight["params"], one["params"], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ibot", "sere_ibot", "mocov3", "sere_mocov3"])
+def test_smoke_preset_trains(tmp_path, name):
+  config = load_config_file(os.path.join(ROOT, f"configs/{name}.py:smoke"))
+  with config.unlocked():
+    config.total_steps = 2
+    config.log_every_steps = 1
+    config.checkpoint.every_steps = 2
+  assert trainer.run(config, str(tmp_path))["step"] == 2
+  losses = losses_by_step(str(tmp_path))
+  assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
