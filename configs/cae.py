@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
       linear=dict(optimizer="lars", lr=6.4, batch_size=16384, epochs=90, warmup_epochs=10.0),
       attentive=dict(optimizer="sgd", lr=0.4, batch_size=8192, epochs=90, warmup_epochs=10.0,
                      num_heads=0),
-      max_train=0, seed=0))
+      max_train=0, max_test=0, seed=0))
   return c
 
 
@@ -131,7 +131,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
   c.probe.linear.update(epochs=1, batch_size=64)
   c.probe.attentive.update(epochs=1, batch_size=64)
-  c.probe.max_train = 512
+  c.probe.update(max_train=512, max_test=1000)
   return c
 
 

@@ -185,10 +185,13 @@ def _heads_for(d: int, requested: int) -> int:
 
 def linear_probe(feature_fn: Callable[[np.ndarray], Any], train_batches: Batches,
                  test_batches: Batches, *, num_classes: int, settings: ProbeSettings,
-                 max_train: int = 0) -> dict[str, float]:
-  """BN + Linear on `feature_fn` features ([b, D]); returns test top-1/top-5 in percent."""
+                 max_train: int = 0, max_test: int = 0) -> dict[str, float]:
+  """BN + Linear on `feature_fn` features ([b, D]); returns test top-1/top-5 in percent.
+
+  max_train / max_test > 0 keep only the first that many examples (quick checks).
+  """
   train_x, train_y = extract(feature_fn, train_batches, max_train)
-  test_x, test_y = extract(feature_fn, test_batches)
+  test_x, test_y = extract(feature_fn, test_batches, max_test)
   if train_x.ndim != 2:
     raise ValueError(f"linear probing needs one vector per image; features have shape "
                      f"{train_x.shape[1:]} per image.")
@@ -197,10 +200,10 @@ def linear_probe(feature_fn: Callable[[np.ndarray], Any], train_batches: Batches
 
 def attentive_probe(token_fn: Callable[[np.ndarray], Any], train_batches: Batches,
                     test_batches: Batches, *, num_classes: int, settings: ProbeSettings,
-                    max_train: int = 0) -> dict[str, float]:
+                    max_train: int = 0, max_test: int = 0) -> dict[str, float]:
   """Cross-attention probe on `token_fn` tokens ([b, T, D]); returns test top-1/top-5 in percent."""
   train_x, train_y = extract(token_fn, train_batches, max_train)
-  test_x, test_y = extract(token_fn, test_batches)
+  test_x, test_y = extract(token_fn, test_batches, max_test)
   if train_x.ndim != 3:
     raise ValueError(f"attentive probing needs tokens [T, D] per image; got {train_x.shape[1:]}.")
   head = AttentiveHead(num_classes, _heads_for(train_x.shape[-1], settings.num_heads))

@@ -56,7 +56,9 @@ def teacher_of(config: ml_collections.ConfigDict, workdir: str, method: Any,
   if random_init:
     size = config.data.global_crops.size
     init = jax.jit(lambda r: method.init(r, (size, size, 3))[0])
-    return 0, method.teacher_params(init(jax.random.PRNGKey(config.seed)))
+    # The same draw as the trainer's step-0 state (trainer.build: split(seed) -> init key).
+    r_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    return 0, method.teacher_params(init(r_init))
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   step = ckpt.latest_step()
   if step is None:
@@ -82,18 +84,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mode: str,
   pc = config.get("probe") or {}
   seed = int(pc.get("seed", 0)) if pc else 0
   max_train = int(pc.get("max_train", 0)) if pc else 0
+  max_test = int(pc.get("max_test", 0)) if pc else 0
   if mode == "knn":
     res = knn.run_knn(features, batches(dc.eval_train_split), batches(dc.eval_test_split),
                       num_classes=classes, k=ec.knn_k, temperature=ec.knn_temperature)
   elif mode == "linear_probe":
     settings = probe.ProbeSettings.from_config(pc.get("linear") if pc else None, seed)
     res = probe.linear_probe(features, batches(dc.eval_train_split), batches(dc.eval_test_split),
-                             num_classes=classes, settings=settings, max_train=max_train)
+                             num_classes=classes, settings=settings, max_train=max_train,
+                             max_test=max_test)
   else:
     settings = probe.ProbeSettings.from_config(pc.get("attentive") if pc else None, seed)
     tokens = _on_uint8(token_fn_of(method, config), teacher, config)
     res = probe.attentive_probe(tokens, batches(dc.eval_train_split), batches(dc.eval_test_split),
-                                num_classes=classes, settings=settings, max_train=max_train)
+                                num_classes=classes, settings=settings, max_train=max_train,
+                             max_test=max_test)
   what = "random init" if random_init else f"step {step}"
   logging.info("%s %s: top-1 %.2f%% top-5 %.2f%%", mode, what, res["top1"], res["top5"])
   return {"step": step, "random_init": random_init, **res}

@@ -147,3 +147,26 @@ def test_smoke_preset_trains_end_to_end_and_the_teacher_is_the_student(tmp_path)
     state = mgr.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state["teacher_params"])):
     np.testing.assert_array_equal(a, b)
+
+
+def test_presets_load_and_the_default_is_the_official_recipe():
+  for preset in ("", "vit_small", "fashion_mnist", "smoke"):
+    c = _config(preset)
+    assert c.method == "cae" and c.teacher.momentum == 0.0 == c.teacher.momentum_end
+    Cae(c)  # validates masks / views / target
+  c = _config("")
+  assert (c.batch_size, c.total_epochs, c.optim.lr, c.optim.warmup_epochs) == (2048, 300, 1.5e-3, 10.0)
+  assert (c.optim.weight_decay, c.optim.clip_grad, c.optim.min_lr) == (0.05, 3.0, 1e-5)
+  assert (c.model.variant, c.model.patch_size, c.model.drop_path_rate, c.model.init_values) == (
+      "base", 16, 0.1, 0.1)
+  assert (c.model.regressor_depth, c.model.decoder_depth, c.cae.align_weight) == (4, 4, 2.0)
+  assert (c.data.masks.num_masked, c.data.masks.min_area, c.data.global_crops.size) == (98, 16, 224)
+  assert tuple(c.data.global_crops.scale) == (0.08, 1.0) and c.augment.color_jitter_prob == 0.0
+
+
+def test_lr_schedule_is_absolute_with_warmup_then_cosine_to_min_lr():
+  c = _config("")
+  _, scheds = Cae(c).optimizer(None, steps_per_epoch=10, total_steps=3000)
+  lr = lambda s: float(scheds["lr"](s))  # noqa: E731
+  assert lr(0) == 0.0 and lr(99) == pytest.approx(1.5e-3)  # 10 warm-up epochs, not batch-scaled
+  assert lr(2999) == pytest.approx(1e-5, rel=1e-2) and float(scheds["weight_decay"](2000)) == 0.05
