@@ -81,7 +81,7 @@ class AttentiveHead(nn.Module):
     query = jnp.broadcast_to(self.param("query_token", nn.initializers.zeros, (1, 1, d)),
                              (x.shape[0], 1, d))
     out = beit.CrossAttention(self.num_heads, name="cross_attn")(
-        beit._norm("norm_q")(query), beit._norm("norm_k")(x), beit._norm("norm_v")(x))
+        beit.layer_norm("norm_q")(query), beit.layer_norm("norm_k")(x), beit.layer_norm("norm_v")(x))
     y = _batchnorm()(out[:, 0], use_running_average=not train)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01), name="head")(y)
 

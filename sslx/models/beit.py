@@ -52,12 +52,14 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10
   return np.concatenate([np.sin(a), np.cos(a), np.sin(b), np.cos(b)], axis=1).astype(np.float32)
 
 
-def _dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
+def dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
+  """A CAE Linear: xavier-uniform kernel, zero bias, float32 parameters, `dtype` matmul."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=XAVIER, bias_init=nn.initializers.zeros, name=name)
 
 
-def _norm(name: str) -> nn.LayerNorm:
+def layer_norm(name: str) -> nn.LayerNorm:
+  """LayerNorm with eps 1e-6 in float32 (the official norm_layer)."""
   return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
@@ -78,8 +80,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    h = nn.gelu(_dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x), approximate=False)
-    return _dense(d, self.dtype, "fc2")(h).astype(jnp.float32)
+    h = nn.gelu(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x), approximate=False)
+    return dense(d, self.dtype, "fc2")(h).astype(jnp.float32)
 
 
 class SelfAttention(nn.Module):
@@ -92,10 +94,10 @@ class SelfAttention(nn.Module):
     d = x.shape[-1]
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), jnp.float32)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), jnp.float32)
-    qkv = _dense(3 * d, self.dtype, "qkv", use_bias=False)(x)
+    qkv = dense(3 * d, self.dtype, "qkv", use_bias=False)(x)
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    return _dense(d, self.dtype, "proj")(attend(q, k, v, self.num_heads)).astype(jnp.float32)
+    return dense(d, self.dtype, "proj")(attend(q, k, v, self.num_heads)).astype(jnp.float32)
 
 
 class CrossAttention(nn.Module):
@@ -109,10 +111,10 @@ class CrossAttention(nn.Module):
     d = q_in.shape[-1]
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), jnp.float32)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), jnp.float32)
-    q = _dense(d, self.dtype, "q", use_bias=False)(q_in) + q_bias.astype(self.dtype)
-    k = _dense(d, self.dtype, "k", use_bias=False)(k_in)
-    v = _dense(d, self.dtype, "v", use_bias=False)(v_in) + v_bias.astype(self.dtype)
-    return _dense(d, self.dtype, "proj")(attend(q, k, v, self.num_heads)).astype(jnp.float32)
+    q = dense(d, self.dtype, "q", use_bias=False)(q_in) + q_bias.astype(self.dtype)
+    k = dense(d, self.dtype, "k", use_bias=False)(k_in)
+    v = dense(d, self.dtype, "v", use_bias=False)(v_in) + v_bias.astype(self.dtype)
+    return dense(d, self.dtype, "proj")(attend(q, k, v, self.num_heads)).astype(jnp.float32)
 
 
 def _gamma(module: nn.Module, name: str, d: int, init_values: float) -> Array:
@@ -134,9 +136,9 @@ class Block(nn.Module):
     d = x.shape[-1]
     g1, g2 = _gamma(self, "gamma_1", d, self.init_values), _gamma(self, "gamma_2", d, self.init_values)
     dp = DropPath(name="drop_path")
-    h = SelfAttention(self.num_heads, self.dtype, name="attn")(_norm("norm1")(x))
+    h = SelfAttention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1")(x))
     x = x + dp(g1 * h, self.drop_path, train)
-    h = Mlp(self.mlp_ratio, self.dtype, name="mlp")(_norm("norm2")(x))
+    h = Mlp(self.mlp_ratio, self.dtype, name="mlp")(layer_norm("norm2")(x))
     return x + dp(g2 * h, self.drop_path, train)
 
 
@@ -164,7 +166,8 @@ class RegressorBlock(nn.Module):
     kv = jnp.concatenate([x_vis, x_q], axis=1)
     pos_kv = jnp.concatenate([pos_vis, pos_q], axis=1)
     h = CrossAttention(self.num_heads, self.dtype, name="cross_attn")(
-        _norm("norm_q")(x_q + pos_q), _norm("norm_k")(kv + pos_kv), _norm("norm_v")(kv))
-    x = _norm("norm2")(x_q + dp(g1 * h, self.drop_path, train))
+        layer_norm("norm_q")(x_q + pos_q), layer_norm("norm_k")(kv + pos_kv),
+        layer_norm("norm_v")(kv))
+    x = layer_norm("norm2")(x_q + dp(g1 * h, self.drop_path, train))
     h = Mlp(self.mlp_ratio, self.dtype, name="mlp")(x)
     return x + dp(g2 * h, self.drop_path, train)

@@ -108,7 +108,7 @@ class CAEEncoder(nn.Module):
     for i, rate in enumerate(_rates(self.drop_path_rate, self.depth)):
       x = beit.Block(self.num_heads, self.mlp_ratio, self.init_values, rate, self.dtype,
                      name=f"block_{i}")(x, active)
-    x = beit._norm("norm")(x)
+    x = beit.layer_norm("norm")(x)
     return {"tokens": x, "cls": x[:, 0], "patch": x[:, 1:]}
 
 
@@ -131,7 +131,7 @@ class LatentRegressor(nn.Module):
     for i, rate in enumerate(_rates(self.drop_path_rate, self.depth)):
       x = beit.RegressorBlock(self.num_heads, self.mlp_ratio, self.init_values, rate, self.dtype,
                               name=f"block_{i}")(x, x_vis, pos_mask, pos_vis, active)
-    return beit._norm("norm")(x)
+    return beit.layer_norm("norm")(x)
 
 
 class Decoder(nn.Module):
@@ -152,8 +152,8 @@ class Decoder(nn.Module):
     for i, rate in enumerate(_rates(self.drop_path_rate, self.depth)):
       x = beit.Block(self.num_heads, self.mlp_ratio, self.init_values, rate, self.dtype,
                      name=f"block_{i}")(x, active)
-    x = beit._norm("norm")(x)
-    return beit._dense(self.out_dim, self.dtype, "head")(x).astype(jnp.float32)
+    x = beit.layer_norm("norm")(x)
+    return beit.dense(self.out_dim, self.dtype, "head")(x).astype(jnp.float32)
 
 
 class CAE(nn.Module):
@@ -183,8 +183,8 @@ class CAE(nn.Module):
                   drop_path_rate=self.drop_path_rate, dtype=self.dtype)
     self.encoder = CAEEncoder(self.patch_size, self.embed_dim, self.depth, self.num_heads, **common)
     if dd != self.embed_dim:
-      self.to_regressor = beit._dense(dd, self.dtype, "encoder_to_regressor")
-      self.to_regressor_norm = beit._norm("encoder_to_regressor_norm")
+      self.to_regressor = beit.dense(dd, self.dtype, "encoder_to_regressor")
+      self.to_regressor_norm = beit.layer_norm("encoder_to_regressor_norm")
     self.regressor = LatentRegressor(heads, self.regressor_depth, **common)
     self.decoder = Decoder(self.out_dim, heads, self.decoder_depth, **common)
 

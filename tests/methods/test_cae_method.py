@@ -169,4 +169,4 @@ def test_lr_schedule_is_absolute_with_warmup_then_cosine_to_min_lr():
   _, scheds = Cae(c).optimizer(None, steps_per_epoch=10, total_steps=3000)
   lr = lambda s: float(scheds["lr"](s))  # noqa: E731
   assert lr(0) == 0.0 and lr(99) == pytest.approx(1.5e-3)  # 10 warm-up epochs, not batch-scaled
-  assert lr(2999) == pytest.approx(1e-5, rel=1e-2) and float(scheds["weight_decay"](2000)) == 0.05
+  assert lr(2999) == pytest.approx(1e-5, rel=1e-2) and float(scheds["weight_decay"](2000)) == pytest.approx(0.05)

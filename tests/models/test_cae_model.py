@@ -129,7 +129,7 @@ def test_regressor_keeps_the_visible_latents_fixed_across_blocks():
   for i in range(3):
     x = beit.RegressorBlock(HEADS).apply({"params": p[f"block_{i}"]}, x, x_vis, pos_m, pos_vis,
                                          False)
-  x = beit._norm("n").apply({"params": p["norm"]}, x)
+  x = beit.layer_norm("n").apply({"params": p["norm"]}, x)
   np.testing.assert_allclose(out, x, atol=1e-5)
   assert out.shape == (2, 5, D)
 
