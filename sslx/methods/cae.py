@@ -15,6 +15,13 @@ Reconstruction targets (`config.cae.target`):
      the official resizes the original crop with Lanczos in the input pipeline; here the 224-px
      view is de-normalised and resized on device with `jax.image.resize('lanczos3')`.
 
+Other differences from the official pipeline: the flip comes after the crop (sslx/data/crops.py;
+the official flips first: the same distribution, since the crop box is mirror-symmetric); pixel
+targets are taken from the mean/std-normalised view (VIMER's `--denorm` off; with per-patch
+normalisation only a per-channel scale differs); a batch whose masks miss the exact count
+stops the step with `MaskCountError` (raised from a `jax.debug.callback`, so it surfaces as a
+JaxRuntimeError carrying that message).
+
 There is no EMA teacher: config.teacher.momentum = 0 makes the trainer's teacher equal the student
 after every step, so kNN / probes read the current encoder. Optimiser (the `optimizer` hook):
 AdamW with absolute lr (1.5e-3 for batch 2048, not rescaled), linear warm-up then cosine to
