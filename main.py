@@ -1,10 +1,12 @@
 r"""sslx entry point: flags -> config -> trainer.
 
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/run \
-      [--config.batch_size=256 ...] [--mode=train|knn]
+      [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe]
 
 A workdir that already holds a checkpoint resumes from it. `--mode=knn` runs the
-weighted kNN evaluation on the latest checkpoint of --workdir.
+weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` and
+`attentive_probe` train a probe on its frozen features (sslx/eval/probe.py).
+`--random_init` evaluates freshly initialised weights instead (the baselines).
 """
 
 import os
@@ -17,7 +19,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally ':preset'.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-flags.DEFINE_enum("mode", "train", ["train", "knn"], "What to do with the workdir.")
+flags.DEFINE_enum("mode", "train", ["train", "knn", "linear_probe", "attentive_probe"],
+                  "What to do with the workdir.")
+flags.DEFINE_bool("random_init", False, "Evaluate freshly initialised weights (eval modes only).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,8 +47,11 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       results = trainer.run(config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "knn" and not FLAGS.random_init:
       results = trainer.evaluate_workdir(config, FLAGS.workdir)
+    else:
+      from sslx.train import probe_workdir
+      results = probe_workdir.evaluate(config, FLAGS.workdir, FLAGS.mode, FLAGS.random_init)
   except (DataError, ShardingError, trainer.TrainingDiverged, FileNotFoundError) as e:
     # Problems the user can fix: one clear message, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)

@@ -1,0 +1,104 @@
+"""Standalone evaluations of a workdir's teacher: kNN, linear probe, attentive probe.
+
+`main.py --mode=linear_probe|attentive_probe [--random_init]` lands here (and `--mode=knn
+--random_init`). Like `trainer.evaluate_workdir` it restores only the teacher parameters of the
+latest checkpoint; `random_init=True` evaluates the method's freshly initialised parameters
+instead (the baseline rows of RESULTS). Works for any method: the CLS feature is
+`method.features`; the tokens for attentive probing are `method.tokens` when the method defines
+it, else the ViT backbone's [CLS; patches] for methods whose teacher has a 'backbone' (DINO,
+SERE, ...). Single process (probes cache features on the host).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sslx.data import augment, pipeline
+from sslx.eval import knn, probe
+from sslx.methods import make_method
+from sslx.methods.dino import build_backbone
+from sslx.train import checkpoint as ckpt_lib
+
+MODES = ("knn", "linear_probe", "attentive_probe")
+
+
+def token_fn_of(method: Any, config: ml_collections.ConfigDict) -> Callable[[Any, jax.Array], jax.Array]:
+  """(teacher_params, normalised images) -> tokens [B, T, D] for attentive probing."""
+  if hasattr(method, "tokens"):
+    return method.tokens
+
+  def vit_tokens(params, images):
+    if "backbone" not in params:
+      raise ValueError(f"method {config.method!r} has no tokens() and its teacher has no "
+                       "'backbone'; give the method a tokens(teacher_params, images) function.")
+    out = build_backbone(config.model, drop_path=False).apply(
+        {"params": params["backbone"]}, images, train=False)
+    return jnp.concatenate([out["cls"][:, None], out["patch"]], axis=1)
+
+  return vit_tokens
+
+
+def _on_uint8(fn: Callable, params: Any, config: ml_collections.ConfigDict) -> Callable:
+  mean, std = tuple(config.augment.mean), tuple(config.augment.std)
+  jitted = jax.jit(lambda p, x: fn(p, augment.normalize(x.astype(jnp.float32) / 255.0, mean, std)))
+  return lambda images: np.asarray(jitted(params, jnp.asarray(images)))
+
+
+def teacher_of(config: ml_collections.ConfigDict, workdir: str, method: Any,
+               random_init: bool) -> tuple[int, Any]:
+  """(step, teacher params) of the latest checkpoint, or (0, fresh init) with random_init."""
+  if random_init:
+    size = config.data.global_crops.size
+    init = jax.jit(lambda r: method.init(r, (size, size, 3))[0])
+    # The same draw as the trainer's step-0 state (trainer.build: split(seed) -> init key).
+    r_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    return 0, method.teacher_params(init(r_init))
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first with "
+                            f"`python main.py --config=... --workdir={workdir}`")
+  teacher = ckpt.restore_teacher(step)
+  ckpt.close()
+  return step, teacher
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, mode: str,
+             random_init: bool = False) -> dict[str, Any]:
+  """Runs `mode` ('knn' | 'linear_probe' | 'attentive_probe') on the workdir's teacher."""
+  if mode not in MODES:
+    raise ValueError(f"mode {mode!r}; valid: {MODES}")
+  method = make_method(config)
+  step, teacher = teacher_of(config, workdir, method, random_init)
+  dc, ec = config.data, config.eval
+  batches = lambda split: pipeline.eval_dataset(dc, split, batch_size=ec.batch_size)  # noqa: E731
+  classes = pipeline.num_classes(dc)
+  features = _on_uint8(method.features, teacher, config)
+  pc = config.get("probe") or {}
+  seed = int(pc.get("seed", 0)) if pc else 0
+  max_train = int(pc.get("max_train", 0)) if pc else 0
+  max_test = int(pc.get("max_test", 0)) if pc else 0
+  if mode == "knn":
+    res = knn.run_knn(features, batches(dc.eval_train_split), batches(dc.eval_test_split),
+                      num_classes=classes, k=ec.knn_k, temperature=ec.knn_temperature)
+  elif mode == "linear_probe":
+    settings = probe.ProbeSettings.from_config(pc.get("linear") if pc else None, seed)
+    res = probe.linear_probe(features, batches(dc.eval_train_split), batches(dc.eval_test_split),
+                             num_classes=classes, settings=settings, max_train=max_train,
+                             max_test=max_test)
+  else:
+    settings = probe.ProbeSettings.from_config(pc.get("attentive") if pc else None, seed)
+    tokens = _on_uint8(token_fn_of(method, config), teacher, config)
+    res = probe.attentive_probe(tokens, batches(dc.eval_train_split), batches(dc.eval_test_split),
+                                num_classes=classes, settings=settings, max_train=max_train,
+                             max_test=max_test)
+  what = "random init" if random_init else f"step {step}"
+  logging.info("%s %s: top-1 %.2f%% top-5 %.2f%%", mode, what, res["top1"], res["top5"])
+  return {"step": step, "random_init": random_init, **res}
