@@ -4,10 +4,11 @@ A plain dict: `config.method` picks the class; each class takes the run config.
 Add-ons (SERE) wrap whichever base method runs when their config block is enabled.
 """
 
+from sslx.methods.byol import Byol
 from sslx.methods.dino import Dino
 from sslx.methods.sere import WithSere
 
-METHODS = {"dino": Dino}
+METHODS = {"dino": Dino, "byol": Byol}
 
 
 def make_method(config):
