@@ -6,9 +6,10 @@ Add-ons (SERE) wrap whichever base method runs when their config block is enable
 
 from sslx.methods.byol import Byol
 from sslx.methods.dino import Dino
+from sslx.methods.sage import Sage
 from sslx.methods.sere import WithSere
 
-METHODS = {"dino": Dino, "byol": Byol}
+METHODS = {"dino": Dino, "byol": Byol, "sage": Sage}
 
 
 def make_method(config):
