@@ -58,8 +58,8 @@ class EvaluatorNotFound(FileNotFoundError):
 
 
 def _make_evaluator_hint(path: str) -> str:
-  return (f"train one first, e.g. `python main.py --config=configs/byol.py:fashion_mnist "
-          f"--workdir={path or '/tmp/byol_fmnist'}`, and pass --config.sage.evaluator_path=<that "
+  return (f"train one first with the BYOL preset matching this one, e.g. `python main.py "
+          f"--config=configs/byol.py:fashion_mnist --workdir={path or '/tmp/byol_fmnist'}`, and pass --config.sage.evaluator_path=<that "
           "workdir> (or --config.sage.ablation=random_evaluator)")
 
 
