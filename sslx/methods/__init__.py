@@ -4,15 +4,17 @@ A plain dict: `config.method` picks the class; each class takes the run config.
 Add-ons (SERE) wrap whichever base method runs when their config block is enabled.
 """
 
+from sslx.methods.byol import Byol
 from sslx.methods.cae import Cae
 from sslx.methods.dino import Dino
 from sslx.methods.ibot import Ibot
 from sslx.methods.mocov3 import MocoV3
+from sslx.methods.sage import Sage
 from sslx.methods.sere import WithSere
 
-__all__ = ["METHODS", "Cae", "Dino", "Ibot", "MocoV3", "WithSere", "make_method"]
+__all__ = ["METHODS", "Byol", "Cae", "Dino", "Ibot", "MocoV3", "Sage", "WithSere", "make_method"]
 
-METHODS = {"dino": Dino, "ibot": Ibot, "mocov3": MocoV3, "cae": Cae}
+METHODS = {"dino": Dino, "ibot": Ibot, "mocov3": MocoV3, "cae": Cae, "byol": Byol, "sage": Sage}
 
 
 def make_method(config):

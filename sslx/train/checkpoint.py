@@ -55,6 +55,12 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return restored["state"]["teacher_params"]
 
+  def restore_parts(self, step: int, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The named TrainState fields of step `step` (e.g. teacher_params, loss_state), as host arrays."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return {k: restored["state"][k] for k in keys}
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

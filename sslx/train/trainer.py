@@ -76,10 +76,16 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
                     method_scheds: dict[str, Callable]):
   """The pure update: augment on device -> loss -> grads -> optax -> EMA teacher.
 
+  With config.optim.accum_steps = k > 1 the augmented batch is split into k micro-batches
+  whose gradients are averaged (`_accumulate`) before the ONE optimiser update and the ONE
+  EMA-teacher update of the step; k = 1 is the plain step.
+
   `scheds` are the optimiser's (lr, weight_decay, momentum: functions of the step, logged
   and, for momentum, used by the EMA teacher); `method_scheds` the
   method's own (e.g. DINO's teacher temperature), all functions of the step.
   """
+
+  accum_steps = check_accumulation(config, method)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, r_aug, r_model = jax.random.split(state.rng, 3)
@@ -89,10 +95,14 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
     sched = {k: f(state.step) for k, f in method_scheds.items()}
     sched["step"] = state.step
 
-    def loss_fn(params):
-      return method.loss(params, state.teacher_params, state.loss_state, views, r_model, sched)
-
-    (loss, (loss_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(
+        lambda params, loss_state, views, rng: method.loss(
+            params, state.teacher_params, loss_state, views, rng, sched), has_aux=True)
+    if accum_steps == 1:
+      (loss, (loss_state, metrics)), grads = grad_fn(state.params, state.loss_state, views, r_model)
+    else:
+      loss, loss_state, metrics, grads = _accumulate(grad_fn, state.params, state.loss_state,
+                                                     views, r_model, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = scheds["momentum"](state.step)
@@ -107,6 +117,58 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
     return new_state, metrics
 
   return train_step
+
+
+class AccumulationError(ValueError):
+  """config.optim.accum_steps cannot be used with this method or batch size."""
+
+
+def check_accumulation(config, method) -> int:
+  """config.optim.accum_steps (default 1), validated; raised before anything compiles."""
+  k = int(config.optim.get("accum_steps", 1) or 1)
+  if k == 1:
+    return 1
+  if k < 1 or config.batch_size % k:
+    raise AccumulationError(f"config.optim.accum_steps={k} must be >= 1 and divide "
+                            f"config.batch_size={config.batch_size}")
+  if not getattr(method, "supports_accumulation", False):
+    raise AccumulationError(
+        f"config.method={config.method!r} keeps a loss state that is not accumulation-safe "
+        "(e.g. DINO's centre would take k momentum updates per step); use "
+        "--config.optim.accum_steps=1")
+  return k
+
+
+def _accumulate(grad_fn, params, loss_state, views, rng, k: int):
+  """Mean loss, metrics and gradients over k micro-batches, scanned in order.
+
+  Micro-batch j takes examples j, j + k, j + 2k, ... of every batch array, so each stays
+  sharded over the devices like the full batch. With per-example-mean losses the result
+  equals the big-batch step except for BatchNorm, whose statistics are per micro-batch.
+  The loss state is threaded through the micro-batches in order (BN running averages
+  take k updates, as in PyTorch); methods whose state is not safe under that are refused
+  by `check_accumulation`.
+  """
+  def split(x):
+    if not hasattr(x, "ndim") or x.ndim == 0:
+      return None
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  micro = jax.tree.map(split, views)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+
+  def body(carry, xs):
+    loss_state, grads, loss = carry
+    j, mb = xs
+    (l, (loss_state, metrics)), g = grad_fn(params, loss_state, mb, jax.random.fold_in(rng, j))
+    grads = jax.tree.map(jnp.add, grads, g)
+    return (loss_state, grads, loss + l), metrics
+
+  (loss_state, grads, loss), metrics = jax.lax.scan(
+      body, (loss_state, zero_grads, jnp.zeros([], jnp.float32)), (jnp.arange(k), micro))
+  mean = lambda x: x / k  # noqa: E731
+  return mean(loss), loss_state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), \
+      jax.tree.map(mean, grads)
 
 
 def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndarray]:
@@ -135,6 +197,13 @@ def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndar
     return np.asarray(jax.device_get(feats))
 
   return fn
+
+
+def eval_params_of(method, state) -> Any:
+  """What `method.features` takes: the teacher params, or `method.eval_params(teacher
+  params, loss state)` when the method defines it (e.g. BatchNorm running statistics)."""
+  hook = getattr(method, "eval_params", None)
+  return hook(state.teacher_params, state.loss_state) if hook else state.teacher_params
 
 
 def evaluate_knn(config, feature_fn, params) -> dict[str, float]:
@@ -293,7 +362,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   ec = config.eval
   if ec.knn_every_steps and start_step == 0 and ec.get("knn_at_start", False):
-    results["knn_init"] = run_evals(0, state.teacher_params)
+    results["knn_init"] = run_evals(0, eval_params_of(method, state))
 
   # ---- Train loop -------------------------------------------------------------------
   compiled = None
@@ -339,7 +408,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         _check_finite(window, window_start, ckpt)
         ckpt.save(done, state, data_iter)
       if ec.knn_every_steps and (done % ec.knn_every_steps == 0 or is_last):
-        results["knn"] = run_evals(done, state.teacher_params)
+        results["knn"] = run_evals(done, eval_params_of(method, state))
       if done == stop_after:
         break
   finally:
@@ -369,8 +438,12 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first with "
                             f"`python main.py --config=... --workdir={workdir}`")
-  teacher = ckpt.restore_teacher(step)
+  if getattr(method, "eval_params", None):
+    parts = ckpt.restore_parts(step, ("teacher_params", "loss_state"))
+    params = method.eval_params(parts["teacher_params"], parts["loss_state"])
+  else:
+    params = ckpt.restore_teacher(step)
   ckpt.close()
-  res = evaluate_knn(config, make_feature_fn(method, mesh, config), teacher)
+  res = evaluate_knn(config, make_feature_fn(method, mesh, config), params)
   logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%%", step, res["top1"], res["top5"])
   return {"step": step, **res}
