@@ -10,7 +10,7 @@ fixed 2-D sin-cos positions, a frozen random patch embedding (--stop-grad-conv1)
   python main.py --config=configs/mocov3.py --workdir=/tmp/mocov3_vits16 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets
   python main.py --config=configs/mocov3.py:fashion_mnist --workdir=/tmp/mocov3_fmnist
-  # -> numbers in experiments/fashion_mnist/RESULTS.md
+  # -> kNN top-1 71.71% after 1 epoch vs 58.35% at random init; experiments/fashion_mnist/RESULTS.md
   python main.py --config=configs/mocov3.py:smoke --workdir=/tmp/mocov3_smoke
 
 Presets: '' / 'imagenet' (ViT-S/16), 'vit_base' (batch 4096), 'fashion_mnist', 'smoke'.
