@@ -8,7 +8,8 @@ there are no global-local pairs.
   python main.py --config=configs/sere_mocov3.py --workdir=/tmp/sere_mocov3 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets
   python main.py --config=configs/sere_mocov3.py:fashion_mnist --workdir=/tmp/sere_mocov3_fmnist
-  # -> numbers in experiments/fashion_mnist/RESULTS.md
+  # -> kNN top-1 69.15% after 1 epoch vs 60.52% at random init (MoCo v3 alone: 71.71%);
+  #    experiments/fashion_mnist/RESULTS.md
   python main.py --config=configs/sere_mocov3.py:smoke --workdir=/tmp/sere_mocov3_smoke
 """
 
