@@ -41,9 +41,8 @@ def main(argv):
   # Imported after flag parsing so `python main.py --help` stays fast.
   from sslx import distributed
   distributed.maybe_initialize()
-  from sslx.data.sources import DataError
+  from sslx.errors import UserError
   from sslx.train import trainer
-  from sslx.train.sharding import ShardingError
   try:
     if FLAGS.mode == "train":
       results = trainer.run(config, FLAGS.workdir)
@@ -52,7 +51,7 @@ def main(argv):
     else:
       from sslx.train import probe_workdir
       results = probe_workdir.evaluate(config, FLAGS.workdir, FLAGS.mode, FLAGS.random_init)
-  except (DataError, ShardingError, trainer.TrainingDiverged, FileNotFoundError) as e:
+  except (UserError, trainer.TrainingDiverged, FileNotFoundError) as e:
     # Problems the user can fix: one clear message, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr, flush=True)

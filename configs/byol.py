@@ -14,7 +14,8 @@ per 256 and wd 1.5e-6: `--config.optim.lr_per_256=0.2 --config.optim.weight_deca
   # ImageNet (needs `imagenet2012` prepared for TFDS), e.g. on 8 devices with 2 micro-batches:
   python main.py --config=configs/byol.py --workdir=/tmp/byol_r50 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets --config.optim.accum_steps=2
-  # Fashion-MNIST on a 2-core CPU (also the evaluator for configs/sage.py:fashion_mnist):
+  # Fashion-MNIST on a 2-core CPU (also the evaluator for configs/sage.py:fashion_mnist);
+  # one epoch in 11 minutes, kNN top-1 79.26% (73.84% at random init):
   python main.py --config=configs/byol.py:fashion_mnist --workdir=/tmp/byol_fmnist
   # A few steps, for tests:
   python main.py --config=configs/byol.py:smoke --workdir=/tmp/byol_smoke
@@ -24,6 +25,8 @@ experiments/fashion_mnist/byol_sage.md.
 """
 
 import ml_collections
+
+from sslx import config_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,15 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Micro-batches per optimiser step (gradient accumulation); 1 = none.
       accum_steps=1))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds", tfds_name="imagenet2012", tfds_data_dir="", path="",
-      train_split="train", eval_train_split="train", eval_test_split="validation",
+  c.data = config_blocks.imagenet_data(
       global_crops=dict(number=2, size=224, scale=(0.08, 1.0)),
-      local_crops=dict(number=0, size=96, scale=(0.05, 0.4)),
-      crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", eval_resize=256, eval_size=224,
-      workers=8, read_threads=4, prefetch_buffer=4,
-      masks=dict(scheme="none", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), num_masked=75,
-                 min_area=16, max_area=0, aspect=0.3, exact=False)))
+      local_crops=dict(number=0, size=96, scale=(0.05, 0.4)))
   # Per view: (view 1, view 2, local views); BYOL's asymmetric blur and solarize.
   c.augment = ml_collections.ConfigDict(dict(
       color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
@@ -70,9 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
       blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
   c.sere = ml_collections.ConfigDict(dict(enabled=False))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, max_to_keep=3, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(
-      knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
+  config_blocks.checkpoint_and_eval(c)
   return c
 
 
@@ -87,21 +82,23 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   experiments/fashion_mnist/byol_sage.md.
   """
   c.batch_size = 128
-  c.total_epochs = 1
-  c.total_steps = 200  # 25,600 images (0.43 epoch): what the shared 2-core CPU affords
+  c.total_epochs = 1  # 468 steps: the one-epoch budget of the other Fashion-MNIST rows
+  c.total_steps = 0
   c.log_every_steps = 20
   c.model.update(depth=18, width=8, stem="cifar", dtype="float32")
   c.projector.update(hidden_dim=512, out_dim=64)
   c.predictor.update(hidden_dim=512)
   c.teacher.update(momentum=0.99)
-  c.optim.update(lr_per_256=1.0, warmup_epochs=0.05)
-  c.data.update(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist",
-                eval_test_split="test", eval_resize=32, eval_size=32, workers=0, prefetch_buffer=4)
+  # solo-learn's CIFAR BYOL LARS (lr 1.0 per 256, eta 0.02, wd 1e-5): with the ImageNet
+  # eta 1e-3 a step moves each kernel by at most lr * 1e-3 = 0.05% of its norm, too slow
+  # for one epoch (the 200-step run with it ended below random features).
+  c.optim.update(lr_per_256=1.0, warmup_epochs=0.05, trust_coefficient=0.02,
+                 weight_decay=1e-5)
+  config_blocks.use_fashion_mnist(c, size=32)
   c.data.global_crops.update(number=2, size=32, scale=(0.2, 1.0))
   c.data.local_crops.update(number=0, size=16)
   c.augment.update(blur_sigma=(0.1, 0.5), hue=0.0, saturation=0.0, mean=HALF, std=HALF)
   c.checkpoint.update(every_steps=100, max_to_keep=2)
-  c.eval.update(knn_every_steps=10**9, knn_at_start=True, batch_size=1000)
   return c
 
 
@@ -115,8 +112,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.projector.update(hidden_dim=32, out_dim=16)
   c.predictor.update(hidden_dim=32)
   c.optim.update(warmup_epochs=0.0)
-  c.checkpoint.update(every_steps=2, async_save=False)
-  c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
+  config_blocks.smoke_run(c, checkpoint_every=2)
   return c
 
 
@@ -126,10 +122,4 @@ PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "fashion_mnist": fashion_mn
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for preset `arg` (see the module docstring)."""
-  arg = (arg or "").strip()
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r} for configs/byol.py; valid: "
-                     f"{sorted(k for k in PRESETS if k)}")
-  c = PRESETS[arg](base_config())
-  c.lock()
-  return c
+  return config_blocks.select_preset(PRESETS, base_config, arg, "configs/byol.py")

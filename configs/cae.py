@@ -28,6 +28,8 @@ width 384), 'fashion_mnist', 'smoke'.
 
 import ml_collections
 
+from sslx import config_blocks
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
@@ -59,15 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1.5e-3, min_lr=1e-5, warmup_epochs=10.0, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
       clip_grad=3.0))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds", tfds_name="imagenet2012", tfds_data_dir="", path="",
-      train_split="train", eval_train_split="train", eval_test_split="validation",
+  c.data = config_blocks.imagenet_data(
       global_crops=dict(number=1, size=224, scale=(0.08, 1.0)),
       local_crops=dict(number=0, size=96, scale=(0.05, 0.4)),
-      crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", eval_resize=256, eval_size=224,
-      workers=8, read_threads=4, prefetch_buffer=4,
       masks=dict(scheme="beit", ratios=(0.0,), ratio_vars=(0.0,), num_masked=98, min_area=16,
-                 max_area=0, aspect=0.3, exact=True)))
+                 max_area=0, aspect=0.3, exact=True))
   # CAE uses flip + crop only (colour jitter 0): every photometric probability is 0.
   c.augment = ml_collections.ConfigDict(dict(
       color_jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
@@ -75,9 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
       blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
   c.sere = ml_collections.ConfigDict(dict(enabled=False))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, max_to_keep=3, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(
-      knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
+  config_blocks.checkpoint_and_eval(c)
   # Probes (sslx/eval/probe.py; paper §5.2): linear = BN(no affine) + Linear on the CLS,
   # LARS lr 6.4 at batch 16384; attentive = cross-attention from a learned query over all tokens,
   # BN(no affine), Linear, SGD momentum 0.9 lr 0.4 at batch 8192; 90 epochs, 10 warm-up, no wd.
@@ -106,14 +102,12 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.update(variant="tiny", patch_size=4, pos_grid=7, drop_path_rate=0.0, dtype="float32",
                  embed_dim=64, depth=4, num_heads=2, regressor_depth=2, decoder_depth=2)
   c.optim.update(lr=1e-3, warmup_epochs=0.05, min_lr=1e-5)
-  c.data.update(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist",
-                eval_test_split="test", eval_resize=28, eval_size=28, workers=0, prefetch_buffer=4)
+  config_blocks.use_fashion_mnist(c, size=28)
   c.data.global_crops.update(number=1, size=28, scale=(0.3, 1.0))
   c.data.local_crops.update(number=0, size=12)
   c.data.masks.update(num_masked=24, min_area=4)
   c.augment.update(mean=FMNIST_MEAN, std=FMNIST_STD)
   c.checkpoint.update(every_steps=500, max_to_keep=2)
-  c.eval.update(knn_every_steps=10**9, knn_at_start=True, batch_size=1000)
   c.probe.linear.update(optimizer="sgd", lr=0.1, batch_size=256, epochs=10, warmup_epochs=1.0)
   c.probe.attentive.update(optimizer="sgd", lr=0.05, batch_size=256, epochs=10, warmup_epochs=1.0)
   return c
@@ -127,8 +121,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every_steps = 2
   c.model.update(embed_dim=32, depth=2, num_heads=2, regressor_depth=1, decoder_depth=1)
   c.optim.update(warmup_epochs=0.0)
-  c.checkpoint.update(every_steps=3, async_save=False)
-  c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
+  config_blocks.smoke_run(c, checkpoint_every=3)
   c.probe.linear.update(epochs=1, batch_size=64)
   c.probe.attentive.update(epochs=1, batch_size=64)
   c.probe.update(max_train=512, max_test=1000)
@@ -141,10 +134,4 @@ PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "vit_small": vit_small,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for preset `arg` (see the module docstring)."""
-  arg = (arg or "").strip()
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r} for configs/cae.py; valid: "
-                     f"{sorted(k for k in PRESETS if k)}")
-  c = PRESETS[arg](base_config())
-  c.lock()
-  return c
+  return config_blocks.select_preset(PRESETS, base_config, arg, "configs/cae.py")

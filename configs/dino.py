@@ -29,6 +29,8 @@ Presets: '' (ImageNet ViT-S/16), 'vit_base' (ImageNet ViT-B/16, batch 512 lr
 
 import ml_collections
 
+from sslx import config_blocks
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
@@ -63,16 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8, clip_grad=3.0,
       freeze_last_layer_epochs=1.0, decay_biases=False))
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="tfds", tfds_name="imagenet2012", tfds_data_dir="", path="",
-      train_split="train", eval_train_split="train", eval_test_split="validation",
+  c.data = config_blocks.imagenet_data(
       global_crops=dict(number=2, size=224, scale=(0.4, 1.0)),
-      local_crops=dict(number=8, size=96, scale=(0.05, 0.4)),
-      crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", eval_resize=256, eval_size=224,
-      workers=8, read_threads=4, prefetch_buffer=4,
-      # Block masks on the global crops' patch grid (sslx/data/masks.py); 'none' for DINO.
-      masks=dict(scheme="none", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), num_masked=75,
-                 min_area=16, max_area=0, aspect=0.3, exact=False)))
+      local_crops=dict(number=8, size=96, scale=(0.05, 0.4)))
   c.augment = ml_collections.ConfigDict(dict(
       color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
       grayscale_prob=0.2, blur_probs=(1.0, 0.1, 0.5), solarize_probs=(0.0, 0.2, 0.0),
@@ -84,9 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=False, alpha=1.0, beta=1.0, spatial_temp=0.5, channel_temp=0.1, other_temp=1.0,
       temps_on="teacher", grid_gg=0, grid_lg=0, num_heads=0))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, max_to_keep=3, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(
-      knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
+  config_blocks.checkpoint_and_eval(c)
   return c
 
 
@@ -106,14 +99,12 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.loss.update(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
   c.teacher.update(momentum=0.95)
   c.optim.update(lr_per_256=4e-3, warmup_epochs=0.05, freeze_last_layer_epochs=0.0, min_lr=1e-5)
-  c.data.update(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist",
-                eval_test_split="test", eval_resize=28, eval_size=28, workers=0, prefetch_buffer=4)
+  config_blocks.use_fashion_mnist(c, size=28)
   c.data.global_crops.update(number=2, size=28, scale=(0.4, 1.0))
   c.data.local_crops.update(number=6, size=12, scale=(0.1, 0.4))
   c.augment.update(blur_sigma=(0.1, 0.5), hue=0.0, saturation=0.0, mean=FMNIST_MEAN,
                    std=FMNIST_STD)
   c.checkpoint.update(every_steps=500, max_to_keep=2)
-  c.eval.update(knn_every_steps=10**9, knn_at_start=True, batch_size=1000)
   return c
 
 
@@ -127,8 +118,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=32)
   c.data.local_crops.update(number=2, size=16)
   c.optim.update(warmup_epochs=0.0)
-  c.checkpoint.update(every_steps=3, async_save=False)
-  c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
+  config_blocks.smoke_run(c, checkpoint_every=3)
   return c
 
 
@@ -144,10 +134,4 @@ PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "vit_base": vit_base,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for preset `arg` (see the module docstring)."""
-  arg = (arg or "").strip()
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r} for configs/dino.py; valid: "
-                     f"{sorted(k for k in PRESETS if k)}")
-  c = PRESETS[arg](base_config())
-  c.lock()  # Unknown override keys fail instead of being silently added.
-  return c
+  return config_blocks.select_preset(PRESETS, base_config, arg, "configs/dino.py")

@@ -15,7 +15,8 @@ The evaluator is a frozen ResNet + projector from an sslx BYOL workdir; it is re
   python main.py --config=configs/byol.py --workdir=/tmp/byol_r50      # the evaluator
   python main.py --config=configs/sage.py --workdir=/tmp/sage_r50 \
       --config.sage.evaluator_path=/tmp/byol_r50 --config.data.tfds_data_dir=$HOME/tensorflow_datasets
-  # Fashion-MNIST on a 2-core CPU (the evaluator is the byol preset's run):
+  # Fashion-MNIST on a 2-core CPU (the evaluator is the byol preset's run); one epoch,
+  # kNN top-1 81.70% (BYOL 79.26%), reconstructions 9.60% top-1 in the perceptual test:
   python main.py --config=configs/byol.py:fashion_mnist --workdir=/tmp/byol_fmnist
   python main.py --config=configs/sage.py:fashion_mnist --workdir=/tmp/sage_fmnist \
       --config.sage.evaluator_path=/tmp/byol_fmnist
@@ -27,25 +28,19 @@ Ablations of the paper (Tables 6, 7): --config.sage.ablation=no_mse | mse_only |
 random_evaluator. Measured numbers: experiments/fashion_mnist/byol_sage.md.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from sslx.config_check import load_config_file
 
-def _byol():
-  # Loaded by path: config files are run by file name, not imported as a package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "byol.py")
-  spec = importlib.util.spec_from_file_location("_sslx_configs_byol", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """BYOL's preset `arg` turned into SaGe (see the module docstring)."""
   arg = (arg or "").strip()
-  c = _byol().get_config(arg)
+  c = load_config_file(os.path.join(HERE, f"byol.py:{arg}"))
   with c.unlocked():
     c.method = "sage"
     c.augment.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

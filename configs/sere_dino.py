@@ -21,25 +21,19 @@ decayed as in the SERE code. Everything else is DINO's (configs/dino.py).
 Measured numbers: experiments/fashion_mnist/RESULTS.md.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from sslx.config_check import load_config_file
 
-def _dino():
-  # Loaded by path: config files are run by file name, not imported as a package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dino.py")
-  spec = importlib.util.spec_from_file_location("_sslx_configs_dino", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """DINO's preset `arg` with SERE switched on (and the SERE paper's crops by default)."""
   arg = (arg or "").strip()
-  c = _dino().get_config(arg)
+  c = load_config_file(os.path.join(HERE, f"dino.py:{arg}"))
   with c.unlocked():
     c.sere.update(enabled=True, alpha=1.0, beta=1.0)
     c.optim.decay_biases = True  # SERE decays biases (gotcha 10)

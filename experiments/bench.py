@@ -1,10 +1,12 @@
 r"""Throughput benchmark: the train step (img/s, step time, MFU, memory) and the input pipeline.
 
-  # Train step of a config on whatever devices are visible (synthetic uint8 crops, so
-  # the step alone is measured; compile and the first step are excluded):
+  # Train step of a config on whatever devices are visible (synthetic uint8 crops, or with
+  # data.crops_on='device' synthetic canvases whose crops the step resamples; compile and the
+  # first step are excluded):
   python experiments/bench.py --config=configs/dino.py --steps=20 \
       --config.batch_size=128 --config.data.local_crops.number=10
-  # Input pipeline (host only, real decoding + multi-crop), images/s per worker process:
+  # Input pipeline (host only, real decoding + multi-crop or canvases): images/s, per core,
+  # and (without worker processes) per CPU-second of this process:
   python experiments/bench.py --config=configs/dino.py:fashion_mnist --what=pipeline
 
 Results are recorded in experiments/bench/RESULTS.md with the machine named.
@@ -36,7 +38,7 @@ def synthetic_batch(config, per_process_batch: int):
   rng = np.random.default_rng(0)
   g, l = config.data.global_crops, config.data.local_crops
   b = per_process_batch
-  from sslx.data import overlap
+  from sslx.data import overlap, pipeline
   batch = {
       "global_crops": rng.integers(0, 256, (b, g.number, g.size, g.size, 3), dtype=np.uint8),
       "local_crops": rng.integers(0, 256, (b, l.number, l.size, l.size, 3), dtype=np.uint8),
@@ -48,11 +50,18 @@ def synthetic_batch(config, per_process_batch: int):
   }
   batch.update(overlap.batch_overlaps(batch["global_boxes"], batch["global_flips"],
                                       batch["local_boxes"], batch["local_flips"]))
+  c = pipeline.canvas_size_of(config.data)
+  if c:  # crops_on='device': the step resamples the crops from a canvas (a 375 x 500 photo)
+    del batch["global_crops"], batch["local_crops"]
+    batch["canvas"] = rng.integers(0, 256, (b, c, c, 3), dtype=np.uint8)
+    batch["canvas_extent"] = np.tile(np.int32([min(c, 375), min(c, 500)]), (b, 1))
+    batch["canvas_scale"] = np.ones((b, 2), np.float32)
   return batch
 
 
 def bench_step(config) -> dict:
   import jax
+  from sslx.data import device_crops, pipeline
   from sslx.train import metrics, sharding, trainer
   mesh = sharding.make_mesh(config.mesh)
   per_process = sharding.check_batch(config.batch_size, mesh)
@@ -81,6 +90,11 @@ def bench_step(config) -> dict:
       "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1) if flops else None,
       "mfu": round(flops / step_s / peak, 4) if (flops and peak) else None,
   }
+  canvas = pipeline.canvas_size_of(config.data)
+  if canvas:  # the share of the step's FLOPs that resamples the crops (device_crops.py)
+    g, l = config.data.global_crops, config.data.local_crops
+    out["crop_gflop_per_image"] = round(device_crops.flops_per_image(
+        canvas, [(g.number, g.size), (l.number, l.size)]) / 1e9, 2)
   stats = getattr(dev, "memory_stats", lambda: None)()
   if stats and "peak_bytes_in_use" in stats:
     out["peak_mem_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
@@ -112,18 +126,23 @@ def bench_pipeline(config) -> dict:
   it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process,
                                    patch_size=config.model.patch_size))
   next(it)  # start-up (worker spawn, file listing) excluded
-  t0 = time.time()
+  t0, cpu0 = time.time(), time.process_time()
   for _ in range(FLAGS.batches):
     next(it)
-  dt = time.time() - t0
+  dt, cpu = time.time() - t0, time.process_time() - cpu0
   close = getattr(it, "close", None)
   if close:
     close()
-  img_s = FLAGS.batches * per_process / dt
+  n = FLAGS.batches * per_process
   cores = os.cpu_count() or 1  # threads and workers share all of this machine's cores
-  return {"workers": workers, "img_per_s": round(img_s, 1),
-          "img_per_s_per_core": round(img_s / cores, 1),
-          "crops_per_image": config.data.global_crops.number + config.data.local_crops.number}
+  out = {"workers": workers, "crops_on": config.data.get("crops_on", "host"),
+         "img_per_s": round(n / dt, 1), "img_per_s_per_core": round(n / dt / cores, 1),
+         "crops_per_image": config.data.global_crops.number + config.data.local_crops.number}
+  if workers == 0:
+    # Images per CPU-second of this process (all its threads): the per-core rate even when
+    # other jobs share the machine. Worker processes' CPU time is not visible here.
+    out["img_per_cpu_s"] = round(n / cpu, 1)
+  return out
 
 
 def main(argv):

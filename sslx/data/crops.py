@@ -104,20 +104,36 @@ def resize_box(image: Image.Image, box: tuple[float, float, float, float], size:
   return np.asarray(out, dtype=np.uint8)
 
 
-def _crops(rng: np.random.Generator, image: Image.Image, height: int, width: int,
-           spec: CropSpec, interpolation: str, ratio: tuple[float, float], decode_scale: float,
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  crops = np.zeros((spec.number, spec.size, spec.size, 3), np.uint8)
+def sample_boxes(rng: np.random.Generator, height: int, width: int, spec: CropSpec,
+                 ratio: tuple[float, float] = DEFAULT_RATIO) -> tuple[np.ndarray, np.ndarray]:
+  """The boxes and flips of ``spec.number`` crops; draws per crop: box, then flip (p = 0.5).
+
+  Returns:
+    (boxes float32 [N, 4] (x0, y0, w, h) in original pixels, flips bool [N]).
+  """
   boxes = np.zeros((spec.number, 4), np.float32)
   flips = np.zeros((spec.number,), bool)
   for i in range(spec.number):
-    box = random_resized_crop_box(rng, height, width, spec.scale, ratio)
-    crop = resize_box(image, box, spec.size, interpolation, decode_scale)
-    flip = bool(rng.random() < 0.5)
-    crops[i] = crop[:, ::-1] if flip else crop
-    boxes[i] = box
-    flips[i] = flip
-  return crops, boxes, flips
+    boxes[i] = random_resized_crop_box(rng, height, width, spec.scale, ratio)
+    flips[i] = bool(rng.random() < 0.5)
+  return boxes, flips
+
+
+def multi_crop_boxes(rng: np.random.Generator, image_size: tuple[int, int] | Any,
+                     global_spec: CropSpec, local_spec: CropSpec, *,
+                     ratio: tuple[float, float] = DEFAULT_RATIO) -> dict[str, np.ndarray]:
+  """The geometry of ``multi_crop`` without the pixels (for crops resampled on the device).
+
+  Draws exactly what ``multi_crop`` draws, so both give the same boxes and flips for one seed.
+
+  Returns:
+    'global_boxes' float32 [Ng, 4], 'global_flips' bool [Ng], 'local_boxes', 'local_flips'.
+  """
+  height, width = int(image_size[0]), int(image_size[1])
+  out = {}
+  for prefix, spec in (('global', global_spec), ('local', local_spec)):
+    out[f'{prefix}_boxes'], out[f'{prefix}_flips'] = sample_boxes(rng, height, width, spec, ratio)
+  return out
 
 
 def multi_crop(rng: np.random.Generator, image: np.ndarray, image_size: tuple[int, int] | Any,
@@ -127,7 +143,8 @@ def multi_crop(rng: np.random.Generator, image: np.ndarray, image_size: tuple[in
   """Global then local RandomResizedCrop + horizontal flip (p = 0.5) views of one image.
 
   Args:
-    rng: the record's generator; draws per crop: box, then flip; all globals before locals.
+    rng: the record's generator; draws per crop: box, then flip; all globals before locals
+      (the draws of ``multi_crop_boxes``).
     image: uint8 [h, w, 3], possibly decoded at ``decode_scale`` of the original.
     image_size: (height, width) of the original image; boxes are sampled in these pixels.
   Returns:
@@ -135,11 +152,15 @@ def multi_crop(rng: np.random.Generator, image: np.ndarray, image_size: tuple[in
     pixels), 'global_flips' bool [Ng], and the same three 'local_*' keys ([Nl, L, L, 3] etc.;
     Nl may be 0).
   """
-  height, width = int(image_size[0]), int(image_size[1])
+  geometry = multi_crop_boxes(rng, image_size, global_spec, local_spec, ratio=ratio)
   pil = Image.fromarray(np.ascontiguousarray(image), 'RGB')
   out = {}
   for prefix, spec in (('global', global_spec), ('local', local_spec)):
-    crops, boxes, flips = _crops(rng, pil, height, width, spec, interpolation, ratio, decode_scale)
+    boxes, flips = geometry[f'{prefix}_boxes'], geometry[f'{prefix}_flips']
+    crops = np.zeros((spec.number, spec.size, spec.size, 3), np.uint8)
+    for i in range(spec.number):
+      crop = resize_box(pil, tuple(boxes[i]), spec.size, interpolation, decode_scale)
+      crops[i] = crop[:, ::-1] if flips[i] else crop
     out[f'{prefix}_crops'], out[f'{prefix}_boxes'], out[f'{prefix}_flips'] = crops, boxes, flips
   return out
 

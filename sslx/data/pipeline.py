@@ -8,7 +8,9 @@ processes (``workers`` > 0) -> a thread buffer of ``prefetch_buffer`` ready batc
 
 Config keys read (``config.data``): source, path, tfds_name, tfds_data_dir, train_split,
 global_crops, local_crops, interpolation, eval_resize, eval_size, workers, prefetch_buffer, and with
-defaults: read_threads (threads reading/cropping records per process, 4), crop_ratio ((3/4, 4/3)).
+defaults: read_threads (threads reading/cropping records per process, 4), crop_ratio ((3/4, 4/3)),
+crops_on ('host': PIL resamples the crops; 'device': the host sends a canvas per image and the
+train step resamples, sslx/data/device_crops.py), canvas_size (512).
 grain is imported inside the functions, so this module imports on hosts without grain.
 """
 
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sslx.data import crops as crops_lib
+from sslx.data import device_crops
 from sslx.data import masks as masks_lib
 from sslx.data import overlap as overlap_lib
 from sslx.data import sources
@@ -50,18 +53,29 @@ class _MultiCrop:
 
   def __init__(self, global_spec: crops_lib.CropSpec, local_spec: crops_lib.CropSpec,
                interpolation: str, ratio: tuple[float, float],
-               mask_spec: masks_lib.MaskSpec = masks_lib.MaskSpec(), patch_size: int = 16):
+               mask_spec: masks_lib.MaskSpec = masks_lib.MaskSpec(), patch_size: int = 16,
+               canvas_size: int = 0):
     self.global_spec = global_spec
     self.local_spec = local_spec
     self.interpolation = interpolation
     self.ratio = ratio
     self.mask_spec = mask_spec
     self.patch_size = patch_size
+    self.canvas_size = canvas_size  # > 0: crops are resampled on the device (device_crops.py)
 
   def __call__(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    out = crops_lib.multi_crop(rng, element['image'], element['image_size'], self.global_spec,
-                               self.local_spec, interpolation=self.interpolation,
-                               ratio=self.ratio, decode_scale=float(element['decode_scale']))
+    if self.canvas_size:
+      out = crops_lib.multi_crop_boxes(rng, element['image_size'], self.global_spec,
+                                       self.local_spec, ratio=self.ratio)
+      canvas, extent, (sy, sx) = device_crops.canvas_of(element['image'], self.canvas_size,
+                                                        self.interpolation)
+      d = float(element['decode_scale'])
+      out.update(canvas=canvas, canvas_extent=np.asarray(extent, np.int32),
+                 canvas_scale=np.asarray((sy * d, sx * d), np.float32))
+    else:
+      out = crops_lib.multi_crop(rng, element['image'], element['image_size'], self.global_spec,
+                                 self.local_spec, interpolation=self.interpolation,
+                                 ratio=self.ratio, decode_scale=float(element['decode_scale']))
     out['image_size'] = np.asarray(element['image_size'], np.int32)
     if self.mask_spec.scheme != 'none':
       # Drawn after all crops, from the same record generator: masks never change the crops.
@@ -104,6 +118,19 @@ def _check_shard(process_index: int, process_count: int) -> None:
                      f'{process_count}.')
 
 
+def canvas_size_of(data_cfg: Any) -> int:
+  """0 when crops are resampled on the host, else the device canvas side (crops_on='device')."""
+  where = data_cfg.get('crops_on', 'host')
+  if where not in ('host', 'device'):
+    raise DataError(f"config.data.crops_on={where!r}; valid: 'host', 'device'")
+  if where == 'host':
+    return 0
+  size = int(data_cfg.get('canvas_size', 512))
+  if size < 1:
+    raise DataError(f'config.data.canvas_size={size}; it must be >= 1 with crops_on=device')
+  return size
+
+
 def train_source(data_cfg: Any) -> Any:
   """The random-access source of the training split (draft decoding tuned to the crop sizes)."""
   min_side = _train_min_side(_crop_spec(data_cfg.global_crops), _crop_spec(data_cfg.local_crops))
@@ -129,6 +156,11 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32 [B, Nl, Ng, 2, 4],
     'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than 'none' (sslx/data/masks.py)
     also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch).
+    With ``data_cfg.crops_on == 'device'`` there are no '*_crops' (``device_crops.canvas_crops``
+    makes them in the train step) but 'canvas' uint8 [B, C, C, 3] (the decoded image, shrunk
+    only if larger than C = ``data_cfg.canvas_size``, zero-padded), 'canvas_extent' int32 [B, 2]
+    (its valid height, width) and 'canvas_scale' float32 [B, 2] (canvas pixels per original
+    pixel along y, x).
   Raises:
     DataError: missing data, or fewer records on this process than one batch.
   """
@@ -139,6 +171,11 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
   global_spec = _crop_spec(data_cfg.global_crops)
   local_spec = _crop_spec(data_cfg.local_crops)
   crops_lib.resample_filter(data_cfg.interpolation)  # fail early on a bad name
+  canvas_size = canvas_size_of(data_cfg)
+  if canvas_size and data_cfg.interpolation.lower() not in device_crops.FILTERS:
+    raise DataError(f"config.data.interpolation={data_cfg.interpolation!r} is not available with "
+                    f"config.data.crops_on='device'; use one of {sorted(device_crops.FILTERS)} "
+                    "or crops_on='host'.")
   ratio = tuple(float(r) for r in data_cfg.get('crop_ratio', crops_lib.DEFAULT_RATIO))
   source = train_source(data_cfg)
   ds = grain.MapDataset.source(source)[process_index::process_count]
@@ -152,7 +189,7 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     raise DataError(f'global crops of {global_spec.size} px do not tile into {patch_size}-px '
                     'patches; masks need whole patches (change data.global_crops.size)')
   ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
-                                patch_size), seed=_derive_seed(seed, process_index, 1))
+                                patch_size, canvas_size), seed=_derive_seed(seed, process_index, 1))
   ds = ds.to_iter_dataset(_read_options(data_cfg))
   ds = ds.batch(batch_size, drop_remainder=True).map(_add_overlaps)
   return _add_prefetch(ds, data_cfg)

@@ -30,6 +30,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from sslx import errors
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 _FASHION_MNIST_FILES = {
@@ -38,7 +40,7 @@ _FASHION_MNIST_FILES = {
 }
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """A data source is missing, empty or misconfigured; the message says how to fix it."""
 
 

@@ -19,8 +19,8 @@ Other differences from the official pipeline: the flip comes after the crop (ssl
 the official flips first: the same distribution, since the crop box is mirror-symmetric); pixel
 targets are taken from the mean/std-normalised view (VIMER's `--denorm` off; with per-patch
 normalisation only a per-channel scale differs); a batch whose masks miss the exact count
-stops the step with `MaskCountError` (raised from a `jax.debug.callback`, so it surfaces as a
-JaxRuntimeError carrying that message).
+stops training with `MaskCountError`, checked on the host before the batch reaches the device
+(`check_batch`).
 
 There is no EMA teacher: config.teacher.momentum = 0 makes the trainer's teacher equal the student
 after every step, so kNN / probes read the current encoder. Optimiser (the `optimizer` hook):
@@ -32,7 +32,6 @@ biases, norms, layer scales exempt, as `furnace/optim_factory.py`), global-norm 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -41,6 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from sslx import errors
 from sslx.losses import cae as cae_losses
 from sslx.methods.dino import compute_dtype
 from sslx.models import cae as cae_model
@@ -48,11 +48,11 @@ from sslx.models import dalle, vit
 from sslx.schedules import cosine_schedule
 
 
-class CaeConfigError(ValueError):
+class CaeConfigError(errors.UserError):
   """A config value CAE cannot run with; the message names the key to change."""
 
 
-class MaskCountError(ValueError):
+class MaskCountError(errors.UserError):
   """A batch's mask does not mask exactly config.data.masks.num_masked patches."""
 
 
@@ -168,8 +168,6 @@ class Cae:
       raise CaeConfigError(f"masks of shape {tuple(masks.shape[1:])} do not match the "
                            f"{self.grid} patch grid; check config.model.patch_size.")
     masks = masks.reshape(masks.shape[0], -1)
-    jax.debug.callback(functools.partial(_check_counts, expected=self.num_masked),
-                       jnp.sum(masks, axis=-1))
     return cae_model.split_by_mask(masks, self.num_masked)
 
   def token_ids(self, tokenizer_params: Any, images: jax.Array) -> jax.Array:
@@ -217,6 +215,15 @@ class Cae:
     metrics.update(loss_recon=recon, loss_align=align)
     return loss, ({**loss_state, "step": loss_state["step"] + 1}, metrics)
 
+  def check_batch(self, batch: Mapping[str, np.ndarray]) -> None:
+    """Host-side check of each batch before it goes to the device (the trainer's hook).
+
+    The model gathers exactly num_masked tokens per image, so any other count would silently
+    drop or duplicate patches; this raises MaskCountError instead.
+    """
+    masks = np.asarray(batch["global_masks"])
+    _check_counts(masks.reshape(masks.shape[0], -1).sum(axis=-1), self.num_masked)
+
   # ---- evaluation -------------------------------------------------------------
   def tokens(self, teacher_params: Any, images: jax.Array) -> jax.Array:
     """Encoder tokens [B, 1 + N, D] (CLS first) of all patches of normalised images."""
@@ -229,7 +236,6 @@ class Cae:
 
 
 def _check_counts(counts: np.ndarray, expected: int) -> None:
-  counts = np.asarray(counts)
   if np.any(counts != expected):
     raise MaskCountError(
         f"CAE needs exactly {expected} masked patches per image (config.data.masks.num_masked) "

@@ -22,6 +22,7 @@ import ml_collections
 from flax import linen as nn
 
 from sslx.losses import dino as dino_losses
+from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads, vit
 from sslx.schedules import epoch_linspace_schedule
 
@@ -71,7 +72,7 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = Tr
 
 
 @dataclasses.dataclass(frozen=True)
-class Dino:
+class Dino(TeacherClsMethod):
   """DINO as the trainer sees it; `config` is the whole run config."""
   config: ml_collections.ConfigDict
 
@@ -151,17 +152,3 @@ class Dino:
     metrics = {"loss_dino": loss, "teacher_temp": sched["teacher_temp"]}
     metrics.update(dino_losses.teacher_diagnostics(t, center, sched["teacher_temp"]))
     return loss, ({**loss_state, "center": new_center}, metrics)
-
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
-    """Total loss of one batch; returns (loss, (new_loss_state, metrics))."""
-    return self.loss_from_outputs(self.forward(params, teacher_params, views, rng),
-                                  loss_state, sched)
-
-  # ---- evaluation -------------------------------------------------------------
-  def features(self, teacher_params: Any, images: jax.Array) -> jax.Array:
-    """Teacher CLS features [B, D] of normalised float images (the kNN protocol)."""
-    backbone = build_backbone(self.config.model, drop_path=False)
-    out = backbone.apply({"params": teacher_params["backbone"]}, images, train=False)
-    return out["cls"]

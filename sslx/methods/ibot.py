@@ -25,6 +25,7 @@ from flax import linen as nn
 from sslx.losses import dino as dino_losses
 from sslx.losses import ibot as ibot_losses
 from sslx.methods.dino import build_backbone, compute_dtype
+from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
 from sslx.schedules import epoch_linspace_schedule
 
@@ -49,7 +50,7 @@ def drop_mask_token(params: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class Ibot:
+class Ibot(TeacherClsMethod):
   """iBOT as the trainer sees it; `config` is the whole run config."""
   config: ml_collections.ConfigDict
 
@@ -142,14 +143,3 @@ class Ibot:
     metrics.update(dino_losses.teacher_diagnostics(t_cls, loss_state["center"],
                                                    sched["teacher_temp"]))
     return loss, (new_state, metrics)
-
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
-    return self.loss_from_outputs(self.forward(params, teacher_params, views, rng),
-                                  loss_state, sched)
-
-  def features(self, teacher_params: Any, images: jax.Array) -> jax.Array:
-    """Teacher [CLS] features [B, D] (the kNN protocol)."""
-    backbone = build_backbone(self.config.model, drop_path=False)
-    return backbone.apply({"params": teacher_params["backbone"]}, images, train=False)["cls"]

@@ -23,12 +23,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sslx import errors
 from sslx.losses import mocov3 as moco_losses
 from sslx.methods.dino import build_backbone, compute_dtype
+from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
 
 
-class MocoConfigError(ValueError):
+class MocoConfigError(errors.UserError):
   """A MoCo v3 setting that cannot work; raised before anything compiles."""
 
 
@@ -39,7 +41,7 @@ class _Net:
 
 
 @dataclasses.dataclass(frozen=True)
-class MocoV3:
+class MocoV3(TeacherClsMethod):
   """MoCo v3 as the trainer sees it; `config` is the whole run config."""
   config: ml_collections.ConfigDict
 
@@ -113,14 +115,3 @@ class MocoV3:
     kn = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
     metrics = {"loss_contrastive": loss, "key_std": jnp.mean(jnp.std(kn, axis=1))}
     return loss, (loss_state, metrics)
-
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
-    return self.loss_from_outputs(self.forward(params, teacher_params, views, rng),
-                                  loss_state, sched)
-
-  def features(self, teacher_params: Any, images: jax.Array) -> jax.Array:
-    """Momentum-encoder [CLS] features [B, D] (the kNN monitor)."""
-    backbone = self.network(teacher=True).backbone
-    return backbone.apply({"params": teacher_params["backbone"]}, images, train=False)["cls"]

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sslx import schedules
+from sslx import errors, schedules
 from sslx.losses import sage as sage_losses
 from sslx.methods.byol import Byol
 from sslx.models.decoders import SageDecoder
@@ -49,7 +49,7 @@ FEATURE_LEVELS = ("proj", "c5", "c4", "c3")
 STEM_STRIDE = {"imagenet": 32, "cifar": 8}
 
 
-class SageConfigError(ValueError):
+class SageConfigError(errors.UserError):
   """An impossible SaGe configuration; raised before anything compiles."""
 
 

@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sslx import errors
 from sslx.losses import sere as sere_losses
 from sslx.models import heads
 
 
-class SereConfigError(ValueError):
+class SereConfigError(errors.UserError):
   """An impossible SERE configuration; raised before anything compiles."""
 
 

@@ -34,11 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sslx import errors
+
 GROUP_COUNT = 4
 _WIDTHS = (1, 2, 4, 8)
 
 
-class TokenizerWeightsError(ValueError):
+class TokenizerWeightsError(errors.UserError):
   """The tokenizer weights file is missing, unreadable or not a DALL-E encoder state dict."""
 
 

@@ -19,11 +19,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sslx import errors
+
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 
-class ShardingError(ValueError):
+class ShardingError(errors.UserError):
   """An impossible device / batch combination, raised before anything compiles."""
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from sslx import schedules
-from sslx.data import augment, pipeline
+from sslx import errors, schedules
+from sslx.data import augment, device_crops, pipeline
 from sslx.eval import knn
 from sslx.methods import make_method
 from sslx.train import checkpoint as ckpt_lib
@@ -32,7 +32,8 @@ from sslx.train import optim, sharding
 from sslx.train.prefetch import DevicePrefetcher
 from sslx.train.state import TrainState, ema_update, tree_l2
 
-DEVICE_KEYS = ("global_crops", "local_crops", "global_boxes", "global_flips",
+DEVICE_KEYS = ("global_crops", "local_crops", "canvas", "canvas_extent", "canvas_scale",
+               "global_boxes", "global_flips",
                "local_boxes", "local_flips", "image_size", "gg_rects", "gg_valid", "lg_rects",
                "lg_valid", "global_masks", "local_masks")
 
@@ -89,6 +90,9 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, r_aug, r_model = jax.random.split(state.rng, 3)
+    if "canvas" in batch:  # config.data.crops_on = 'device'
+      batch = device_crops.canvas_crops(batch, config.data.global_crops.size,
+                                        config.data.local_crops.size, config.data.interpolation)
     g, l = augment.augment_multicrop(r_aug, batch["global_crops"], batch["local_crops"],
                                      config.augment)
     views = {**batch, "global": g, "local": l}
@@ -119,7 +123,7 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
   return train_step
 
 
-class AccumulationError(ValueError):
+class AccumulationError(errors.UserError):
   """config.optim.accum_steps cannot be used with this method or batch size."""
 
 
@@ -321,11 +325,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       config.data, seed=config.seed, batch_size=per_process_batch,
       process_index=jax.process_index(), process_count=jax.process_count(),
       patch_size=config.model.patch_size)
-  data_iter = DevicePrefetcher(iter(train_ds), lambda b: sharding.to_global(b, batch_shard),
-                               DEVICE_KEYS, size=config.get("device_prefetch", 2))
 
   # ---- Method, shapes, shardings, jit ----------------------------------------------
   built = build(config, mesh, steps_per_epoch, total_steps)
+  # A method may check each host batch (e.g. CAE's exact mask counts) before it is sent.
+  check = getattr(built.method, "check_batch", None) or (lambda batch: None)
+
+  def put(batch):
+    check(batch)
+    return sharding.to_global(batch, batch_shard)
+
+  data_iter = DevicePrefetcher(iter(train_ds), put, DEVICE_KEYS,
+                               size=config.get("device_prefetch", 2))
   state_shape, state_sharding, train_step = built.state_shape, built.state_sharding, built.train_step
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
   name = config.method + ("+sere" if config.get("sere") and config.sere.enabled else "")

@@ -12,7 +12,8 @@ from sslx.config_check import load_config_file
 from sslx.data import augment, masks, pipeline
 from sslx.losses import cae as cae_losses
 from sslx.methods import make_method
-from sslx.methods.cae import Cae, CaeConfigError, cae_decay_mask
+from sslx.errors import UserError
+from sslx.methods.cae import Cae, CaeConfigError, MaskCountError, cae_decay_mask
 from sslx.models import cae as cae_model
 from sslx.models import dalle
 from sslx.train import trainer
@@ -85,12 +86,16 @@ def test_alignment_target_is_stop_gradient_of_the_current_encoder(views):
 
 
 def test_a_batch_with_the_wrong_mask_count_fails_clearly(views):
+  # Checked on the host before the batch is sent (the trainer's check_batch hook); a UserError,
+  # so main.py prints it as one line.
   method = make_method(_config())
-  params, loss_state = _init(method)
-  bad = dict(views, global_masks=jnp.zeros_like(views["global_masks"]).at[:, :, :3].set(True))
-  with pytest.raises(Exception, match="exactly 24 masked patches"):
-    jax.block_until_ready(jax.jit(lambda p, v: method.loss(p, p, loss_state, v, jax.random.PRNGKey(0),
-                                                           {}))(params, bad))
+  good = np.asarray(views["global_masks"])
+  method.check_batch({"global_masks": good})
+  bad = np.zeros_like(good)
+  bad[:, :, :3] = True
+  with pytest.raises(MaskCountError, match="exactly 24 masked patches") as e:
+    method.check_batch({"global_masks": bad})
+  assert isinstance(e.value, UserError)
 
 
 def test_weight_decay_covers_cls_and_mask_tokens_not_biases_or_scales():

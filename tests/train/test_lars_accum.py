@@ -63,7 +63,7 @@ def test_byol_schedules():
   config = byol_smoke()
   with config.unlocked():
     config.batch_size = 4096
-    config.optim.update(lr_per_256=0.3, warmup_epochs=10.0)
+    config.optim.update(lr_per_256=0.3, warmup_epochs=10.0, weight_decay=1e-6)
   # 10 warm-up epochs of 10 steps, then a per-step cosine over the remaining 900 steps.
   _, scheds = Byol(config).optimizer(None, steps_per_epoch=10, total_steps=1000)
   assert float(scheds["lr"](999)) < 1e-3

@@ -140,3 +140,19 @@ def test_smoke_preset_trains(tmp_path, name):
   assert trainer.run(config, str(tmp_path))["step"] == 2
   losses = losses_by_step(str(tmp_path))
   assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+
+
+def test_crops_resampled_on_the_device_train_like_host_crops(tmp_path):
+  """crops_on='device' (the ImageNet default) gives the host's losses up to PIL's rounding."""
+  losses = {}
+  for where in ("host", "device"):
+    config = smoke_config(total_steps=2)
+    with config.unlocked():
+      config.data.crops_on = where
+      config.data.canvas_size = 28
+      config.checkpoint.every_steps = 2
+    trainer.run(config, str(tmp_path / where))
+    losses[where] = losses_by_step(str(tmp_path / where))
+  assert sorted(losses["device"]) == [1, 2]
+  for step in (1, 2):
+    assert losses["device"][step] == pytest.approx(losses["host"][step], rel=1e-3), step

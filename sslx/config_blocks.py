@@ -1,0 +1,70 @@
+"""Config blocks that every method's config file shares (configs/*.py build on these).
+
+Only data that is the same for all methods lives here: the ImageNet input block, the checkpoint
+and kNN blocks, the Fashion-MNIST source, and preset selection. What a method changes stays in
+its own config file, next to the recipe it cites.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_collections
+
+FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
+NO_MASKS = dict(scheme="none", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), num_masked=75,
+                min_area=16, max_area=0, aspect=0.3, exact=False)
+
+
+def imagenet_data(*, global_crops: dict, local_crops: dict,
+                  masks: dict | None = None) -> ml_collections.ConfigDict:
+  """config.data for ImageNet-1k from TFDS with multi-crop views (sslx/data/pipeline.py)."""
+  return ml_collections.ConfigDict(dict(
+      source="tfds", tfds_name="imagenet2012", tfds_data_dir="", path="",
+      train_split="train", eval_train_split="train", eval_test_split="validation",
+      global_crops=global_crops, local_crops=local_crops,
+      crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", eval_resize=256, eval_size=224,
+      workers=8, read_threads=4, prefetch_buffer=4,
+      # 'device': the host decodes into a 512 canvas and the step resamples the crops
+      # (sslx/data/device_crops.py), since PIL resampling 12 crops starves a GPU; 'host': PIL.
+      crops_on="device", canvas_size=512,
+      # Block masks on the global crops' patch grid (sslx/data/masks.py).
+      masks=dict(masks or NO_MASKS)))
+
+
+def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
+  """Adds config.checkpoint and config.eval (weighted kNN, DINO protocol) for ImageNet runs."""
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, max_to_keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(
+      knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
+
+
+def use_fashion_mnist(c: ml_collections.ConfigDict, size: int) -> None:
+  """Points config.data at the Debian Fashion-MNIST files, evaluated at `size` px.
+
+  Crops stay on the host (PIL): 28-px images cost nothing to resample. The kNN runs at the
+  start (the random-init baseline) and at the end.
+  """
+  c.data.update(source="fashion_mnist", path=FASHION_MNIST_PATH, eval_test_split="test",
+                eval_resize=size, eval_size=size, workers=0, prefetch_buffer=4, crops_on="host")
+  c.eval.update(knn_every_steps=10**9, knn_at_start=True, batch_size=1000)
+
+
+def smoke_run(c: ml_collections.ConfigDict, checkpoint_every: int) -> None:
+  """A few steps for tests: synchronous checkpoints, no kNN."""
+  c.checkpoint.update(every_steps=checkpoint_every, async_save=False)
+  c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
+
+
+def select_preset(presets: dict[str, Callable[[ml_collections.ConfigDict],
+                                              ml_collections.ConfigDict]],
+                  base: Callable[[], ml_collections.ConfigDict], arg: str | None,
+                  file_name: str) -> ml_collections.ConfigDict:
+  """presets[arg](base()), locked so that unknown override keys fail instead of being added."""
+  arg = (arg or "").strip()
+  if arg not in presets:
+    raise ValueError(f"unknown preset {arg!r} for {file_name}; valid: "
+                     f"{sorted(k for k in presets if k)}")
+  c = presets[arg](base())
+  c.lock()
+  return c
