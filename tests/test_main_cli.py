@@ -91,3 +91,17 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
   assert r.returncode == 1
   assert "apt-get install dataset-fashion-mnist" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    # A method's config error (MocoConfigError) is a UserError: one line, no traceback.
+    (("--config=configs/mocov3.py:smoke", "--config.data.local_crops.number=2"),
+     "data.local_crops.number=0"),
+    # A bad choice for the new device-crop switch names the valid values.
+    (("--config=configs/dino.py:smoke", "--config.data.crops_on=gpu"), "'host', 'device'"),
+])
+def test_config_errors_found_while_building_are_one_line(tmp_path, args, message):
+  r = _main(*args, f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert message in r.stderr
+  assert "Traceback" not in r.stderr

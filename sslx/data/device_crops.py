@@ -3,7 +3,7 @@
 Why: on the host, PIL's resampling of 12 crops costs about ten times the JPEG decode
 (experiments/bench/RESULTS.md), so the host cannot feed a GPU. In device mode the host only decodes
 each image into a fixed ``canvas`` and samples the boxes; the crops are resampled here, batched,
-as two matrix products per crop (rows, then columns).
+as two matrix products per crop (columns, then rows).
 
 The weights are PIL's (``Resample.c``): for output pixel i of a box [b0, b0 + n) resized to S
 pixels, scale = n / S, the filter is stretched by max(scale, 1) (antialiasing when shrinking), the
