@@ -86,11 +86,22 @@ def validate(config: ml_collections.ConfigDict, num_heads: int, embed_dim: int) 
     raise SereConfigError("config.sere.temps_on must be 'teacher' (released code) or 'student' (paper)")
 
 
+BASE_HOOKS = ("optimizer", "eval_params", "check_batch", "supports_accumulation")
+
+
 @dataclasses.dataclass(frozen=True)
 class WithSere:
   """A base method plus the SERE losses; the trainer sees an ordinary method."""
   base: Any
   config: ml_collections.ConfigDict
+
+  def __getattr__(self, name: str) -> Any:
+    # The trainer's optional hooks exist here exactly when the base method has them: SERE adds
+    # heads and loss terms but keeps the base's optimiser, evaluation parameters, batch checks and
+    # accumulation rule (dropping them would silently train another recipe).
+    if name in BASE_HOOKS:
+      return getattr(self.base, name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   def _dims(self) -> tuple[int, int]:
     backbone = self.base.network().backbone

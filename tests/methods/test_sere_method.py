@@ -11,7 +11,7 @@ import pytest
 from sslx.config_check import load_config_file
 from sslx.data import augment, pipeline
 from sslx.methods import Dino, WithSere, make_method
-from sslx.methods.sere import SereConfigError
+from sslx.methods.sere import BASE_HOOKS, SereConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,6 +45,27 @@ def _loss(method, params, batch):
 def test_make_method_wraps_only_when_enabled():
   assert isinstance(make_method(_config()), WithSere)
   assert isinstance(make_method(_config(enabled=False)), Dino)
+
+
+def test_the_base_methods_optional_trainer_hooks_pass_through():
+  config = _config()
+  plain = make_method(config)
+  for hook in BASE_HOOKS:  # DINO has none of them: the trainer's defaults apply
+    assert getattr(plain, hook, None) is None, hook
+
+  class WithHooks(Dino):
+    supports_accumulation = True
+
+    def check_batch(self, batch):
+      raise ValueError("checked")
+
+  wrapped = WithSere(WithHooks(config), config)
+  assert wrapped.supports_accumulation is True
+  with pytest.raises(ValueError, match="checked"):
+    wrapped.check_batch({})
+  assert getattr(wrapped, "optimizer", None) is None
+  with pytest.raises(AttributeError):
+    wrapped.not_a_hook  # noqa: B018
 
 
 def test_base_loss_is_untouched_and_the_mix_is_official(batch):
