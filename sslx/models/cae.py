@@ -60,6 +60,19 @@ def _rates(rate: float, depth: int) -> list[float]:
   return [float(r) for r in np.linspace(0.0, rate, depth)] if depth else []
 
 
+def _blocks_and_norm(module: nn.Module, x: Array, *, train: bool) -> Array:
+  """`module.depth` BEiT self-attention blocks, drop path rising linearly to
+  `module.drop_path_rate`, then LayerNorm.
+
+  Called from a compact `__call__`, so the layers are `module`'s children ('block_i', 'norm').
+  """
+  active = bool(train) and module.drop_path_rate > 0
+  for i, rate in enumerate(_rates(module.drop_path_rate, module.depth)):
+    x = beit.Block(module.num_heads, module.mlp_ratio, module.init_values, rate, module.dtype,
+                   name=f"block_{i}")(x, active)
+  return beit.layer_norm("norm")(x)
+
+
 class CAEEncoder(nn.Module):
   """ViT encoder of the visible patches (official `VisionTransformerEncoder`).
 
@@ -104,11 +117,7 @@ class CAEEncoder(nn.Module):
       x = gather_tokens(x, keep_idx)
     cls = self.param("cls_token", beit.TRUNC_NORMAL_1SIGMA, (1, 1, d), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)  # CLS position is 0
-    active = bool(train) and self.drop_path_rate > 0
-    for i, rate in enumerate(_rates(self.drop_path_rate, self.depth)):
-      x = beit.Block(self.num_heads, self.mlp_ratio, self.init_values, rate, self.dtype,
-                     name=f"block_{i}")(x, active)
-    x = beit.layer_norm("norm")(x)
+    x = _blocks_and_norm(self, x, train=train)
     return {"tokens": x, "cls": x[:, 0], "patch": x[:, 1:]}
 
 
@@ -147,12 +156,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, pos: Array, *, train: bool) -> Array:
     """x, pos [B, T, D] -> [B, T, out_dim] float32 (positions added once, at the input)."""
-    x = x + pos
-    active = bool(train) and self.drop_path_rate > 0
-    for i, rate in enumerate(_rates(self.drop_path_rate, self.depth)):
-      x = beit.Block(self.num_heads, self.mlp_ratio, self.init_values, rate, self.dtype,
-                     name=f"block_{i}")(x, active)
-    x = beit.layer_norm("norm")(x)
+    x = _blocks_and_norm(self, x + pos, train=train)
     return beit.dense(self.out_dim, self.dtype, "head")(x).astype(jnp.float32)
 
 
