@@ -27,9 +27,8 @@ experiments/fashion_mnist/byol_sage.md.
 import ml_collections
 
 from sslx import config_blocks
+from sslx.config_blocks import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 

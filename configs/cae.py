@@ -29,11 +29,7 @@ width 384), 'fashion_mnist', 'smoke'.
 import ml_collections
 
 from sslx import config_blocks
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
-FMNIST_STD = (0.3530, 0.3530, 0.3530)
+from sslx.config_blocks import IMAGENET_MEAN, IMAGENET_STD, FMNIST_MEAN, FMNIST_STD
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ Stems: 'imagenet' = 7x7/2 conv + 3x3/2 max-pool (stride 32 overall, c5 7x7 at 22
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -42,6 +43,12 @@ def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
                       dtype=jnp.float32, name=name)
 
 
+def _conv(features: int, kernel: int, strides: int, name: str, *, dtype: Any) -> nn.Conv:
+  """Bias-free square conv with 'same' padding for odd kernels, torchvision's init."""
+  return nn.Conv(features, (kernel, kernel), (strides, strides), padding=kernel // 2,
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34); `features` is the block's output width."""
   features: int
@@ -50,8 +57,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=k // 2, use_bias=False,  # noqa: E731
-                                         kernel_init=conv_init, dtype=self.dtype, name=name)
+    conv = functools.partial(_conv, dtype=self.dtype)
     y = nn.relu(batch_norm(train, "bn1")(conv(self.features, 3, self.strides, "conv1")(x)))
     y = batch_norm(train, "bn2")(conv(self.features, 3, 1, "conv2")(y))
     if x.shape[-1] != self.features or self.strides != 1:
@@ -67,8 +73,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=k // 2, use_bias=False,  # noqa: E731
-                                         kernel_init=conv_init, dtype=self.dtype, name=name)
+    conv = functools.partial(_conv, dtype=self.dtype)
     out = 4 * self.features
     y = nn.relu(batch_norm(train, "bn1")(conv(self.features, 1, 1, "conv1")(x)))
     y = nn.relu(batch_norm(train, "bn2")(conv(self.features, 3, self.strides, "conv2")(y)))
