@@ -1,6 +1,6 @@
 """RandomResizedCrop resampling on the accelerator (``config.data.crops_on = 'device'``).
 
-Why: on the host, PIL's resampling of 12 crops costs about ten times the JPEG decode
+Why: on the host, PIL's resampling of 12 crops takes about three quarters of the time per image
 (experiments/bench/RESULTS.md), so the host cannot feed a GPU. In device mode the host only decodes
 each image into a fixed ``canvas`` and samples the boxes; the crops are resampled here, batched,
 as two matrix products per crop (columns, then rows).
