@@ -31,6 +31,8 @@ flags.DEFINE_integer("workers", -1, "Pipeline worker processes (-1: config.data.
 flags.DEFINE_string("make_jpegs", "", "If set, first write ImageNet-sized JPEGs (scikit-image "
                     "sample photos, random 500x375-ish crops) into this folder and read from it.")
 flags.DEFINE_integer("num_jpegs", 256, "How many JPEGs --make_jpegs writes.")
+flags.DEFINE_string("profile_dir", "", "If set, trace 3 more train steps with jax.profiler into this "
+                    "folder (with a Perfetto JSON that experiments/bench/trace_summary.py reads).")
 
 
 def synthetic_batch(config, per_process_batch: int):
@@ -71,7 +73,10 @@ def bench_step(config) -> dict:
   t0 = time.time()
   compiled = built.train_step.lower(state, batch).compile()
   compile_s = time.time() - t0
-  flops = metrics.step_flops(compiled)  # one device's share
+  # Model FLOPs (matrix products in the jaxpr, fused attention counted as explicit attention):
+  # XLA's GPU estimate leaves out what cuBLAS runs. One device's share.
+  flops = trainer.model_flops_per_device(config, mesh, 1000, 100_000, state, batch)
+  xla_flops = metrics.step_flops(compiled)
   state, m = compiled(state, batch)  # the first step is slower; not timed
   jax.block_until_ready(m)
   t0 = time.time()
@@ -79,6 +84,14 @@ def bench_step(config) -> dict:
     state, m = compiled(state, batch)
   jax.block_until_ready((state, m))
   step_s = (time.time() - t0) / FLAGS.steps
+  if FLAGS.profile_dir:
+    try:
+      with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
+        for _ in range(3):
+          state, m = compiled(state, batch)
+        jax.block_until_ready((state, m))
+    except Exception as e:  # pylint: disable=broad-except  # the timing above still stands
+      print(f"profiling failed: {e!r}", flush=True)
   dev = jax.devices()[0]
   peak = metrics.peak_flops_per_device(dev)
   out = {
@@ -88,7 +101,12 @@ def bench_step(config) -> dict:
       "step_s": round(step_s, 4),
       "img_per_s": round(config.batch_size / step_s, 1),
       "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1) if flops else None,
+      "xla_gflop_per_image": (round(xla_flops * mesh.devices.size / config.batch_size / 1e9, 1)
+                              if xla_flops else None),
       "mfu": round(flops / step_s / peak, 4) if (flops and peak) else None,
+      # The last step's loss on the fixed synthetic batch: variants of one config (attention
+      # kernel, crop path) should agree to bfloat16 noise.
+      "loss": round(float(m["loss"]), 4) if "loss" in m else None,
   }
   canvas = pipeline.canvas_size_of(config.data)
   if canvas:  # the share of the step's FLOPs that resamples the crops (device_crops.py)
@@ -125,7 +143,10 @@ def bench_pipeline(config) -> dict:
   per_process = config.batch_size
   it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process,
                                    patch_size=config.model.patch_size))
-  next(it)  # start-up (worker spawn, file listing) excluded
+  # Start-up (file listing, and each worker process's spawn and imports) is excluded: with
+  # workers, batches come round-robin from them, so wait until each has delivered two.
+  for _ in range(1 + 2 * workers):
+    next(it)
   t0, cpu0 = time.time(), time.process_time()
   for _ in range(FLAGS.batches):
     next(it)

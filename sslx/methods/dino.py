@@ -67,6 +67,7 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = Tr
       scan_blocks=model_cfg.get("scan_blocks", False),
       pos_embed=model_cfg.get("pos_embed", "learned"),
       patch_init=model_cfg.get("patch_init", "torch"),
+      attention=model_cfg.get("attention", "auto"),
       use_mask_token=mask_token,
       **kwargs)
 

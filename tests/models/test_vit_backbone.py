@@ -332,3 +332,33 @@ def test_vit_uses_interpolated_positions_with_correct_orientation():
     # Identity size: positions used unchanged.
     tokens = np.asarray(_block0_input(model, {"params": params}, _images((1, 28, 28, 1))))
     np.testing.assert_allclose(tokens[0, 1:], pos[0, 1:], atol=1e-6)
+
+
+def test_attention_kernel_name_is_checked(mnist_vit):
+    _, variables, x = mnist_vit
+    with pytest.raises(ValueError, match="valid: auto, xla, cudnn"):
+        _model(attention="flash").apply(variables, x, train=False)
+    if jax.default_backend() != "gpu":  # 'auto' is the explicit path off GPUs
+        a = _model(attention="auto", dtype=jnp.bfloat16).apply(variables, x, train=False)
+        b = _model(attention="xla", dtype=jnp.bfloat16).apply(variables, x, train=False)
+        np.testing.assert_array_equal(a["patch"], b["patch"])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_explicit_on_gpu():
+    # On a GPU machine: JAX_PLATFORMS=cuda (tests/conftest.py otherwise pins the CPU).
+    model = ViT(patch_size=16, pos_grid=14, embed_dim=384, depth=2, num_heads=6, dtype=jnp.bfloat16)
+    for size in (224, 96):  # 197 and 37 tokens: odd lengths, padded for cuDNN
+        x = _images((4, size, size, 3))
+        variables = model.init(jax.random.key(0), x, train=False)
+        ref = model.clone(attention="xla").apply(variables, x, train=False)
+        fused = model.clone(attention="cudnn").apply(variables, x, train=False, return_attention=True)
+        np.testing.assert_allclose(fused["patch"], ref["patch"], atol=0.05, rtol=0.05)
+        assert float(jnp.mean(jnp.abs(fused["patch"] - ref["patch"]))) < 5e-3
+        assert fused["attention"].shape == (4, 6, (size // 16) ** 2 + 1, (size // 16) ** 2 + 1)
+        grad = jax.grad(lambda p: jnp.sum(model.clone(attention="cudnn").apply(
+            {"params": p}, x, train=False)["cls"] ** 2))(variables["params"])
+        ref_grad = jax.grad(lambda p: jnp.sum(model.clone(attention="xla").apply(
+            {"params": p}, x, train=False)["cls"] ** 2))(variables["params"])
+        g, r = grad["block_0"]["attn"]["qkv"]["kernel"], ref_grad["block_0"]["attn"]["qkv"]["kernel"]
+        assert float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)) < 0.05

@@ -1,0 +1,107 @@
+r"""Where a traced train step spends its accelerator time, from a jax.profiler Perfetto trace.
+
+  python experiments/bench.py --config=configs/dino.py --steps=10 --profile_dir=/tmp/prof ...
+  python experiments/bench/trace_summary.py /tmp/prof --steps=3
+
+Prints the device's busy time per step, and the kernels grouped three ways: by kind (matmul,
+attention, convolution, copy, reduction/elementwise fusion), by the HLO op they came from (when the
+trace names it) and by kernel name, each with milliseconds per step and share of busy time.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+
+def load_events(path: str) -> tuple[list[dict], dict[int, str]]:
+  """Complete ('X') events and process names of a Perfetto JSON trace (file or profile folder)."""
+  if os.path.isdir(path):
+    found = sorted(glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not found:
+      raise SystemExit(f"No perfetto_trace.json.gz under {path}; trace with "
+                       "jax.profiler.trace(..., create_perfetto_trace=True).")
+    path = found[-1]
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  return [e for e in events if e.get("ph") == "X"], names
+
+
+def kind_of(name: str) -> str:
+  """A kernel's kind, from its name (XLA fusion names, cuBLAS 'nvjet'/'xmma', cuDNN names)."""
+  n = name.lower()
+  if any(k in n for k in ("sdpa", "flash", "fmha", "cudnn::fusion")):
+    return "attention (cuDNN)"
+  if any(k in n for k in ("convolve", "implicit_gemm", "cudnn-conv")):
+    return "convolution"
+  if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "matmul")):
+    return "matmul"
+  if any(k in n for k in ("memcpy", "memset", "copy")):
+    return "copy"
+  if "reduce" in n:
+    return "reduction fusion"
+  if "fusion" in n:
+    return "elementwise fusion"
+  return "other"
+
+
+def summarize(path: str, steps: int, top: int) -> None:
+  events, names = load_events(path)
+  device_pids = {pid for pid, n in names.items() if re.search(r"gpu|tpu|device", n, re.I)
+                 and "host" not in n.lower()}
+  kernels = [e for e in events if e["pid"] in device_pids]
+  if not kernels:
+    print("No device events; processes:", sorted(set(names.values())))
+    return
+  # Busy time = the union of kernel intervals over all device streams.
+  spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in kernels)
+  busy, end = 0.0, -1.0
+  for start, stop in spans:
+    if stop > end:
+      busy += stop - max(start, end)
+      end = stop
+  wall = spans[-1][1] - spans[0][0]
+  print(f"device processes: {[names[p] for p in sorted(device_pids)]}")
+  print(f"{len(kernels)} kernels over {steps} steps; busy {busy / 1e3 / steps:.2f} ms/step, "
+        f"trace span {wall / 1e3 / steps:.2f} ms/step ({100 * busy / max(wall, 1e-9):.1f}% busy)")
+  total = sum(e.get("dur", 0) for e in kernels)
+
+  def table(title, key):
+    acc = collections.Counter()
+    count = collections.Counter()
+    for e in kernels:
+      k = key(e)
+      acc[k] += e.get("dur", 0)
+      count[k] += 1
+    print(f"\n== by {title} (ms/step, % of kernel time, calls/step)")
+    for k, us in acc.most_common(top):
+      print(f"{us / 1e3 / steps:9.3f}  {100 * us / total:5.1f}%  {count[k] / steps:6.0f}  {k[:110]}")
+
+  table("kind", lambda e: kind_of(e["name"]))
+  hlo = lambda e: str(e.get("args", {}).get("hlo_op") or e.get("args", {}).get("long_name") or
+                      e["name"])
+  table("HLO op", hlo)
+  table("kernel name", lambda e: e["name"])
+  sample = next((e for e in kernels if e.get("args")), None)
+  if sample:
+    print("\nexample event args:", {k: str(v)[:80] for k, v in sample["args"].items()})
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("path", help="profile folder or perfetto_trace.json.gz")
+  parser.add_argument("--steps", type=int, default=3, help="steps in the trace")
+  parser.add_argument("--top", type=int, default=25)
+  args = parser.parse_args()
+  summarize(args.path, args.steps, args.top)
+
+
+if __name__ == "__main__":
+  main()
