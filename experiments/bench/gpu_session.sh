@@ -79,10 +79,6 @@ part_fmnist10() {
       --config.data.workers=8
 }
 
-part_step512() {
-  run step_batch512 300 $DINO --steps=20 --config.batch_size=512
-}
-
 part_pipeline() {
   # ImageNet-sized JPEGs, all 12 crops, boxes, iBOT masks, overlaps; the machine's cores.
   P="$DINO --what=pipeline --make_jpegs=/tmp/jpegs --num_jpegs=256 --config.batch_size=64 \
@@ -91,7 +87,7 @@ part_pipeline() {
   run pipe_device672_workers 120 $P --batches=60 --workers=16 --config.data.canvas_size=672
 }
 
-part_pipeline_host() {
+part_pipeline_host() {  # not run yet in this form (needs part_pipeline's $P first)
   run pipe_host_workers 120 $P --batches=30 --workers=16 --config.data.crops_on=host
 }
 

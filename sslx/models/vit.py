@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.extend.backend  # noqa: F401  (jax.extend.backend.get_backend)
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -195,13 +196,27 @@ class DropPath(nn.Module):
 ATTENTION_KERNELS = ("auto", "xla", "cudnn")
 
 
+def _cudnn_flash_attention_available() -> bool:
+    """A CUDA GPU of compute capability >= 8.0 (cuDNN's fused kernel needs Ampere or later)."""
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        # The same checks as jax's own cuDNN attention (platform_version names CUDA, not ROCm).
+        if "cuda" not in str(jax.extend.backend.get_backend().platform_version).lower():
+            return False
+        return float(getattr(jax.devices()[0], "compute_capability", 0)) >= 8.0
+    except Exception:  # pylint: disable=broad-except  # unknown device: the explicit path is safe
+        return False
+
+
 def attention_kernel(attention: str, dtype: DType) -> str:
-    """'xla' or 'cudnn' for a ViT's ``attention`` setting; 'auto' takes cuDNN's fused kernel on a GPU
-    with 16-bit matmuls (27% faster DINO ViT-S/16 steps on an H100, experiments/bench/RESULTS.md)."""
+    """'xla' or 'cudnn' for a ViT's ``attention`` setting; 'auto' takes cuDNN's fused kernel on a CUDA
+    GPU (Ampere or later) with 16-bit matmuls (27% faster DINO ViT-S/16 steps on an H100,
+    experiments/bench/RESULTS.md), the explicit path everywhere else."""
     if attention != "auto":
         return attention
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if half and _cudnn_flash_attention_available() else "xla"
 
 
 class Attention(nn.Module):
