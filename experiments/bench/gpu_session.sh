@@ -79,6 +79,16 @@ part_fmnist10() {
       --config.data.workers=8
 }
 
+part_hlo() {
+  # The default step traced with its optimised HLO dumped: which ops the top kernels hold (the
+  # next step for MFU; not run yet).
+  XLA_FLAGS="--xla_dump_to=/tmp/hlo_dino --xla_dump_hlo_as_text" run step_hlo 240 $DINO --steps=5 \
+      --config.batch_size=256 --profile_dir=/tmp/prof_hlo
+  python3 experiments/bench/trace_summary.py /tmp/prof_hlo --steps=3 --top=30 \
+      --hlo_dir=/tmp/hlo_dino > "$OUT/trace_hlo.txt" 2>&1
+  tail -n 62 "$OUT/trace_hlo.txt"
+}
+
 part_pipeline() {
   # ImageNet-sized JPEGs, all 12 crops, boxes, iBOT masks, overlaps; the machine's cores.
   P="$DINO --what=pipeline --make_jpegs=/tmp/jpegs --num_jpegs=256 --config.batch_size=64 \

@@ -3,6 +3,10 @@ r"""Where a traced train step spends its accelerator time, from a jax.profiler P
   python experiments/bench.py --config=configs/dino.py --steps=10 --profile_dir=/tmp/prof ...
   python experiments/bench/trace_summary.py /tmp/prof --steps=3
 
+  # With the optimised HLO (XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" on the bench
+  # run), each of the top kernels is also shown with its fusion's shape, ops and source op names:
+  python experiments/bench/trace_summary.py /tmp/prof --steps=3 --hlo_dir=/tmp/hlo
+
 Prints the device's busy time per step, and the kernels grouped three ways: by kind (matmul,
 attention, convolution, copy, reduction/elementwise fusion), by the HLO op they came from (when the
 trace names it) and by kernel name, each with milliseconds per step and share of busy time.
@@ -94,13 +98,70 @@ def summarize(path: str, steps: int, top: int) -> None:
     print("\nexample event args:", {k: str(v)[:80] for k, v in sample["args"].items()})
 
 
+def load_hlo(hlo_dir: str, module: str = "train_step") -> tuple[dict, dict]:
+  """(instruction name -> its line, computation name -> its body lines) of the optimised module."""
+  files = [f for f in glob.glob(os.path.join(hlo_dir, f"*{module}*after_optimizations.txt"))
+           if "buffer" not in f and "memory" not in f and "live-range" not in f]
+  if not files:
+    raise SystemExit(f"No *{module}*after_optimizations.txt under {hlo_dir}.")
+  instructions, computations, current = {}, {}, None
+  with open(max(files, key=os.path.getsize)) as f:
+    for line in f:
+      head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
+      if head and line.rstrip().endswith("{"):
+        current = computations.setdefault(head.group(1), [])
+        continue
+      inst = re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = ", line)
+      if inst:
+        instructions[inst.group(1)] = line.strip()
+        if current is not None:
+          current.append(line.strip())
+  return instructions, computations
+
+
+def describe_kernel(kernel: str, instructions: dict, computations: dict) -> str:
+  """Shape, op counts and commonest source op names of the fusion a GPU kernel was made from."""
+  for name in (re.sub(r"_(\d+)$", r".\1", kernel), kernel):
+    line = instructions.get(name)
+    if line:
+      break
+  else:
+    return "(not found in the HLO)"
+  shape = line.split(" = ", 1)[1].split(" ", 1)[0]
+  called = re.search(r"calls=%([\w.\-]+)", line)
+  body = computations.get(called.group(1), []) if called else []
+  ops = collections.Counter(re.search(r"= \S+ ([\w\-]+)\(", b).group(1) for b in body
+                            if re.search(r"= \S+ ([\w\-]+)\(", b))
+  names = collections.Counter(m.group(1).split("/")[-1] for b in body
+                              for m in [re.search(r'op_name="([^"]+)"', b)] if m)
+  sources = collections.Counter(m.group(1) for b in body
+                                for m in [re.search(r'op_name="([^"]+)"', b)] if m)
+  top_source = sources.most_common(1)[0][0][:140] if sources else ""
+  return (f"{shape} | ops {dict(ops.most_common(6))} | {dict(names.most_common(4))} | "
+          f"e.g. {top_source}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("path", help="profile folder or perfetto_trace.json.gz")
   parser.add_argument("--steps", type=int, default=3, help="steps in the trace")
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--hlo_dir", default="", help="XLA dump folder of the traced run")
   args = parser.parse_args()
   summarize(args.path, args.steps, args.top)
+  if args.hlo_dir:
+    instructions, computations = load_hlo(args.hlo_dir)
+    events, names = load_events(args.path)
+    device = {p for p, n in names.items() if re.search(r"gpu|tpu|device", n, re.I)
+              and "host" not in n.lower()}
+    per_kernel = collections.Counter()
+    for e in events:
+      if e["pid"] in device:
+        per_kernel[e["name"]] += e.get("dur", 0)
+    print(f"\n== top {args.top} kernels in the optimised HLO (ms/step | shape | ops | op names)")
+    for kernel, us in per_kernel.most_common(args.top):
+      print(f"{us / 1e3 / args.steps:8.3f}  {kernel[:60]}\n          "
+            f"{describe_kernel(kernel, instructions, computations)}")
 
 
 if __name__ == "__main__":
