@@ -30,7 +30,7 @@ data:
 	fi
 
 test: setup data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: setup data
 	$(PY) experiments/fashion_mnist/demo.py --workdir=$(DEMO_WORKDIR)
