@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= runs/demo
+# Test processes (pytest-xdist); each test file stays in one process so its module fixtures
+# compile once. 0 runs everything in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test setup data bench clean
 
@@ -30,7 +33,7 @@ data:
 	fi
 
 test: setup data
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: setup data
 	$(PY) experiments/fashion_mnist/demo.py --workdir=$(DEMO_WORKDIR)
