@@ -20,7 +20,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from sslx.data import crops as crops_lib
 
@@ -168,32 +167,6 @@ def canvas_crops(batch: dict[str, Array], global_size: int, local_size: int,
     out[f'{prefix}_crops'] = crop_resize(batch['canvas'], batch['canvas_extent'], scaled,
                                          batch[f'{prefix}_flips'], size, interpolation)
   return out
-
-
-def canvas_of(image: np.ndarray, canvas_size: int, interpolation: str = 'bicubic',
-              ) -> tuple[np.ndarray, tuple[int, int], tuple[float, float]]:
-  """Host side: fits a decoded image into a zero-padded square canvas.
-
-  An image larger than the canvas on either side is shrunk (aspect kept) with PIL first; most
-  ImageNet images (about 500 x 375) fit a 512 canvas untouched.
-
-  Args:
-    image: uint8 [h, w, 3].
-  Returns:
-    (canvas uint8 [C, C, 3], valid (height, width), (sy, sx) canvas pixels per image pixel).
-  """
-  h, w = image.shape[:2]
-  sy = sx = 1.0
-  if max(h, w) > canvas_size:
-    f = canvas_size / max(h, w)
-    nh, nw = max(1, min(canvas_size, int(round(h * f)))), max(1, min(canvas_size, int(round(w * f))))
-    image = np.asarray(Image.fromarray(np.ascontiguousarray(image), 'RGB').resize(
-        (nw, nh), crops_lib.resample_filter(interpolation), reducing_gap=3.0), np.uint8)
-    sy, sx = nh / h, nw / w
-    h, w = nh, nw
-  canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
-  canvas[:h, :w] = image
-  return canvas, (h, w), (sy, sx)
 
 
 def flops_per_image(canvas_size: int, specs: list[tuple[int, int]]) -> float:

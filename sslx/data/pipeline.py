@@ -67,11 +67,10 @@ class _MultiCrop:
     if self.canvas_size:
       out = crops_lib.multi_crop_boxes(rng, element['image_size'], self.global_spec,
                                        self.local_spec, ratio=self.ratio)
-      canvas, extent, (sy, sx) = device_crops.canvas_of(element['image'], self.canvas_size,
-                                                        self.interpolation)
+      # The source already made the canvas (train_source): PIL pastes into it directly.
       d = float(element['decode_scale'])
-      out.update(canvas=canvas, canvas_extent=np.asarray(extent, np.int32),
-                 canvas_scale=np.asarray((sy * d, sx * d), np.float32))
+      out.update(canvas=element['image'], canvas_extent=element['canvas_extent'],
+                 canvas_scale=(element['canvas_scale'] * d).astype(np.float32))
     else:
       out = crops_lib.multi_crop(rng, element['image'], element['image_size'], self.global_spec,
                                  self.local_spec, interpolation=self.interpolation,
@@ -132,9 +131,12 @@ def canvas_size_of(data_cfg: Any) -> int:
 
 
 def train_source(data_cfg: Any) -> Any:
-  """The random-access source of the training split (draft decoding tuned to the crop sizes)."""
+  """The random-access source of the training split (draft decoding tuned to the crop sizes;
+  canvases when the crops are resampled on the device)."""
   min_side = _train_min_side(_crop_spec(data_cfg.global_crops), _crop_spec(data_cfg.local_crops))
-  return sources.make_source(data_cfg, data_cfg.train_split, min_side=min_side)
+  source = sources.make_source(data_cfg, data_cfg.train_split, min_side=min_side)
+  source.set_canvas(canvas_size_of(data_cfg), data_cfg.interpolation)
+  return source
 
 
 def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: int = 0,

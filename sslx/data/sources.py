@@ -14,6 +14,11 @@ takes it directly and worker processes can receive it). A record is a dict of nu
   'skipped'    int32 []         how many unreadable records were passed over to produce this one.
   'index'      int64 []         the requested record index (before any substitution).
 
+After ``source.set_canvas(C)`` (crops resampled on the device, sslx/data/device_crops.py) 'image' is
+instead the canvas uint8 [C, C, 3] of ``crops.canvas_of`` (the decoded image, shrunk only if larger
+than C, at the top left, zeros elsewhere), with 'canvas_extent' int32 [2] (its valid height, width)
+and 'canvas_scale' float64 [2] (canvas pixels per decoded pixel along y, x).
+
 Unreadable or corrupt images are not fatal: the record at index+1, index+2, ... (modulo len) is
 substituted, deterministically, and a warning naming the bad file is logged.
 """
@@ -31,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from sslx import errors
+from sslx.data import crops as crops_lib
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -54,6 +60,12 @@ Record = dict[str, np.ndarray]
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
   """Converts a PIL image of any mode to uint8 [h, w, 3]; alpha is composited over white."""
+  return np.asarray(_rgb_image(im), dtype=np.uint8)
+
+
+def _rgb_image(im: Image.Image) -> Image.Image | np.ndarray:
+  """``_to_rgb`` without the final copy to numpy: an RGB PIL image where the pixels are 8-bit
+  (PIL can paste it into a canvas directly), else uint8 [h, w, 3]."""
   if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
     # PIL's own convert would clip 16-bit values at 255 instead of rescaling them. A 32-bit 'I'
     # image whose values all fit in 8 bits is taken as 8-bit.
@@ -73,11 +85,22 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     im = Image.alpha_composite(background, rgba)
   if im.mode != 'RGB':
     im = im.convert('RGB')
-  return np.asarray(im, dtype=np.uint8)
+  return im
 
 
 def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
                  ) -> tuple[np.ndarray, np.ndarray, float]:
+  """Decodes an encoded image (a path or the file's bytes) to RGB; see ``_decode``.
+
+  Returns:
+    (image uint8 [h, w, 3], original size int32 [2] = (height, width), scale).
+  """
+  image, size, scale = _decode(source, min_side)
+  return np.asarray(image, dtype=np.uint8), size, scale
+
+
+def _decode(source: str | bytes | os.PathLike, min_side: int | None = None,
+            ) -> tuple[Image.Image | np.ndarray, np.ndarray, float]:
   """Decodes an encoded image (a path or the file's bytes) to RGB.
 
   Args:
@@ -85,7 +108,8 @@ def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
     min_side: if set and the file is a JPEG at least twice this size on both sides, decode it at
       1/2, 1/4 or 1/8 scale (PIL draft mode) while keeping both sides >= ``min_side``.
   Returns:
-    (image uint8 [h, w, 3], original size int32 [2] = (height, width), scale) where scale = 1/s
+    (image: RGB PIL image or uint8 [h, w, 3], original size int32 [2] = (height, width), scale)
+    where scale = 1/s
     for a draft decode at 1/s (decoded column j covers original columns [j*s, (j+1)*s); h, w are
     rounded up, so use ``scale`` rather than the shape ratio), else 1.0.
   Raises:
@@ -100,7 +124,7 @@ def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
       if drafted is not None:
         scale = drafted[1][2] / width
     im.load()
-    rgb = _to_rgb(im)
+    rgb = _rgb_image(im)
   return rgb, np.array([height, width], np.int32), scale
 
 
@@ -110,7 +134,26 @@ def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
 
 
 class _SubstitutingSource:
-  """Base class: subclasses implement ``_read(index) -> (image, size, scale, label)`` or raise."""
+  """Base class: subclasses implement ``_read(index) -> (image, size, scale, label)`` or raise;
+  ``image`` may be an RGB PIL image or uint8 [h, w, 3]. ``canvas_size`` > 0 turns records into
+  canvases (module docstring)."""
+
+  canvas_size: int = 0
+  canvas_interpolation: str = 'bicubic'
+
+  def set_canvas(self, canvas_size: int, interpolation: str = 'bicubic') -> None:
+    """Records become canvases of ``canvas_size`` (0: plain images); larger images are shrunk
+    with ``interpolation`` (``crops.canvas_of``)."""
+    self.canvas_size, self.canvas_interpolation = int(canvas_size), interpolation
+
+  def _record_image(self, image: Image.Image | np.ndarray) -> dict[str, np.ndarray]:
+    if not self.canvas_size:
+      return {'image': np.asarray(image, dtype=np.uint8)}
+    # A PIL image is shrunk (when larger than the canvas) without a round trip through numpy.
+    canvas, extent, canvas_scale = crops_lib.canvas_of(image, self.canvas_size,
+                                                            self.canvas_interpolation)
+    return {'image': canvas, 'canvas_extent': np.asarray(extent, np.int32),
+            'canvas_scale': np.asarray(canvas_scale, np.float64)}
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -134,7 +177,7 @@ class _SubstitutingSource:
                         self._describe(current), type(e).__name__, e)
         continue
       return {
-          'image': image,
+          **self._record_image(image),
           'image_size': size,
           'decode_scale': np.float64(scale),
           'label': np.int32(label),
@@ -200,10 +243,12 @@ class FashionMnistSource(_SubstitutingSource):
     self._images, self._labels = load_fashion_mnist(path, split)
 
   def __getstate__(self) -> dict[str, Any]:
-    return {'path': self.path, 'split': self.split}
+    return {'path': self.path, 'split': self.split,
+            'canvas': (self.canvas_size, self.canvas_interpolation)}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__init__(state['path'], state['split'])
+    self.set_canvas(*state['canvas'])
 
   def __len__(self) -> int:
     return int(self._labels.shape[0])
@@ -301,7 +346,7 @@ class ImageFolderSource(_SubstitutingSource):
     return self.path(index)
 
   def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
-    image, size, scale = decode_image(self.path(index), self.min_side)
+    image, size, scale = _decode(self.path(index), self.min_side)
     return image, size, scale, int(self._labels[index])
 
   def __repr__(self) -> str:
@@ -390,7 +435,7 @@ class TfdsSource(_SubstitutingSource):
     image = example['image']
     label = int(example['label']) if 'label' in example else -1
     if isinstance(image, (bytes, bytearray)):
-      rgb, size, scale = decode_image(image, self.min_side)
+      rgb, size, scale = _decode(image, self.min_side)
       return rgb, size, scale, label
     image = np.asarray(image)
     if image.ndim == 2:

@@ -9,7 +9,7 @@ from sslx.data import crops, device_crops, pipeline
 
 
 def _device_crop(image, box, size, interpolation, canvas_size=64, flip=False):
-  canvas, extent, _ = device_crops.canvas_of(image, canvas_size)
+  canvas, extent, _ = crops.canvas_of(image, canvas_size)
   out = device_crops.crop_resize(jnp.asarray(canvas[None]), jnp.asarray([extent], jnp.int32),
                                  jnp.asarray([[box]], jnp.float32), jnp.asarray([[flip]]), size,
                                  interpolation)
@@ -22,7 +22,7 @@ def test_matches_pil_within_one_grey_level(interpolation):
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
   pil = Image.fromarray(image)
-  canvas, extent, _ = device_crops.canvas_of(image, 64)
+  canvas, extent, _ = crops.canvas_of(image, 64)
   for size in (5, 16, 47):  # shrinking (antialiased) and enlarging
     x0, y0 = rng.uniform(0, 40, 6), rng.uniform(0, 30, 6)
     boxes = np.stack([x0, y0, rng.uniform(1, 53 - x0), rng.uniform(1, 37 - y0)], -1)  # fractional
@@ -53,10 +53,10 @@ def test_padding_never_leaks_into_a_box_at_the_image_edge():
 
 def test_canvas_of_shrinks_only_large_images():
   small = np.zeros((30, 40, 3), np.uint8)
-  canvas, extent, scale = device_crops.canvas_of(small, 64)
+  canvas, extent, scale = crops.canvas_of(small, 64)
   assert canvas.shape == (64, 64, 3) and extent == (30, 40) and scale == (1.0, 1.0)
   big = np.full((100, 150, 3), 9, np.uint8)
-  canvas, extent, (sy, sx) = device_crops.canvas_of(big, 64)
+  canvas, extent, (sy, sx) = crops.canvas_of(big, 64)
   assert extent == (43, 64)
   assert sy == pytest.approx(43 / 100) and sx == pytest.approx(64 / 150)
   assert (canvas[:43, :64] == 9).all() and (canvas[43:] == 0).all()

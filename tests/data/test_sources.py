@@ -87,6 +87,29 @@ def test_image_folder_decodes_every_mode(image_folder, caplog):
   assert abs(cmyk.astype(float).mean() - skdata.chelsea()[:120, :160].mean()) < 10
 
 
+def test_canvas_records_equal_the_canvas_of_the_plain_records(image_folder, fmnist_cfg):
+  """set_canvas: PIL images go to the canvas without numpy in between, same pixels as from arrays;
+  larger images are shrunk, every mode included, and the setting survives pickling (workers)."""
+  from sslx.data import crops  # pylint: disable=g-import-not-at-top
+  root, _ = image_folder
+  plain, canvased = sources.ImageFolderSource(root), sources.ImageFolderSource(root)
+  canvased.set_canvas(256, 'bicubic')
+  shrunk = 0
+  for i in range(len(plain)):
+    want, extent, scale = crops.canvas_of(plain[i]['image'], 256, 'bicubic')
+    got = canvased[i]
+    assert got['image'].shape == (256, 256, 3) and got['image'].dtype == np.uint8
+    np.testing.assert_array_equal(got['image'], want, err_msg=plain.path(i))
+    assert tuple(got['canvas_extent']) == extent and tuple(got['canvas_scale']) == scale
+    shrunk += max(plain[i]['image'].shape) > 256
+  assert shrunk >= 2  # the astronaut and the coffee photos
+  fmnist = sources.FashionMnistSource(FMNIST_DIR, 'train')
+  fmnist.set_canvas(32)
+  clone = pickle.loads(pickle.dumps(fmnist))
+  assert clone[3]['image'].shape == (32, 32, 3) and tuple(clone[3]['canvas_extent']) == (28, 28)
+  np.testing.assert_array_equal(clone[3]['image'][:28, :28], fmnist[3]['image'][:28, :28])
+
+
 def test_corrupt_file_is_substituted_and_logged(image_folder, caplog):
   root, _ = image_folder
   source = sources.ImageFolderSource(root)
