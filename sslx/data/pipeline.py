@@ -67,9 +67,10 @@ class _MultiCrop:
     if self.canvas_size:
       out = crops_lib.multi_crop_boxes(rng, element['image_size'], self.global_spec,
                                        self.local_spec, ratio=self.ratio)
-      # The source already made the canvas (train_source): PIL pastes into it directly.
+      # The source already fitted the image to the canvas (train_source); _Batch pads it.
       d = float(element['decode_scale'])
-      out.update(canvas=element['image'], canvas_extent=element['canvas_extent'],
+      out.update(canvas=element['image'],
+                 canvas_extent=np.asarray(element['image'].shape[:2], np.int32),
                  canvas_scale=(element['canvas_scale'] * d).astype(np.float32))
     else:
       out = crops_lib.multi_crop(rng, element['image'], element['image_size'], self.global_spec,
@@ -84,6 +85,19 @@ class _MultiCrop:
     for key in ('label', 'skipped', 'index'):
       out[key] = element[key]
     return out
+
+
+class _Batch:
+  """Stacks examples like grain's default batch, but pads the variable-size 'canvas' images
+  straight into one [B, C, C, 3] array (picklable for worker processes)."""
+
+  def __init__(self, canvas_size: int):
+    self.canvas_size = canvas_size
+
+  def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != 'canvas'}
+    batch['canvas'] = crops_lib.stack_canvases([e['canvas'] for e in examples], self.canvas_size)
+    return batch
 
 
 def _add_overlaps(batch: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +146,7 @@ def canvas_size_of(data_cfg: Any) -> int:
 
 def train_source(data_cfg: Any) -> Any:
   """The random-access source of the training split (draft decoding tuned to the crop sizes;
-  canvases when the crops are resampled on the device)."""
+  images fitted to the canvas when the crops are resampled on the device)."""
   min_side = _train_min_side(_crop_spec(data_cfg.global_crops), _crop_spec(data_cfg.local_crops))
   source = sources.make_source(data_cfg, data_cfg.train_split, min_side=min_side)
   source.set_canvas(canvas_size_of(data_cfg), data_cfg.interpolation)
@@ -193,7 +207,8 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
   ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
                                 patch_size, canvas_size), seed=_derive_seed(seed, process_index, 1))
   ds = ds.to_iter_dataset(_read_options(data_cfg))
-  ds = ds.batch(batch_size, drop_remainder=True).map(_add_overlaps)
+  ds = ds.batch(batch_size, drop_remainder=True,
+                batch_fn=_Batch(canvas_size) if canvas_size else None).map(_add_overlaps)
   return _add_prefetch(ds, data_cfg)
 
 

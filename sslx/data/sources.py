@@ -15,9 +15,8 @@ takes it directly and worker processes can receive it). A record is a dict of nu
   'index'      int64 []         the requested record index (before any substitution).
 
 After ``source.set_canvas(C)`` (crops resampled on the device, sslx/data/device_crops.py) 'image' is
-instead the canvas uint8 [C, C, 3] of ``crops.canvas_of`` (the decoded image, shrunk only if larger
-than C, at the top left, zeros elsewhere), with 'canvas_extent' int32 [2] (its valid height, width)
-and 'canvas_scale' float64 [2] (canvas pixels per decoded pixel along y, x).
+shrunk (aspect kept) when larger than C on either side, so that it fits a C x C canvas, and
+'canvas_scale' float64 [2] gives its pixels per decoded pixel along y, x (1 when not shrunk).
 
 Unreadable or corrupt images are not fatal: the record at index+1, index+2, ... (modulo len) is
 substituted, deterministically, and a warning naming the bad file is logged.
@@ -142,18 +141,15 @@ class _SubstitutingSource:
   canvas_interpolation: str = 'bicubic'
 
   def set_canvas(self, canvas_size: int, interpolation: str = 'bicubic') -> None:
-    """Records become canvases of ``canvas_size`` (0: plain images); larger images are shrunk
-    with ``interpolation`` (``crops.canvas_of``)."""
+    """Records fit a ``canvas_size`` square (0: untouched); larger images are shrunk with
+    ``interpolation`` (``crops.fit_image``)."""
     self.canvas_size, self.canvas_interpolation = int(canvas_size), interpolation
 
   def _record_image(self, image: Image.Image | np.ndarray) -> dict[str, np.ndarray]:
     if not self.canvas_size:
       return {'image': np.asarray(image, dtype=np.uint8)}
-    # A PIL image is shrunk (when larger than the canvas) without a round trip through numpy.
-    canvas, extent, canvas_scale = crops_lib.canvas_of(image, self.canvas_size,
-                                                            self.canvas_interpolation)
-    return {'image': canvas, 'canvas_extent': np.asarray(extent, np.int32),
-            'canvas_scale': np.asarray(canvas_scale, np.float64)}
+    fitted, canvas_scale = crops_lib.fit_image(image, self.canvas_size, self.canvas_interpolation)
+    return {'image': fitted, 'canvas_scale': np.asarray(canvas_scale, np.float64)}
 
   def __len__(self) -> int:
     raise NotImplementedError

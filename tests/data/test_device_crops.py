@@ -60,6 +60,9 @@ def test_canvas_of_shrinks_only_large_images():
   assert extent == (43, 64)
   assert sy == pytest.approx(43 / 100) and sx == pytest.approx(64 / 150)
   assert (canvas[:43, :64] == 9).all() and (canvas[43:] == 0).all()
+  stacked = crops.stack_canvases([crops.fit_image(small, 64)[0], crops.fit_image(big, 64)[0]], 64)
+  np.testing.assert_array_equal(stacked[1], canvas)
+  assert stacked.shape == (2, 64, 64, 3) and not stacked[0].any()
 
 
 def test_unknown_interpolation_names_the_fix(fmnist_cfg):
