@@ -97,6 +97,17 @@ part_pipeline() {
   run pipe_device672_workers 120 $P --batches=60 --workers=16 --config.data.canvas_size=672
 }
 
+part_pipeline_mix() {
+  # Threads vs worker processes (2026-11-23, 2 cores: 4 threads in one process 378-424 img/s,
+  # 2 workers 243-292: every worker's batch is copied again into the main process).
+  P="$DINO --what=pipeline --make_jpegs=/tmp/jpegs --num_jpegs=256 --config.batch_size=64 \
+--config.data.masks.scheme=ibot --config.data.canvas_size=672"
+  run pipe672_threads16 120 $P --batches=60 --workers=0 --config.data.read_threads=16
+  run pipe672_w4_threads4 120 $P --batches=60 --workers=4 --config.data.read_threads=4
+  run pipe672_w8_threads2 120 $P --batches=60 --workers=8 --config.data.read_threads=2
+  run pipe672_w16 120 $P --batches=60 --workers=16
+}
+
 part_pipeline_host() {  # not run yet in this form (needs part_pipeline's $P first)
   run pipe_host_workers 120 $P --batches=30 --workers=16 --config.data.crops_on=host
 }
