@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sslx.models import ops
 from sslx.models.vit import DropPath
 
 Array = jax.Array
@@ -58,9 +59,9 @@ def dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Den
                   kernel_init=XAVIER, bias_init=nn.initializers.zeros, name=name)
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
+def layer_norm(name: str) -> ops.LayerNorm:
   """LayerNorm with eps 1e-6 in float32 (the official norm_layer)."""
-  return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+  return ops.LayerNorm(epsilon=1e-6, name=name)
 
 
 def attend(q: Array, k: Array, v: Array, num_heads: int) -> Array:
@@ -80,7 +81,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    h = nn.gelu(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x), approximate=False)
+    h = ops.gelu(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x))
     return dense(d, self.dtype, "fc2")(h).astype(jnp.float32)
 
 
