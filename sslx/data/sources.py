@@ -64,7 +64,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 def _rgb_image(im: Image.Image) -> Image.Image | np.ndarray:
   """``_to_rgb`` without the final copy to numpy: an RGB PIL image where the pixels are 8-bit
-  (PIL can paste it into a canvas directly), else uint8 [h, w, 3]."""
+  (``crops.fit_image`` can then shrink it without a copy to numpy), else uint8 [h, w, 3]."""
   if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
     # PIL's own convert would clip 16-bit values at 255 instead of rescaling them. A 32-bit 'I'
     # image whose values all fit in 8 bits is taken as 8-bit.
@@ -108,9 +108,8 @@ def _decode(source: str | bytes | os.PathLike, min_side: int | None = None,
       1/2, 1/4 or 1/8 scale (PIL draft mode) while keeping both sides >= ``min_side``.
   Returns:
     (image: RGB PIL image or uint8 [h, w, 3], original size int32 [2] = (height, width), scale)
-    where scale = 1/s
-    for a draft decode at 1/s (decoded column j covers original columns [j*s, (j+1)*s); h, w are
-    rounded up, so use ``scale`` rather than the shape ratio), else 1.0.
+    where scale = 1/s for a draft decode at 1/s (decoded column j covers original columns
+    [j*s, (j+1)*s); h, w are rounded up, so use ``scale`` rather than the shape ratio), else 1.0.
   Raises:
     Any PIL / OS error for unreadable data (the sources catch it and substitute another record).
   """
@@ -134,8 +133,8 @@ def _decode(source: str | bytes | os.PathLike, min_side: int | None = None,
 
 class _SubstitutingSource:
   """Base class: subclasses implement ``_read(index) -> (image, size, scale, label)`` or raise;
-  ``image`` may be an RGB PIL image or uint8 [h, w, 3]. ``canvas_size`` > 0 turns records into
-  canvases (module docstring)."""
+  ``image`` may be an RGB PIL image or uint8 [h, w, 3]. ``canvas_size`` > 0 fits record images to a
+  canvas (module docstring)."""
 
   canvas_size: int = 0
   canvas_interpolation: str = 'bicubic'
