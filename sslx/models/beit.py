@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sslx.models import ops
 from sslx.models.vit import DropPath
 
 Array = jax.Array
@@ -59,9 +58,9 @@ def dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Den
                   kernel_init=XAVIER, bias_init=nn.initializers.zeros, name=name)
 
 
-def layer_norm(name: str) -> ops.LayerNorm:
+def layer_norm(name: str) -> nn.LayerNorm:
   """LayerNorm with eps 1e-6 in float32 (the official norm_layer)."""
-  return ops.LayerNorm(epsilon=1e-6, name=name)
+  return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
 def attend(q: Array, k: Array, v: Array, num_heads: int) -> Array:
@@ -81,7 +80,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    h = ops.gelu(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x))
+    h = nn.gelu(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x), approximate=False)
     return dense(d, self.dtype, "fc2")(h).astype(jnp.float32)
 
 

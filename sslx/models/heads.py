@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sslx.models import ops
-
 Array = jax.Array
 DType = Any
 
@@ -70,7 +68,7 @@ def _bottleneck_mlp(head: "DINOHead", x: Array, train: bool | None) -> Array:
             h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=jnp.float32, param_dtype=jnp.float32, axis_name=head.bn_axis_name,
                              name=f"bn_{i}", parent=head)(h)
-        h = ops.gelu(h)
+        h = nn.gelu(h, approximate=False)
     h = dense(head.bottleneck_dim, f"mlp_{head.num_layers - 1}")(h)
     return l2_normalize(h)
 

@@ -18,8 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sslx.models import ops
-
 Array = jax.Array
 DType = Any
 
@@ -191,10 +189,8 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - jnp.asarray(rate, jnp.float32)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        # A per-sample scale (0 or 1/keep; keep == 1 is the identity, never a division by zero):
-        # the backward pass then keeps B numbers, where a broadcast `where` kept two [B, T, D] arrays.
-        scale = jnp.where(mask, 1.0 / jnp.maximum(keep, 1e-12), 0.0)
-        return (x * scale).astype(x.dtype)
+        # keep == 1 (rate 0) must be the identity, and never divides by zero.
+        return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0.0).astype(x.dtype)
 
 
 ATTENTION_KERNELS = ("auto", "xla", "cudnn")
@@ -283,7 +279,8 @@ class Block(nn.Module):
     def __call__(self, x: Array, drop_rate: Array | float) -> tuple[Array, Array | None]:
         """x: [B, T, D] float32; drop_rate: scalar. Returns (x [B, T, D] float32, attention [B, h, T, T])."""
         d = x.shape[-1]
-        norm = lambda name: ops.LayerNorm(epsilon=self.layer_norm_eps, name=name)
+        norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
+                                         param_dtype=jnp.float32, name=name)
         dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
                                             kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
                                             name=name)
@@ -291,7 +288,7 @@ class Block(nn.Module):
                                  need_weights=self.need_weights, name="attn")(norm("norm1")(x))
         x = x + DropPath(name="drop_path1")(branch, drop_rate, self.train)
         h = dense(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x))
-        h = ops.gelu(h)  # torch nn.GELU default (exact erf form); stores only h for backward
+        h = nn.gelu(h, approximate=False)  # torch nn.GELU default is the exact erf form
         h = dense(d, "fc2")(h).astype(jnp.float32)
         x = x + DropPath(name="drop_path2")(h, drop_rate, self.train)
         return x, attn
@@ -451,7 +448,8 @@ class ViT(nn.Module):
         x, attn = Block(*block_args, need_weights=return_attention,
                         name=f"block_{self.depth - 1}")(x, float(rates[-1]))
 
-        normed = ops.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
+        normed = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32,
+                              name="norm")(x)
         out = {"cls": normed[:, 0], "patch": normed[:, 1:], "prenorm": x}
         if return_attention:
             out["attention"] = attn.astype(jnp.float32)
