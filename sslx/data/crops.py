@@ -196,7 +196,7 @@ def fit_image(image: Image.Image | np.ndarray, canvas_size: int, interpolation: 
 
   An image larger than the canvas on either side is shrunk (aspect kept) with PIL; most ImageNet
   images (about 500 x 375) fit a 512 canvas untouched. Given a PIL image, the shrink skips a round
-  trip through numpy (7-13% less host CPU per image on the benchmark's JPEGs).
+  trip through numpy.
 
   Args:
     image: an RGB PIL image or uint8 [h, w, 3].
