@@ -53,7 +53,7 @@ def main(argv):
   def run(batches):
     for b in range(batches):
       examples = [multi_crop(source[(b * size + i) % len(source)], rng) for i in range(size)]
-      pipeline._add_overlaps(batch_fn(examples))  # pylint: disable=protected-access
+      batch_fn(examples)
 
   run(1)
   profile = cProfile.Profile()

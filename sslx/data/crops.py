@@ -217,12 +217,24 @@ def fit_image(image: Image.Image | np.ndarray, canvas_size: int, interpolation: 
   return np.asarray(image, dtype=np.uint8), (nh / h, nw / w)
 
 
-def stack_canvases(images: list[np.ndarray], canvas_size: int) -> np.ndarray:
+def stack_canvases(images: list[np.ndarray], canvas_size: int, out: np.ndarray | None = None,
+                   ) -> np.ndarray:
   """uint8 [B, C, C, 3]: each fitted image at the top left of its zero canvas. Written straight
-  into the batch (a canvas per image, then stacking, would copy every pixel twice)."""
-  out = np.zeros((len(images), canvas_size, canvas_size, 3), np.uint8)
+  into the batch (a canvas per image, then stacking, would copy every pixel twice).
+
+  Args:
+    images: uint8 [h_i, w_i, 3] with h_i, w_i <= C (``fit_image``'s output).
+    canvas_size: C.
+    out: optional uint8 [B, C, C, 3] to write into (e.g. shared memory); any prior content is
+      overwritten, padding included.
+  """
+  if out is None:
+    out = np.empty((len(images), canvas_size, canvas_size, 3), np.uint8)
   for i, image in enumerate(images):
-    out[i, :image.shape[0], :image.shape[1]] = image
+    h, w = image.shape[:2]
+    out[i, :h, :w] = image
+    out[i, :h, w:] = 0
+    out[i, h:] = 0
   return out
 
 

@@ -1,8 +1,8 @@
 """grain input pipelines: the infinite multi-crop training stream and one-pass evaluation batches.
 
 Training (per process): source[process_index::process_count] -> shuffle (reshuffled every epoch) ->
-repeat forever -> multi-crop with a per-record generator -> batch (drop remainder) -> worker
-processes (``workers`` > 0) -> a thread buffer of ``prefetch_buffer`` ready batches. The returned
+repeat forever -> multi-crop with a per-record generator -> batch (drop remainder; SERE overlaps;
+written straight into shared memory in a worker) -> worker processes (``workers`` > 0) -> a thread buffer of ``prefetch_buffer`` ready batches. The returned
 ``grain.IterDataset``'s iterator supports ``get_state()`` / ``set_state()`` and
 ``grain.checkpoint.CheckpointSave/Restore``.
 
@@ -88,16 +88,41 @@ class _MultiCrop:
 
 
 class _Batch:
-  """Stacks examples like grain's default batch, but pads the variable-size 'canvas' images
-  straight into one [B, C, C, 3] array (picklable for worker processes)."""
+  """grain's ``batch_fn``: stacks the examples, pads the variable-size 'canvas' images straight
+  into one [B, C, C, 3] array, and adds the SERE overlaps.
+
+  In worker processes grain calls ``enable_shared_memory_output`` (only on the dataset handed to
+  ``mp_prefetch``, so the overlaps are made here rather than in a later map): the batch is then
+  written straight into shared memory and reaches the main process without another copy.
+  Picklable for worker processes.
+  """
 
   def __init__(self, canvas_size: int):
     self.canvas_size = canvas_size
+    self._shared_memory = False
+
+  def enable_shared_memory_output(self) -> None:
+    self._shared_memory = True
+
+  def _empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    if self._shared_memory:
+      import grain.multiprocessing  # pylint: disable=g-import-not-at-top
+      return grain.multiprocessing.SharedMemoryArray(shape, dtype)
+    return np.empty(shape, dtype)
 
   def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != 'canvas'}
-    batch['canvas'] = crops_lib.stack_canvases([e['canvas'] for e in examples], self.canvas_size)
-    return batch
+    batch = {}
+    for key in examples[0]:
+      if key == 'canvas':
+        continue
+      first = np.asarray(examples[0][key])
+      batch[key] = np.stack([e[key] for e in examples],
+                            out=self._empty((len(examples),) + first.shape, first.dtype))
+    if 'canvas' in examples[0]:
+      size = self.canvas_size
+      batch['canvas'] = crops_lib.stack_canvases(
+          [e['canvas'] for e in examples], size, out=self._empty((len(examples), size, size, 3), np.uint8))
+    return _add_overlaps(batch)
 
 
 def _add_overlaps(batch: dict[str, Any]) -> dict[str, Any]:
@@ -207,8 +232,7 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
   ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
                                 patch_size, canvas_size), seed=_derive_seed(seed, process_index, 1))
   ds = ds.to_iter_dataset(_read_options(data_cfg))
-  ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=_Batch(canvas_size) if canvas_size else None).map(_add_overlaps)
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_Batch(canvas_size))
   return _add_prefetch(ds, data_cfg)
 
 

@@ -63,6 +63,10 @@ def test_canvas_of_shrinks_only_large_images():
   stacked = crops.stack_canvases([crops.fit_image(small, 64)[0], crops.fit_image(big, 64)[0]], 64)
   np.testing.assert_array_equal(stacked[1], canvas)
   assert stacked.shape == (2, 64, 64, 3) and not stacked[0].any()
+  dirty = np.full((2, 64, 64, 3), 255, np.uint8)  # e.g. reused memory: the padding is rewritten
+  np.testing.assert_array_equal(
+      crops.stack_canvases([crops.fit_image(small, 64)[0], crops.fit_image(big, 64)[0]], 64, out=dirty),
+      stacked)
 
 
 def test_unknown_interpolation_names_the_fix(fmnist_cfg):

@@ -234,3 +234,46 @@ def test_block_masks_ride_in_the_batch_without_changing_the_crops(fmnist_cfg):
   fmnist_cfg.global_crops.size = 30
   with pytest.raises(pipeline.DataError, match='patches'):
     pipeline.train_dataset(fmnist_cfg, seed=5, batch_size=8, patch_size=4)
+
+
+def test_batches_for_worker_processes_go_straight_into_shared_memory(fmnist_cfg):
+  """grain asks the dataset it hands to worker processes for shared-memory output; the batch
+  function then writes every array there, with the values of an ordinary batch."""
+  fmnist_cfg.prefetch_buffer = 0
+  plain = next(iter(pipeline.train_dataset(fmnist_cfg, seed=4, batch_size=4)))
+  dataset = pipeline.train_dataset(fmnist_cfg, seed=4, batch_size=4)
+  dataset.enable_shared_memory_output()  # what grain's mp_prefetch does
+  shared = next(iter(dataset))
+  assert plain.keys() == shared.keys()
+  for key in plain:
+    np.testing.assert_array_equal(shared[key], plain[key], err_msg=key)
+  # The stacked arrays are in shared memory (the overlaps, made from them afterwards, are small).
+  for key in ('global_crops', 'local_crops', 'global_boxes', 'label', 'index'):
+    assert isinstance(shared[key], grain.multiprocessing.SharedMemoryArray), key
+    shared[key].unlink_on_del()
+
+
+def test_canvas_batch_in_shared_memory_pads_with_zeros():
+  """Device-crop batches: each image padded into a reused or shared buffer leaves zeros around it."""
+  rng = np.random.default_rng(0)
+  examples = []
+  for i, (h, w) in enumerate([(5, 9), (16, 16), (12, 3)]):
+    boxes = np.concatenate([rng.uniform(0, 4, (3, 2)), rng.uniform(1, 4, (3, 2))], axis=1)
+    examples.append({'canvas': rng.integers(1, 256, (h, w, 3), dtype=np.uint8),
+                     'canvas_extent': np.array([h, w], np.int32),
+                     'global_boxes': boxes[:2].astype(np.float32), 'global_flips': np.array([0, 1], bool),
+                     'local_boxes': boxes[2:].astype(np.float32), 'local_flips': np.array([1], bool),
+                     'label': np.int32(i)})
+  batch_fn = pipeline._Batch(16)  # pylint: disable=protected-access
+  batch_fn.enable_shared_memory_output()
+  batch = batch_fn(examples)
+  assert isinstance(batch['canvas'], grain.multiprocessing.SharedMemoryArray)
+  assert batch['canvas'].shape == (3, 16, 16, 3) and list(batch['label']) == [0, 1, 2]
+  for i, e in enumerate(examples):
+    h, w = e['canvas'].shape[:2]
+    np.testing.assert_array_equal(batch['canvas'][i, :h, :w], e['canvas'])
+    assert batch['canvas'][i].sum() == e['canvas'].sum()  # zeros everywhere else
+  assert batch['gg_rects'].shape == (3, 2, 2, 2, 4) and batch['lg_valid'].shape == (3, 1, 2)
+  for value in batch.values():
+    if isinstance(value, grain.multiprocessing.SharedMemoryArray):
+      value.unlink_on_del()
