@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       arch="vit", variant="small", patch_size=16, pos_grid=14, drop_path_rate=0.1, dtype="bfloat16",
       # 'auto': cuDNN's fused attention on GPUs, explicit elsewhere (models/vit.py).
       scan_blocks=False, attention="auto",
+      # True: backward recomputes LayerNorm/GELU from their inputs (less activation memory).
+      recompute_elementwise=False,
       # 0 = take it from the variant; set to override (e.g. a custom small ViT).
       embed_dim=0, depth=0, num_heads=0, mlp_ratio=0.0))
   c.head = ml_collections.ConfigDict(dict(

@@ -31,6 +31,8 @@ flags.DEFINE_integer("workers", -1, "Pipeline worker processes (-1: config.data.
 flags.DEFINE_string("make_jpegs", "", "If set, first write ImageNet-sized JPEGs (scikit-image "
                     "sample photos, random 500x375-ish crops) into this folder and read from it.")
 flags.DEFINE_integer("num_jpegs", 256, "How many JPEGs --make_jpegs writes.")
+flags.DEFINE_bool("compile_only", False, "Step: report compile time, FLOPs and XLA's memory "
+                  "figures without running (e.g. to compare model variants on a CPU).")
 flags.DEFINE_string("profile_dir", "", "If set, trace 3 more train steps with jax.profiler into this "
                     "folder (with a Perfetto JSON that experiments/bench/trace_summary.py reads).")
 
@@ -61,6 +63,24 @@ def synthetic_batch(config, per_process_batch: int):
   return batch
 
 
+def _xla_memory(compiled, images_per_device: float) -> dict:
+  """XLA's own figures for the compiled step, per device: the temporary buffers it assigned and
+  the bytes its cost model says the step reads and writes (a proxy for memory traffic)."""
+  out = {}
+  try:
+    out["xla_temp_gib"] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2)
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    pass
+  try:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    out["xla_mb_accessed_per_image"] = round(
+        float(analysis["bytes accessed"]) / images_per_device / 2**20, 1)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
 def bench_step(config) -> dict:
   import jax
   from sslx.data import device_crops, pipeline
@@ -77,6 +97,11 @@ def bench_step(config) -> dict:
   # XLA's GPU estimate leaves out what cuBLAS runs. One device's share.
   flops = trainer.model_flops_per_device(config, mesh, 1000, 100_000, state, batch)
   xla_flops = metrics.step_flops(compiled)
+  memory = _xla_memory(compiled, config.batch_size / mesh.devices.size)
+  if FLAGS.compile_only:
+    return {"compile_s": round(compile_s, 1), "batch": config.batch_size,
+            "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1)
+            if flops else None, **memory}
   state, m = compiled(state, batch)  # the first step is slower; not timed
   jax.block_until_ready(m)
   t0 = time.time()
@@ -107,6 +132,7 @@ def bench_step(config) -> dict:
       # The last step's loss on the fixed synthetic batch: variants of one config (attention
       # kernel, crop path) should agree to bfloat16 noise.
       "loss": round(float(m["loss"]), 4) if "loss" in m else None,
+      **memory,
   }
   canvas = pipeline.canvas_size_of(config.data)
   if canvas:  # the share of the step's FLOPs that resamples the crops (device_crops.py)

@@ -66,6 +66,16 @@ part_final() {
   run step_default_host_crops 180 $DINO --steps=20 --config.batch_size=256 --config.data.crops_on=host
 }
 
+part_recompute() {
+  # LayerNorm/GELU recomputed in the backward pass (config.model.recompute_elementwise): on the
+  # CPU it cuts the values the ViT-S/16 step saves for backward by about a third
+  # (experiments/bench/saved_activations.py); here, its step time and memory, and whether
+  # DINO's global batch of 512 then fits one card.
+  profile dino_recompute --config.batch_size=256 --config.model.recompute_elementwise=true
+  run step_recompute_512 240 $DINO --steps=10 --config.batch_size=512 \
+      --config.model.recompute_elementwise=true
+}
+
 part_fmnist() {
   # DINO's fashion_mnist preset for 5 epochs instead of 1 (Fashion-MNIST's files carried in .fmnist).
   run fmnist_dino_5ep 260 python3 main.py --config=configs/dino.py:fashion_mnist \
@@ -99,7 +109,7 @@ part_pipeline() {
 
 part_pipeline_mix() {
   # Threads vs worker processes (2026-11-23, 2 cores: 4 threads in one process 378-424 img/s,
-  # 2 workers 243-292: every worker's batch is copied again into the main process).
+  # 2 workers 243-292; a worker's batch goes through fresh shared-memory pages, RESULTS.md).
   P="$DINO --what=pipeline --make_jpegs=/tmp/jpegs --num_jpegs=256 --config.batch_size=64 \
 --config.data.masks.scheme=ibot --config.data.canvas_size=672"
   run pipe672_threads16 120 $P --batches=60 --workers=0 --config.data.read_threads=16

@@ -7,6 +7,11 @@ r"""Where a traced train step spends its accelerator time, from a jax.profiler P
   # run), each of the top kernels is also shown with its fusion's shape, ops and source op names:
   python experiments/bench/trace_summary.py /tmp/prof --steps=3 --hlo_dir=/tmp/hlo
 
+  # The MFU the step would reach if only its matmul/attention/convolution kernels ran (as fast as
+  # they run now), and the call durations of the attention kernels, grouped:
+  python experiments/bench/trace_summary.py /tmp/prof --steps=3 --model_tflop_per_step=33.74 \
+      --durations=sdpa
+
 Prints the device's busy time per step, and the kernels grouped three ways: by kind (matmul,
 attention, convolution, copy, reduction/elementwise fusion), by the HLO op they came from (when the
 trace names it) and by kernel name, each with milliseconds per step and share of busy time.
@@ -56,7 +61,11 @@ def kind_of(name: str) -> str:
   return "other"
 
 
-def summarize(path: str, steps: int, top: int) -> None:
+COMPUTE_KINDS = ("matmul", "attention (cuDNN)", "convolution")
+
+
+def summarize(path: str, steps: int, top: int, model_tflop_per_step: float = 0.0,
+              peak_tflops: float = 989.4, durations: str = "") -> None:
   events, names = load_events(path)
   device_pids = {pid for pid, n in names.items() if re.search(r"gpu|tpu|device", n, re.I)
                  and "host" not in n.lower()}
@@ -93,6 +102,22 @@ def summarize(path: str, steps: int, top: int) -> None:
                       e["name"])
   table("HLO op", hlo)
   table("kernel name", lambda e: e["name"])
+  if model_tflop_per_step > 0:
+    compute = sum(e.get("dur", 0) for e in kernels if kind_of(e["name"]) in COMPUTE_KINDS) / steps
+    mfu = lambda us: 100 * model_tflop_per_step / (us * 1e-6) / peak_tflops  # noqa: E731
+    print(f"\nMFU at the busy time: {mfu(busy / steps):.1f}%; matmul + attention + convolution "
+          f"kernels alone take {compute / 1e3:.2f} ms/step, so with every other kernel gone the "
+          f"step would reach at most {mfu(compute):.1f}% ({model_tflop_per_step} TFLOP/step, "
+          f"{peak_tflops} TFLOP/s peak)")
+  if durations:
+    print(f"\n== call durations of kernels matching {durations!r} (us, rounded to 50: calls/step)")
+    groups = collections.defaultdict(collections.Counter)
+    for e in kernels:
+      if re.search(durations, e["name"]):
+        groups[e["name"]][50 * round(e.get("dur", 0) / 50)] += 1
+    for name, counter in sorted(groups.items()):
+      print(f"  {name[:90]}\n    " + ", ".join(f"{us:.0f}: {n / steps:g}"
+                                               for us, n in sorted(counter.items())))
   sample = next((e for e in kernels if e.get("args")), None)
   if sample:
     print("\nexample event args:", {k: str(v)[:80] for k, v in sample["args"].items()})
@@ -147,8 +172,16 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3, help="steps in the trace")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--hlo_dir", default="", help="XLA dump folder of the traced run")
+  parser.add_argument("--model_tflop_per_step", type=float, default=0.0,
+                      help="model TFLOP of one traced step (bench.py's GFLOP/img x batch / 1000): "
+                           "adds the MFU bound of the compute kernels alone")
+  parser.add_argument("--peak_tflops", type=float, default=989.4,
+                      help="dense bf16 peak of the device (H100 SXM: 989.4)")
+  parser.add_argument("--durations", default="",
+                      help="regex of kernel names whose call durations are printed, grouped")
   args = parser.parse_args()
-  summarize(args.path, args.steps, args.top)
+  summarize(args.path, args.steps, args.top, args.model_tflop_per_step, args.peak_tflops,
+            args.durations)
   if args.hlo_dir:
     instructions, computations = load_hlo(args.hlo_dir)
     events, names = load_events(args.path)

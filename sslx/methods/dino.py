@@ -68,6 +68,7 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = Tr
       pos_embed=model_cfg.get("pos_embed", "learned"),
       patch_init=model_cfg.get("patch_init", "torch"),
       attention=model_cfg.get("attention", "auto"),
+      recompute_elementwise=model_cfg.get("recompute_elementwise", False),
       use_mask_token=mask_token,
       **kwargs)
 

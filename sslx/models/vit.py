@@ -10,6 +10,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -274,13 +275,21 @@ class Block(nn.Module):
     train: bool = False
     attention: str = "xla"
     need_weights: bool = False
+    recompute_elementwise: bool = False
 
     @nn.compact
     def __call__(self, x: Array, drop_rate: Array | float) -> tuple[Array, Array | None]:
         """x: [B, T, D] float32; drop_rate: scalar. Returns (x [B, T, D] float32, attention [B, h, T, T])."""
         d = x.shape[-1]
-        norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
-                                         param_dtype=jnp.float32, name=name)
+        # recompute_elementwise: the backward pass recomputes LayerNorm and GELU from their inputs
+        # instead of reading the intermediates autodiff would save (GELU alone keeps four
+        # [B, T, 4D] tensors); matrix products are never recomputed.
+        layer_norm = nn.remat(nn.LayerNorm) if self.recompute_elementwise else nn.LayerNorm
+        norm = lambda name: layer_norm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
+                                       param_dtype=jnp.float32, name=name)
+        gelu = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU: the exact erf form
+        if self.recompute_elementwise:
+            gelu = jax.checkpoint(gelu)
         dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
                                             kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
                                             name=name)
@@ -288,7 +297,7 @@ class Block(nn.Module):
                                  need_weights=self.need_weights, name="attn")(norm("norm1")(x))
         x = x + DropPath(name="drop_path1")(branch, drop_rate, self.train)
         h = dense(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x))
-        h = nn.gelu(h, approximate=False)  # torch nn.GELU default is the exact erf form
+        h = gelu(h)
         h = dense(d, "fc2")(h).astype(jnp.float32)
         x = x + DropPath(name="drop_path2")(h, drop_rate, self.train)
         return x, attn
@@ -303,11 +312,13 @@ class _ScanBody(nn.Module):
     dtype: DType
     train: bool
     attention: str
+    recompute_elementwise: bool
 
     @nn.compact
     def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, None]:
         x, _ = Block(self.num_heads, self.mlp_ratio, self.layer_norm_eps, self.dtype, self.train,
-                     self.attention, name="block")(x, drop_rate)
+                     self.attention, recompute_elementwise=self.recompute_elementwise,
+                     name="block")(x, drop_rate)
         return x, None
 
 
@@ -330,6 +341,9 @@ class ViT(nn.Module):
       patch_init: 'torch' (PyTorch's conv default, DINO) or 'xavier' (MoCo v3's uniform
         +-sqrt(6 / (3 p^2 + D)), used with its frozen random patch embedding).
       attention: 'auto', 'xla' (explicit) or 'cudnn' (fused flash attention on GPUs); see `Attention`.
+      recompute_elementwise: the backward pass recomputes each block's LayerNorms and GELU from
+        their inputs rather than saving their intermediates (less activation memory and traffic,
+        a little more elementwise work; matrix products are not recomputed).
       scan_blocks: run the first depth-1 blocks with nn.scan (params stacked under 'blocks', leading axis
         depth-1); the last block is always named f'block_{depth-1}'. Without scan blocks are 'block_i'.
 
@@ -352,6 +366,7 @@ class ViT(nn.Module):
     pos_embed: str = "learned"
     patch_init: str = "torch"
     attention: str = "xla"
+    recompute_elementwise: bool = False
 
     def _check_config(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -438,14 +453,15 @@ class ViT(nn.Module):
         drop_active = bool(train) and self.drop_path_rate > 0
         block_args = (self.num_heads, self.mlp_ratio, self.layer_norm_eps, self.dtype, drop_active,
                       self.attention)
+        recompute = dict(recompute_elementwise=self.recompute_elementwise)
         if self.scan_blocks and self.depth > 1:
             scanned = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=0, length=self.depth - 1)
-            x, _ = scanned(*block_args, name="blocks")(x, jnp.asarray(rates[:-1]))
+            x, _ = scanned(*block_args, **recompute, name="blocks")(x, jnp.asarray(rates[:-1]))
         else:
             for i in range(self.depth - 1):
-                x, _ = Block(*block_args, name=f"block_{i}")(x, float(rates[i]))
-        x, attn = Block(*block_args, need_weights=return_attention,
+                x, _ = Block(*block_args, **recompute, name=f"block_{i}")(x, float(rates[i]))
+        x, attn = Block(*block_args, need_weights=return_attention, **recompute,
                         name=f"block_{self.depth - 1}")(x, float(rates[-1]))
 
         normed = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -228,6 +228,32 @@ def test_scan_blocks_same_function():
     assert out["cls"].shape == (2, 32) and np.isfinite(out["cls"]).all()
 
 
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_recompute_elementwise_same_function_and_gradients_fewer_saved(scan_blocks):
+    """Recomputing LayerNorm/GELU in the backward pass changes memory, not maths: same parameter
+    tree, outputs and gradients (drop path on), and fewer values saved for the backward pass."""
+    from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
+    x = _images((2, 28, 28, 1))
+    plain = _model(depth=3, drop_path_rate=0.2, scan_blocks=scan_blocks)
+    recompute = _model(depth=3, drop_path_rate=0.2, scan_blocks=scan_blocks,
+                       recompute_elementwise=True)
+    params = plain.init(jax.random.key(0), x, train=False)["params"]
+    assert (jax.tree.structure(recompute.init(jax.random.key(0), x, train=False)["params"])
+            == jax.tree.structure(params))
+
+    def loss(model, p):
+        out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
+        return jnp.sum(out["cls"] ** 2) + jnp.sum(jnp.sin(out["patch"]))
+
+    (la, ga), (lb, gb) = (jax.value_and_grad(lambda p, m=m: loss(m, p))(params)
+                          for m in (plain, recompute))
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    # float32 sums in another order: agreement to ~1e-5 relative, not bit for bit.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ga, gb)
+    saved = lambda m: sum(a.size for a, _ in saved_residuals(lambda p: loss(m, p), params))  # noqa: E731
+    assert saved(recompute) < 0.8 * saved(plain)
+
+
 def test_vit_kwargs():
     assert vit_kwargs("small") == dict(embed_dim=384, depth=12, num_heads=6)
     assert vit_kwargs("S") == vit_kwargs("small")
