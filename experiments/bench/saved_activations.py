@@ -50,8 +50,9 @@ def main() -> None:
         if aval.ndim == 4 and aval.shape[-1] == aval.shape[-2]:
           scores += aval.size * aval.dtype.itemsize
     total = sum(by_dtype.values())
+    parts = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in sorted(by_dtype.items()))
     print(f"{size}px, recompute_elementwise={args.recompute_elementwise}: "
-          f"{total / 2**20:.2f} MiB per image ({', '.join(f'{k} {v / 2**20:.2f}' for k, v in sorted(by_dtype.items()))}); "
+          f"{total / 2**20:.2f} MiB per image ({parts}); "
           f"without the [T, T] attention scores {(total - scores) / 2**20:.2f} MiB")
 
 

@@ -2,9 +2,9 @@
 
 Training (per process): source[process_index::process_count] -> shuffle (reshuffled every epoch) ->
 repeat forever -> multi-crop with a per-record generator -> batch (drop remainder; SERE overlaps;
-written straight into shared memory in a worker) -> worker processes (``workers`` > 0) -> a thread buffer of ``prefetch_buffer`` ready batches. The returned
-``grain.IterDataset``'s iterator supports ``get_state()`` / ``set_state()`` and
-``grain.checkpoint.CheckpointSave/Restore``.
+written straight into shared memory in a worker) -> worker processes (``workers`` > 0) -> a thread
+buffer of ``prefetch_buffer`` ready batches. The returned ``grain.IterDataset``'s iterator supports
+``get_state()`` / ``set_state()`` and ``grain.checkpoint.CheckpointSave/Restore``.
 
 Config keys read (``config.data``): source, path, tfds_name, tfds_data_dir, train_split,
 global_crops, local_crops, interpolation, eval_resize, eval_size, workers, prefetch_buffer, and with
@@ -121,7 +121,8 @@ class _Batch:
     if 'canvas' in examples[0]:
       size = self.canvas_size
       batch['canvas'] = crops_lib.stack_canvases(
-          [e['canvas'] for e in examples], size, out=self._empty((len(examples), size, size, 3), np.uint8))
+          [e['canvas'] for e in examples], size,
+          out=self._empty((len(examples), size, size, 3), np.uint8))
     return _add_overlaps(batch)
 
 
