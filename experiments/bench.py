@@ -6,7 +6,7 @@ r"""Throughput benchmark: the train step (img/s, step time, MFU, memory) and the
   python experiments/bench.py --config=configs/dino.py --steps=20 \
       --config.batch_size=128 --config.data.local_crops.number=10
   # Input pipeline (host only, real decoding + multi-crop or canvases): images/s, per core,
-  # and (without worker processes) per CPU-second of this process:
+  # and per CPU-second of this process and its worker processes:
   python experiments/bench.py --config=configs/dino.py:fashion_mnist --what=pipeline
 
 Results are recorded in experiments/bench/RESULTS.md with the machine named.
@@ -195,17 +195,13 @@ def bench_pipeline(config) -> dict:
 def _cpu_seconds() -> float | None:
   """CPU seconds used so far by this process and its live children (grain's worker processes);
   None where /proc cannot be read (not Linux)."""
-  import multiprocessing
-  total = time.process_time()
-  tick = os.sysconf("SC_CLK_TCK")
-  for child in multiprocessing.active_children():
-    try:
-      with open(f"/proc/{child.pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-      return None
-    total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (stat fields 14, 15)
-  return total
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+  from worker_cost import children_stats  # pylint: disable=g-import-not-at-top
+  try:
+    children = children_stats()
+  except OSError:
+    return None
+  return time.process_time() + sum(user + system for user, system, _ in children.values())
 
 
 def main(argv):

@@ -20,7 +20,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def _children() -> dict:
+def children_stats() -> dict[int, tuple[float, float, int]]:
+  """{pid: (user CPU s, system CPU s, minor page faults)} of this process's live children (grain's
+  worker processes), from Linux's /proc; OSError where /proc cannot be read."""
   tick = os.sysconf("SC_CLK_TCK")
   out = {}
   for child in multiprocessing.active_children():
@@ -57,10 +59,10 @@ def main() -> None:
   it = iter(pipeline.train_dataset(data, seed=0, batch_size=args.batch, patch_size=16))
   for _ in range(5):
     next(it)
-  main0, kids0, t0 = _self(), _children(), time.time()
+  main0, kids0, t0 = _self(), children_stats(), time.time()
   for _ in range(args.batches):
     next(it)
-  main1, kids1, wall = _self(), _children(), time.time() - t0
+  main1, kids1, wall = _self(), children_stats(), time.time() - t0
   images = args.batches * args.batch
   rows = [("main", main1[0] - main0[0], main1[1] - main0[1], main1[2] - main0[2])]
   rows += [(f"worker {pid}", *(b - a for a, b in zip(kids0[pid], kids1[pid])))

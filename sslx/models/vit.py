@@ -261,6 +261,11 @@ class Attention(nn.Module):
         return dense(d, "proj")(out).astype(jnp.float32), attn
 
 
+_GELU = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU: the exact erf form
+_GELU_RECOMPUTED = jax.checkpoint(_GELU)
+_REMAT_LAYER_NORM = nn.remat(nn.LayerNorm)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
 
@@ -284,12 +289,10 @@ class Block(nn.Module):
         # recompute_elementwise: the backward pass recomputes LayerNorm and GELU from their inputs
         # instead of reading the intermediates autodiff would save (GELU alone keeps four
         # [B, T, 4D] tensors); matrix products are never recomputed.
-        layer_norm = nn.remat(nn.LayerNorm) if self.recompute_elementwise else nn.LayerNorm
+        layer_norm = _REMAT_LAYER_NORM if self.recompute_elementwise else nn.LayerNorm
         norm = lambda name: layer_norm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                                        param_dtype=jnp.float32, name=name)
-        gelu = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU: the exact erf form
-        if self.recompute_elementwise:
-            gelu = jax.checkpoint(gelu)
+        gelu = _GELU_RECOMPUTED if self.recompute_elementwise else _GELU
         dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
                                             kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
                                             name=name)

@@ -250,7 +250,9 @@ def test_batches_for_worker_processes_go_straight_into_shared_memory(fmnist_cfg)
   # The stacked arrays are in shared memory (the overlaps, made from them afterwards, are small).
   for key in ('global_crops', 'local_crops', 'global_boxes', 'label', 'index'):
     assert isinstance(shared[key], grain.multiprocessing.SharedMemoryArray), key
-    shared[key].unlink_on_del()
+  for value in shared.values():  # free every segment this batch made
+    if isinstance(value, grain.multiprocessing.SharedMemoryArray):
+      value.unlink_on_del()
 
 
 def test_canvas_batch_in_shared_memory_pads_with_zeros():
