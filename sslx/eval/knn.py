@@ -27,6 +27,19 @@ FeatureFn = Callable[[np.ndarray], jax.Array | np.ndarray]
 _MAX_PENDING_BATCHES = 2
 
 
+def eval_compiler_options() -> dict[str, str] | None:
+  """XLA options for the evaluation forward: on CPUs, no YNNPACK library fusions.
+
+  XLA's CPU default hands dots and their neighbours to YNNPACK in fused subgraphs; for the
+  inference forward of every method's Fashion-MNIST model that was 1.3-1.8x slower than XLA's own
+  code, and 1.8x slower for ViT-S/16 in bfloat16 (experiments/bench/knn_cost.py, RESULTS.md).
+  Training steps showed no difference either way, so only evaluation sets it.
+  """
+  if jax.default_backend() != "cpu":
+    return None
+  return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 def raw_pixel_features(images: np.ndarray) -> np.ndarray:
   """Flattens uint8 images into raw-pixel feature vectors (the pixel baseline).
 

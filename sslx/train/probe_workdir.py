@@ -46,7 +46,8 @@ def token_fn_of(method: Any, config: ml_collections.ConfigDict) -> Callable[[Any
 
 def _on_uint8(fn: Callable, params: Any, config: ml_collections.ConfigDict) -> Callable:
   mean, std = tuple(config.augment.mean), tuple(config.augment.std)
-  jitted = jax.jit(lambda p, x: fn(p, augment.normalize(x.astype(jnp.float32) / 255.0, mean, std)))
+  jitted = jax.jit(lambda p, x: fn(p, augment.normalize(x.astype(jnp.float32) / 255.0, mean, std)),
+                   compiler_options=knn.eval_compiler_options())
   return lambda images: np.asarray(jitted(params, jnp.asarray(images)))
 
 

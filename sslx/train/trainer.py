@@ -185,7 +185,7 @@ def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndar
   """
   mean, std = tuple(config.augment.mean), tuple(config.augment.std)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=knn.eval_compiler_options())
   def features(params, images):
     x = augment.normalize(images.astype(jnp.float32) / 255.0, mean, std)
     return method.features(params, x)

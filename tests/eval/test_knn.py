@@ -156,3 +156,28 @@ def test_fashion_mnist_raw_pixels_reference_accuracy():
                             num_classes=10, k=20, temperature=0.07)
   assert result["top1"] == pytest.approx(84.59, abs=1e-6)
   assert 95.0 < result["top5"] <= 100.0
+
+
+def test_eval_compiler_options_take_effect_and_keep_the_features():
+  """On CPUs the evaluation forward is compiled without YNNPACK fusions (knn.eval_compiler_options);
+  the option must reach XLA (no 'ynn_fusion' left in the compiled module) and change no result."""
+  options = knn.eval_compiler_options()
+  if jax.default_backend() != "cpu":
+    assert options is None
+    return
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(256, 8, 64), jnp.float32)
+  w1 = jnp.asarray(rng.randn(64, 256) / 8, jnp.float32)
+  w2 = jnp.asarray(rng.randn(256, 64) / 16, jnp.float32)
+
+  def forward(x, w1, w2):  # a transformer MLP and an attention-shaped batched dot
+    h = jax.nn.gelu(x @ w1, approximate=False) @ w2
+    scores = jax.nn.softmax(jnp.einsum("btd,bsd->bts", h, x), axis=-1)
+    return jnp.einsum("bts,bsd->btd", scores, h).mean(axis=1)
+
+  default = jax.jit(forward).lower(x, w1, w2).compile()
+  tuned = jax.jit(forward, compiler_options=options).lower(x, w1, w2).compile()
+  # (Whether the default fuses depends on the CPU YNNPACK finds; the tuned module never may.)
+  assert "ynn_fusion" not in tuned.as_text()
+  np.testing.assert_allclose(np.asarray(tuned(x, w1, w2)), np.asarray(default(x, w1, w2)),
+                             rtol=1e-4, atol=1e-5)
