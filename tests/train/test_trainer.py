@@ -120,3 +120,22 @@ def test_crops_resampled_on_the_device_train_like_host_crops(tmp_path):
   assert sorted(losses["device"]) == [1, 2]
   for step in (1, 2):
     assert losses["device"][step] == pytest.approx(losses["host"][step], rel=1e-3), step
+
+
+def test_evaluation_forwards_are_compiled_with_the_eval_options(monkeypatch):
+  """The kNN feature function and the probes' token function both ask knn.eval_compiler_options
+  (on CPUs: no YNNPACK fusions, experiments/bench/RESULTS.md) for their jit."""
+  from sslx.eval import knn
+  from sslx.methods import make_method
+  from sslx.train import probe_workdir
+  calls = []
+
+  def options():
+    calls.append(True)
+    return None
+
+  monkeypatch.setattr(knn, "eval_compiler_options", options)
+  config = load_config_file(os.path.join(ROOT, "configs/dino.py:smoke"))
+  trainer.make_feature_fn(make_method(config), sharding.make_mesh(config.mesh), config)
+  probe_workdir._on_uint8(lambda params, images: images, None, config)  # pylint: disable=protected-access
+  assert len(calls) == 2
