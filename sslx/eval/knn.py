@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sslx.data import augment
 
 FeatureFn = Callable[[np.ndarray], jax.Array | np.ndarray]
 
@@ -38,6 +40,24 @@ def eval_compiler_options() -> dict[str, str] | None:
   if jax.default_backend() != "cpu":
     return None
   return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def uint8_forward(fn: Callable[[Any, jax.Array], jax.Array], mean: tuple[float, ...],
+                  std: tuple[float, ...]) -> Callable[[Any, jax.Array], jax.Array]:
+  """(params, normalised float images) -> out, as (params, uint8 images [B, H, W, C]) -> out.
+
+  The images are scaled to [0, 1] and normalised with the config's `mean` / `std`, as in training.
+  """
+  def forward(params: Any, images: jax.Array) -> jax.Array:
+    return fn(params, augment.normalize(images.astype(jnp.float32) / 255.0, mean, std))
+  return forward
+
+
+def eval_forward(fn: Callable[[Any, jax.Array], jax.Array], mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> Callable[[Any, jax.Array], jax.Array]:
+  """`uint8_forward(fn, mean, std)` jitted with `eval_compiler_options()`: the one way evaluators
+  (kNN features, probe tokens) compile a frozen network's forward."""
+  return jax.jit(uint8_forward(fn, mean, std), compiler_options=eval_compiler_options())
 
 
 def raw_pixel_features(images: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sslx.data import augment, pipeline
+from sslx.data import pipeline
 from sslx.eval import knn, probe
 from sslx.methods import make_method
 from sslx.methods.dino import build_backbone
@@ -45,9 +45,7 @@ def token_fn_of(method: Any, config: ml_collections.ConfigDict) -> Callable[[Any
 
 
 def _on_uint8(fn: Callable, params: Any, config: ml_collections.ConfigDict) -> Callable:
-  mean, std = tuple(config.augment.mean), tuple(config.augment.std)
-  jitted = jax.jit(lambda p, x: fn(p, augment.normalize(x.astype(jnp.float32) / 255.0, mean, std)),
-                   compiler_options=knn.eval_compiler_options())
+  jitted = knn.eval_forward(fn, tuple(config.augment.mean), tuple(config.augment.std))
   return lambda images: np.asarray(jitted(params, jnp.asarray(images)))
 
 

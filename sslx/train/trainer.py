@@ -183,12 +183,8 @@ def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndar
   Each process sends its own slice of the batch to its devices and gathers the
   result back, so evaluation works unchanged on one CPU and on several hosts.
   """
-  mean, std = tuple(config.augment.mean), tuple(config.augment.std)
-
-  @functools.partial(jax.jit, compiler_options=knn.eval_compiler_options())
-  def features(params, images):
-    x = augment.normalize(images.astype(jnp.float32) / 255.0, mean, std)
-    return method.features(params, x)
+  features = knn.eval_forward(method.features, tuple(config.augment.mean),
+                              tuple(config.augment.std))
 
   shard = sharding.batch_sharding(mesh)
   n, p = jax.process_count(), jax.process_index()
