@@ -1,12 +1,14 @@
 r"""sslx entry point: flags -> config -> trainer.
 
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/run \
-      [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe]
+      [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe|export]
 
 A workdir that already holds a checkpoint resumes from it. `--mode=knn` runs the
 weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` and
 `attentive_probe` train a probe on its frozen features (sslx/eval/probe.py).
 `--random_init` evaluates freshly initialised weights instead (the baselines).
+`--mode=export [--weights=teacher|student]` writes the latest checkpoint's backbone as PyTorch
+weights (timm / torchvision names) to <workdir>/export/ (sslx/train/export_workdir.py).
 """
 
 import os
@@ -19,8 +21,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally ':preset'.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-flags.DEFINE_enum("mode", "train", ["train", "knn", "linear_probe", "attentive_probe"],
+flags.DEFINE_enum("mode", "train", ["train", "knn", "linear_probe", "attentive_probe", "export"],
                   "What to do with the workdir.")
+flags.DEFINE_enum("weights", "teacher", ["teacher", "student"],
+                  "--mode=export: the EMA teacher (what the kNN evaluates) or the student.")
 flags.DEFINE_bool("random_init", False, "Evaluate freshly initialised weights (eval modes only).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -46,6 +50,9 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       results = trainer.run(config, FLAGS.workdir)
+    elif FLAGS.mode == "export":
+      from sslx.train import export_workdir
+      results = export_workdir.export(config, FLAGS.workdir, FLAGS.weights)
     elif FLAGS.mode == "knn" and not FLAGS.random_init:
       results = trainer.evaluate_workdir(config, FLAGS.workdir)
     else:
