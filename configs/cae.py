@@ -22,8 +22,8 @@ targets are `--config.cae.target=tokens --config.cae.tokenizer_path=/path/dalle_
   # A few steps, for tests:
   python main.py --config=configs/cae.py:smoke --workdir=/tmp/cae_smoke
 
-Presets: '' (ImageNet ViT-B/16), 'vit_small' (ViT-S/16, 6 heads in the regressor/decoder at
-width 384), 'fashion_mnist', 'smoke'.
+Presets: '' (ImageNet ViT-B/16), 'vit_small' (the official ViT-S/16: 12 heads; regressor and
+decoder 768 wide with 12 heads, behind a 384 -> 768 Linear + LN), 'fashion_mnist', 'smoke'.
 """
 
 import ml_collections
@@ -82,7 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def vit_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  c.model.variant = "small"
+  # Atten4Vis/CAE registers cae_small_patch16_224 with 12 heads (head width 32), and
+  # run_pretraining.py's defaults (decoder_embed_dim 768, decoder_num_heads 12) then give a
+  # 768-wide regressor/decoder behind the encoder_to_regressor Linear + LN.
+  c.model.update(variant="small", num_heads=12, decoder_embed_dim=768, decoder_num_heads=12)
   return c
 
 

@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       arch="vit", variant="small", patch_size=16, pos_grid=14, drop_path_rate=0.1, dtype="bfloat16",
       # 'auto': cuDNN's fused attention on GPUs, explicit elsewhere (models/vit.py).
       scan_blocks=False, attention="auto",
+      # 'learned' positions (DINO) or fixed 'sincos' (MoCo v3); parameter init 'dino' or 'mocov3'.
+      pos_embed="learned", init_scheme="dino",
       # True: backward recomputes LayerNorm/GELU from their inputs (less activation memory).
       recompute_elementwise=False,
       # 0 = take it from the variant; set to override (e.g. a custom small ViT).

@@ -5,7 +5,8 @@ batch 1024, 300 epochs, two 224 crops at scale (0.08, 1) with BYOL's asymmetric 
 and solarisation (0 / 0.2), AdamW lr 1.5e-4 per 256 with 40 warm-up epochs and a cosine to 0,
 constant weight decay 0.1 on every parameter, no gradient clipping, projector 3 x 4096 -> 256
 and predictor 2 x 4096 -> 256 with BatchNorm, temperature 0.2, momentum 0.99 -> 1 (cosine),
-fixed 2-D sin-cos positions, a frozen random patch embedding (--stop-grad-conv1), no drop path.
+fixed 2-D sin-cos positions, a frozen random patch embedding (--stop-grad-conv1), no drop path,
+MoCo v3's ViT init (xavier-uniform Linears, CLS N(0, 1e-6^2)), 12 heads in ViT-S, bilinear crops.
 
   python main.py --config=configs/mocov3.py --workdir=/tmp/mocov3_vits16 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets
@@ -33,7 +34,7 @@ def mocov3_on(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDi
         hidden_dim=4096, out_dim=256, projector_layers=3, predictor_layers=2))
     c.loss = ml_collections.ConfigDict(dict(temperature=0.2))
     c.teacher.update(momentum=0.99, momentum_end=1.0)
-    c.model.update(pos_embed="sincos", patch_init="xavier", drop_path_rate=0.0)
+    c.model.update(pos_embed="sincos", init_scheme="mocov3", drop_path_rate=0.0)
     c.optim.update(weight_decay=0.1, weight_decay_end=0.1, clip_grad=0.0, min_lr=0.0,
                    freeze_last_layer_epochs=0.0, decay_biases=True, decay_norms=True,
                    frozen="^backbone/patch_embed/")
@@ -43,6 +44,10 @@ def mocov3_on(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDi
       c.total_epochs = 300
       c.optim.update(lr_per_256=1.5e-4, warmup_epochs=40.0)
       c.data.global_crops.update(number=2, size=224, scale=(0.08, 1.0))
+      # moco-v3 vits.py: ViT-S has 12 heads of 32 channels (DeiT's has 6); torchvision's
+      # RandomResizedCrop default, bilinear.
+      c.model.num_heads = 12
+      c.data.interpolation = "bilinear"
     else:  # fashion_mnist, smoke: DINO's preset budget and lr, MoCo v3's heads and loss
       c.head.update(hidden_dim=512, out_dim=128)
       c.data.global_crops.update(scale=(0.2, 1.0))

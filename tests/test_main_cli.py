@@ -105,3 +105,17 @@ def test_config_errors_found_while_building_are_one_line(tmp_path, args, message
   assert r.returncode == 1, r.stderr[-2000:]
   assert message in r.stderr
   assert "Traceback" not in r.stderr
+
+
+def test_mocov3_default_is_the_official_vit_small():
+  """moco-v3 vits.py / main_moco.py: ViT-S with 12 heads, its own init, bilinear crops."""
+  sys.path.insert(0, ROOT)
+  from sslx.config_check import load_config_file
+  from sslx.methods.dino import build_backbone
+  for name in ("mocov3.py", "mocov3.py:vit_base", "sere_mocov3.py"):
+    c = load_config_file(os.path.join(ROOT, f"configs/{name}"))
+    m = build_backbone(c.model)
+    assert (m.num_heads, m.init_scheme, m.pos_embed) == (12, "mocov3", "sincos"), name
+    assert c.data.interpolation == "bilinear", name
+  d = build_backbone(load_config_file(os.path.join(ROOT, "configs/dino.py")).model)
+  assert (d.num_heads, d.init_scheme, d.pos_embed) == (6, "dino", "learned")

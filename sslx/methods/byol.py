@@ -79,18 +79,30 @@ def decay_and_adapt_mask(params: Any) -> Any:
 
 
 def lars_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> schedules.Schedule:
-  """Linear warm-up then cosine to optim.min_lr; per epoch after warm-up if optim.lr_by_epoch."""
+  """The encoder's lr: linear warm-up, then cosine to optim.min_lr.
+
+  Per step (BYOL) by default. With optim.lr_by_epoch (SaGe), mmcv's by-epoch
+  CosineAnnealingLrUpdaterHook with a linear warm-up, as the official SaGe trainer runs it: the
+  cosine is that of the current epoch over *all* epochs (warm-up included), lr(e) = min_lr +
+  (base - min_lr) (1 + cos(pi e / E)) / 2, and during the warm-up's W iterations it is scaled by
+  r + (1 - r) i / W, r = optim.warmup_start_ratio.
+  """
   oc = config.optim
   base = schedules.base_learning_rate(oc.lr_per_256, config.batch_size)
   warmup = int(round(oc.warmup_epochs * steps_per_epoch))
-  sched = schedules.cosine_schedule(base, oc.min_lr, total_steps, warmup,
-                                    warmup_start=oc.warmup_start_ratio * base)
   if not oc.get("lr_by_epoch", False):
-    return sched
-  # mmcv's by_epoch cosine (SaGe): the warm-up moves per iteration, the cosine per epoch.
-  return lambda step: sched(jnp.where(step < warmup, step,
-                                      jnp.maximum(warmup, step // steps_per_epoch
-                                                  * steps_per_epoch)))
+    return schedules.cosine_schedule(base, oc.min_lr, total_steps, warmup,
+                                     warmup_start=oc.warmup_start_ratio * base)
+  epochs = total_steps / steps_per_epoch
+  ratio = oc.warmup_start_ratio
+
+  def by_epoch(step):
+    epoch = jnp.asarray(step // steps_per_epoch, jnp.float32)
+    regular = oc.min_lr + (base - oc.min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+    ramp = jnp.where(step < warmup, ratio + (1.0 - ratio) * step / max(warmup, 1), 1.0)
+    return (regular * ramp).astype(jnp.float32)
+
+  return by_epoch
 
 
 @dataclasses.dataclass(frozen=True)

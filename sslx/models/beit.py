@@ -25,10 +25,9 @@ from sslx.models.vit import DropPath
 
 Array = jax.Array
 XAVIER = nn.initializers.xavier_uniform()
-# torch trunc_normal_(std=.02, a=-.02, b=.02) = N(0, .02^2) cut at +-1 sigma. jax rescales its
-# truncated normal by 1/0.8796 (the std of N(0,1) cut at +-2), so undo that to get N(0, .02^2).
-TRUNC_NORMAL_1SIGMA = nn.initializers.truncated_normal(
-    stddev=0.02 * 0.87962566103423978, lower=-1.0, upper=1.0)
+# torch trunc_normal_(std=.02, a=-.02, b=.02) = N(0, .02^2) cut at +-1 sigma (so its std is
+# 0.0108). jax's initializer draws N(0, 1) cut at [lower, upper] and multiplies by stddev.
+TRUNC_NORMAL_1SIGMA = nn.initializers.truncated_normal(stddev=0.02, lower=-1.0, upper=1.0)
 
 
 def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:

@@ -25,6 +25,11 @@ from flax import linen as nn
 
 from sslx.models.resnet import batch_norm, conv_init
 
+# mmcv kaiming_init(fan_in) on a torch ConvTranspose2d, whose weight is [in, out, k, k]: torch
+# takes its fan_in from dim 1, i.e. out * k^2 (the official decoder's init). Flax's transposed
+# kernel is [k, k, in, out], so the fan comes from the last axis.
+deconv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=-1, out_axis=-2)
+
 
 class SageDecoder(nn.Module):
   """c5 [B, k, k, C] -> image [B, k * 2**len(up_channels), ..., 3] in [-1, 1] (float32).
@@ -45,13 +50,13 @@ class SageDecoder(nn.Module):
     k = c5.shape[1]
     x = nn.Conv(self.bottleneck_dim, (k, k), padding="VALID", kernel_init=conv_init,
                 name="conv_code")(c5.astype(jnp.float32))
-    x = nn.ConvTranspose(self.stem_channels, (k, k), padding="VALID", kernel_init=conv_init,
+    x = nn.ConvTranspose(self.stem_channels, (k, k), padding="VALID", kernel_init=deconv_init,
                          name="deconv_stem")(x)
     x = nn.relu(batch_norm(train, "bn_stem")(x))
     for i, ch in enumerate(self.up_channels):
       # PyTorch ConvTranspose2d(k=4, s=2, p=1) == lax padding k - 1 - p = 2 on each side.
       x = nn.ConvTranspose(ch, (4, 4), (2, 2), padding=((2, 2), (2, 2)), use_bias=False,
-                           kernel_init=conv_init, name=f"deconv{i}")(x)
+                           kernel_init=deconv_init, name=f"deconv{i}")(x)
       x = nn.relu(batch_norm(train, f"bn{i}")(x))
     x = nn.Conv(3, (1, 1), kernel_init=conv_init, name="conv_out")(x)
     return jnp.tanh(x)

@@ -180,12 +180,15 @@ class SereProjection(nn.Module):
 
 
 class SerePredictor(nn.Module):
-  """SERE predictor g: 1x1 linear (no bias) -> BatchNorm -> ReLU, applied to h's output."""
+  """SERE predictor g: 1x1 linear (no bias) -> BatchNorm -> ReLU, applied to h's output.
+
+  The linear keeps PyTorch's default init (the SERE heads' own init is never applied)."""
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="linear")(x)
+    x = nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, kernel_init=_TORCH_DEFAULT_KERNEL,
+                 name="linear")(x)
     x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, name="bn")(
         x.astype(jnp.float32))
     return nn.relu(x)
@@ -217,7 +220,8 @@ class MocoMLP(nn.Module):
   The last BatchNorm has no affine parameters (facebookresearch/moco-v3 builder.py _build_mlp).
   BatchNorm always uses the statistics of the current call's batch (the official momentum encoder
   runs in train mode too) and keeps no running averages; under jit on sharded arrays those are
-  global-batch statistics, as the official SyncBatchNorm.
+  global-batch statistics, as the official SyncBatchNorm. The Linears keep PyTorch's default
+  init, U(+-1/sqrt(fan_in)): the official builder makes them after the ViT's own init.
   """
   num_layers: int
   hidden_dim: int
@@ -230,7 +234,7 @@ class MocoMLP(nn.Module):
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
       h = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
-                   name=f"linear_{i}")(h).astype(jnp.float32)
+                   kernel_init=_TORCH_DEFAULT_KERNEL, name=f"linear_{i}")(h).astype(jnp.float32)
       h = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_bias=not last,
                        use_scale=not last, name=f"bn_{i}")(h)
       if not last:

@@ -25,8 +25,30 @@ DType = Any
 # DINO's trunc_normal_(std=.02) truncates at +-2 in absolute units, i.e. +-100 sigma: effectively a plain
 # normal. Flax's bounds are in sigma units, so widen them to reproduce that distribution.
 _TRUNC_NORMAL_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
-# DINO leaves the patch-embedding conv at PyTorch's default init: U(+-1/sqrt(fan_in)).
+# DINO leaves the patch-embedding conv at PyTorch's default init: U(+-1/sqrt(fan_in)), bias too.
 _TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_XAVIER = nn.initializers.xavier_uniform()
+
+INITS = ("dino", "mocov3")
+
+
+def _torch_default_bias(fan_in: int):
+    """PyTorch's default conv/linear bias: U(+-1/sqrt(fan_in))."""
+    bound = float(1.0 / np.sqrt(fan_in))
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _qkv_xavier(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    """MoCo v3's fused-qkv init: xavier-uniform of q, k and v as three (D -> D) maps."""
+    bound = float(np.sqrt(6.0 / (shape[0] + shape[1] // 3)))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dense_init(init_scheme: str, name: str):
+    """Kernel init of a block's Linear: DINO's trunc_normal(.02) or MoCo v3's xavier-uniform."""
+    if init_scheme == "mocov3":
+        return _qkv_xavier if name == "qkv" else _XAVIER
+    return _TRUNC_NORMAL_02
 
 
 
@@ -50,11 +72,12 @@ _VARIANT_ALIASES = {"t": "tiny", "s": "small", "b": "base", "l": "large"}
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
-    """Fixed 2-D sin-cos patch positions [grid_h * grid_w, dim] in MoCo v3's layout.
+    """Fixed 2-D sin-cos patch positions [grid_h * grid_w, dim] in MoCo v3's (and CAE's) layout.
 
-    Row-major patches; channels are [sin(x w), cos(x w), sin(y w), cos(y w)] with
-    w_k = temperature^(-k / (dim/4)), x the column and y the row index
-    (facebookresearch/moco-v3 vits.py, build_2d_sincos_position_embedding).
+    Row-major patches; channels are [sin(y w), cos(y w), sin(x w), cos(x w)] with
+    w_k = temperature^(-k / (dim/4)), y the row and x the column index. (facebookresearch/moco-v3
+    vits.py, build_2d_sincos_position_embedding, names its first half `out_w`, but its
+    `torch.meshgrid(grid_w, grid_h)` indexes 'ij', so on square grids that half follows the row.)
     """
     if dim % 4:
         raise ValueError(f"sin-cos position embeddings need embed_dim divisible by 4, got {dim}.")
@@ -64,7 +87,7 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) 
                          indexing="ij")
     out_x = xs.reshape(-1, 1) * omega
     out_y = ys.reshape(-1, 1) * omega
-    return np.concatenate([np.sin(out_x), np.cos(out_x), np.sin(out_y), np.cos(out_y)],
+    return np.concatenate([np.sin(out_y), np.cos(out_y), np.sin(out_x), np.cos(out_x)],
                           axis=1).astype(np.float32)
 
 
@@ -233,6 +256,7 @@ class Attention(nn.Module):
     dtype: DType = jnp.float32
     attention: str = "xla"
     need_weights: bool = False
+    init_scheme: str = "dino"
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array | None]:
@@ -241,8 +265,8 @@ class Attention(nn.Module):
         b, t, d = x.shape
         head_dim = d // self.num_heads
         dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
-                                            kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
-                                            name=name)
+                                            kernel_init=_dense_init(self.init_scheme, name),
+                                            bias_init=nn.initializers.zeros, name=name)
         qkv = dense(3 * d, "qkv")(x).reshape(b, t, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if attention_kernel(self.attention, self.dtype) == "cudnn" and not self.need_weights:
@@ -281,6 +305,7 @@ class Block(nn.Module):
     attention: str = "xla"
     need_weights: bool = False
     recompute_elementwise: bool = False
+    init_scheme: str = "dino"
 
     @nn.compact
     def __call__(self, x: Array, drop_rate: Array | float) -> tuple[Array, Array | None]:
@@ -294,10 +319,11 @@ class Block(nn.Module):
                                        param_dtype=jnp.float32, name=name)
         gelu = _GELU_RECOMPUTED if self.recompute_elementwise else _GELU
         dense = lambda feat, name: nn.Dense(feat, dtype=self.dtype, param_dtype=jnp.float32,
-                                            kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
-                                            name=name)
+                                            kernel_init=_dense_init(self.init_scheme, name),
+                                            bias_init=nn.initializers.zeros, name=name)
         branch, attn = Attention(self.num_heads, dtype=self.dtype, attention=self.attention,
-                                 need_weights=self.need_weights, name="attn")(norm("norm1")(x))
+                                 need_weights=self.need_weights, init_scheme=self.init_scheme,
+                                 name="attn")(norm("norm1")(x))
         x = x + DropPath(name="drop_path1")(branch, drop_rate, self.train)
         h = dense(int(d * self.mlp_ratio), "fc1")(norm("norm2")(x))
         h = gelu(h)
@@ -316,12 +342,13 @@ class _ScanBody(nn.Module):
     train: bool
     attention: str
     recompute_elementwise: bool
+    init_scheme: str
 
     @nn.compact
     def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, None]:
         x, _ = Block(self.num_heads, self.mlp_ratio, self.layer_norm_eps, self.dtype, self.train,
                      self.attention, recompute_elementwise=self.recompute_elementwise,
-                     name="block")(x, drop_rate)
+                     init_scheme=self.init_scheme, name="block")(x, drop_rate)
         return x, None
 
 
@@ -341,8 +368,11 @@ class ViT(nn.Module):
       use_mask_token: create a learned [D] mask token (iBOT) used when a mask is passed.
       pos_embed: 'learned' (DINO/iBOT: a trained [1 + pos_grid**2, D] table, interpolated to other
         grids) or 'sincos' (MoCo v3: fixed 2-D sin-cos at the actual grid, zero for CLS, no param).
-      patch_init: 'torch' (PyTorch's conv default, DINO) or 'xavier' (MoCo v3's uniform
-        +-sqrt(6 / (3 p^2 + D)), used with its frozen random patch embedding).
+      init_scheme: 'dino' (DINO/iBOT: Linear kernels trunc_normal(.02) with zero biases, the patch
+        conv at PyTorch's default U(+-1/sqrt(fan_in)) for kernel and bias, CLS and positions
+        trunc_normal(.02)) or 'mocov3' (MoCo v3: xavier-uniform Linears, the fused qkv as three
+        D -> D maps, zero biases; patch conv xavier-uniform +-sqrt(6 / (3 p^2 + D)) with a zero
+        bias, used with its frozen random patch embedding; CLS N(0, 1e-6^2)).
       attention: 'auto', 'xla' (explicit) or 'cudnn' (fused flash attention on GPUs); see `Attention`.
       recompute_elementwise: the backward pass recomputes each block's LayerNorms and GELU from
         their inputs rather than saving their intermediates (less activation memory and traffic,
@@ -367,7 +397,7 @@ class ViT(nn.Module):
     use_mask_token: bool = False
     scan_blocks: bool = False
     pos_embed: str = "learned"
-    patch_init: str = "torch"
+    init_scheme: str = "dino"
     attention: str = "xla"
     recompute_elementwise: bool = False
 
@@ -383,8 +413,8 @@ class ViT(nn.Module):
             raise ValueError(f"pos_embed={self.pos_embed!r}; valid: 'learned', 'sincos'.")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention={self.attention!r}; valid: {', '.join(ATTENTION_KERNELS)}.")
-        if self.patch_init not in ("torch", "xavier"):
-            raise ValueError(f"patch_init={self.patch_init!r}; valid: 'torch', 'xavier'.")
+        if self.init_scheme not in INITS:
+            raise ValueError(f"init_scheme={self.init_scheme!r}; valid: {', '.join(INITS)}.")
 
     def _check_inputs(self, images: Array, mask: Array | None) -> tuple[int, int]:
         if images.ndim != 4:
@@ -425,11 +455,13 @@ class ViT(nn.Module):
         grid_h, grid_w = self._check_inputs(images, mask)
         d = self.embed_dim
 
+        moco = self.init_scheme == "mocov3"
+        fan_in = self.patch_size * self.patch_size * images.shape[-1]
         x = nn.Conv(d, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
                     padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=(_patch_xavier if self.patch_init == "xavier"
-                                 else _TORCH_DEFAULT_KERNEL),
-                    bias_init=nn.initializers.zeros, name="patch_embed")(images.astype(self.dtype))
+                    kernel_init=_patch_xavier if moco else _TORCH_DEFAULT_KERNEL,
+                    bias_init=nn.initializers.zeros if moco else _torch_default_bias(fan_in),
+                    name="patch_embed")(images.astype(self.dtype))
         x = x.astype(jnp.float32).reshape(x.shape[0], grid_h * grid_w, d)
 
         if self.use_mask_token:
@@ -438,7 +470,8 @@ class ViT(nn.Module):
                 flat = jnp.asarray(mask, bool).reshape(x.shape[0], grid_h * grid_w, 1)
                 x = jnp.where(flat, mask_token, x)
 
-        cls_token = self.param("cls_token", _TRUNC_NORMAL_02, (1, 1, d), jnp.float32)
+        cls_token = self.param("cls_token", nn.initializers.normal(1e-6) if moco else _TRUNC_NORMAL_02,
+                               (1, 1, d), jnp.float32)
         if self.pos_embed == "sincos":
             pos = jnp.asarray(np.concatenate([np.zeros((1, d), np.float32),
                                               sincos_2d(grid_h, grid_w, d)]))[None]
@@ -456,7 +489,7 @@ class ViT(nn.Module):
         drop_active = bool(train) and self.drop_path_rate > 0
         block_args = (self.num_heads, self.mlp_ratio, self.layer_norm_eps, self.dtype, drop_active,
                       self.attention)
-        recompute = dict(recompute_elementwise=self.recompute_elementwise)
+        recompute = dict(recompute_elementwise=self.recompute_elementwise, init_scheme=self.init_scheme)
         if self.scan_blocks and self.depth > 1:
             scanned = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=0, length=self.depth - 1)

@@ -28,12 +28,16 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
   def update(updates, state, params=None):
     del params
 
-    def clip(g):
-      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    def clip(path, g):
+      # Blocks stacked by nn.scan ('blocks/...', leading axis = layer) are clipped layer by
+      # layer, as the unrolled blocks would be.
+      stacked = g.ndim > 0 and "blocks" in _path_str(path).split("/")
+      axes = tuple(range(1, g.ndim)) if stacked else None
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=stacked))
       coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
       return (g * coef).astype(g.dtype)
 
-    return jax.tree.map(clip, updates), state
+    return jax.tree_util.tree_map_with_path(clip, updates), state
 
   return optax.GradientTransformation(lambda _: _ClipState(), update)
 
@@ -74,6 +78,9 @@ def decay_mask(params, *, decay_biases: bool, decay_norms: bool = False) -> Any:
   DINO/iBOT: no decay on biases and any 1-D parameter (LayerNorm scales...).
   SERE (`decay_biases=True`): biases are decayed, other 1-D parameters are not
   (gotcha 10). MoCo v3 (`decay_biases=decay_norms=True`): AdamW over every parameter.
+  The official trainers decide by the PyTorch tensor's rank, so two 1-D tensors here are decayed
+  because theirs are 2-D: a weight-normalised layer's magnitude 'g' (torch's weight_g is
+  [out, 1]; it exists only with norm_last_layer=False) and iBOT's 'mask_token' ([1, D]).
   """
 
   def want(path, leaf):
@@ -82,9 +89,11 @@ def decay_mask(params, *, decay_biases: bool, decay_norms: bool = False) -> Any:
       return True
     if name == "bias":
       return decay_biases
-    # Norm scales and weight-norm magnitudes are 1-D per layer but gain a leading
-    # axis when blocks are stacked by nn.scan: decide by name, not only by rank.
-    if name in ("scale", "g"):
+    if name in ("g", "mask_token"):
+      return True
+    # Norm scales are 1-D per layer but gain a leading axis when blocks are stacked by
+    # nn.scan: decide by name, not only by rank.
+    if name == "scale":
       return False
     return leaf.ndim > 1
 

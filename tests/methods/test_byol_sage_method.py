@@ -114,3 +114,22 @@ def test_sage_config_errors():
                                            "sage.ablation": "mse_only"}))
   with pytest.raises(SageConfigError, match="ablation"):
     make_method(config("sage.py:smoke", **{"sage.ablation": "nope"}))
+
+
+def test_sage_encoder_lr_is_mmcv_by_epoch_cosine_with_linear_warmup():
+  """SaGe r50_bs64_acc8_ep300.py: lr 4.8, 300 epochs, mmcv CosineAnnealing(by_epoch, min_lr 0)
+  with warm-up 'linear' over 10 epochs from ratio 1e-4: the cosine runs over all 300 epochs."""
+  from sslx.methods.byol import lars_lr_schedule
+  c = config("sage.py")
+  spe = 10
+  total = 300 * spe
+  sched = lars_lr_schedule(c, spe, total)
+  base = 4.8 * c.batch_size / 4096
+  assert c.optim.lr_per_256 * 4096 / 256 == pytest.approx(4.8)
+  regular = lambda e: 0.5 * base * (1 + np.cos(np.pi * e / 300))  # noqa: E731
+  for step in (0, 7, 55, 99):  # warm-up: that epoch's cosine times r + (1 - r) i / W
+    want = regular(step // spe) * (1e-4 + (1 - 1e-4) * step / 100)
+    assert float(sched(step)) == pytest.approx(want, rel=1e-5), step
+  for e in (10, 100, 150, 299):
+    for i in (0, spe - 1):
+      assert float(sched(e * spe + i)) == pytest.approx(regular(e), rel=1e-5, abs=1e-6), (e, i)

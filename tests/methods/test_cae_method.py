@@ -167,6 +167,10 @@ def test_presets_load_and_the_default_is_the_official_recipe():
   assert (c.model.regressor_depth, c.model.decoder_depth, c.cae.align_weight) == (4, 4, 2.0)
   assert (c.data.masks.num_masked, c.data.masks.min_area, c.data.global_crops.size) == (98, 16, 224)
   assert tuple(c.data.global_crops.scale) == (0.08, 1.0) and c.augment.color_jitter_prob == 0.0
+  # cae_small_patch16_224: 12 heads; run_pretraining.py's decoder defaults 768 wide, 12 heads.
+  net = Cae(_config("vit_small")).network()
+  assert (net.embed_dim, net.num_heads, net.decoder_embed_dim, net.decoder_num_heads) == (
+      384, 12, 768, 12)
 
 
 def test_lr_schedule_is_absolute_with_warmup_then_cosine_to_min_lr():

@@ -154,4 +154,7 @@ def test_cae_forward_shapes_and_init():
   assert np.abs(k).max() <= np.sqrt(6.0 / (D + 3 * D)) and k.std() > 0.5 * np.sqrt(2.0 / (4 * D))
   for tok in (params["encoder"]["cls_token"], params["regressor"]["mask_token"]):
     assert 0 < np.abs(np.asarray(tok)).max() <= 0.02 + 1e-7
+  # The distribution itself: N(0, .02^2) cut at +-.02 has std .02 * 0.5379 (timm trunc_normal_).
+  draws = np.asarray(beit.TRUNC_NORMAL_1SIGMA(jax.random.PRNGKey(0), (200_000,)))
+  assert abs(draws.std() - 0.010758) < 1e-4 and 0.0199 < np.abs(draws).max() <= 0.02
   assert np.allclose(params["encoder"]["block_0"]["gamma_1"], 0.1)

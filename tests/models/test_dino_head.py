@@ -7,6 +7,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
+from sslx.models import heads
 from sslx.models.heads import DINOHead, WeightNormDense, l2_normalize
 
 SMALL = dict(out_dim=40, hidden_dim=24, bottleneck_dim=8)
@@ -101,3 +102,16 @@ def test_batchnorm_variant():
     assert not np.allclose(updates["batch_stats"]["bn_0"]["mean"], 0.0)
     with pytest.raises(ValueError, match="train"):
         head.apply(variables, _x())
+
+
+def test_sere_predictor_and_moco_mlp_keep_torch_default_linear_init():
+  """Both official heads are built outside their models' init: nn.Linear's U(+-1/sqrt(fan_in))."""
+  x = jnp.ones((4, 5, 256))
+  pred = heads.SerePredictor().init(jax.random.PRNGKey(0), x)["params"]
+  k = np.abs(np.asarray(pred["linear"]["kernel"]))
+  assert k.max() <= 1 / 16 and k.max() > 0.99 / 16
+  mlp = heads.MocoMLP(num_layers=2, hidden_dim=64, out_dim=8).init(
+      jax.random.PRNGKey(0), jnp.ones((4, 256)))["params"]
+  for name, fan_in in (("linear_0", 256), ("linear_1", 64)):
+    k = np.abs(np.asarray(mlp[name]["kernel"]))
+    assert k.max() <= fan_in ** -0.5 and k.max() > 0.95 * fan_in ** -0.5, name

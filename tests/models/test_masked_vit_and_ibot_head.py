@@ -39,16 +39,25 @@ def test_masked_forward_depends_on_images_only_through_unmasked_patches():
 def test_sincos_positions_match_the_formula_and_have_no_parameter():
   pe = vit.sincos_2d(3, 5, 8)
   assert pe.shape == (15, 8)
-  # Patch (row 1, col 2) -> index 7; omega = [1, 1e-2] for dim 8.
+  # Patch (row 1, col 2) -> index 7; omega = [1, 1e-2] for dim 8; the row comes first.
   omega = np.array([1.0, 0.01])
-  want = np.concatenate([np.sin(2 * omega), np.cos(2 * omega), np.sin(1 * omega), np.cos(1 * omega)])
+  want = np.concatenate([np.sin(1 * omega), np.cos(1 * omega), np.sin(2 * omega), np.cos(2 * omega)])
   np.testing.assert_allclose(pe[7], want, rtol=1e-6)
-  model = vit.ViT(pos_embed="sincos", patch_init="xavier", **KW)
+  # moco-v3 vits.py build_2d_sincos_position_embedding, transcribed to numpy (square grid).
+  n, dim = 4, 16
+  grid_w, grid_h = np.meshgrid(np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32),
+                               indexing="ij")
+  om = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float32) / (dim // 4))
+  out_w, out_h = np.outer(grid_w.ravel(), om), np.outer(grid_h.ravel(), om)
+  official = np.concatenate([np.sin(out_w), np.cos(out_w), np.sin(out_h), np.cos(out_h)], axis=1)
+  np.testing.assert_allclose(vit.sincos_2d(n, n, dim), official, atol=1e-6)
+  model = vit.ViT(pos_embed="sincos", init_scheme="mocov3", **KW)
   params = model.init(jax.random.PRNGKey(0), _images(), train=False)["params"]
   assert "pos_embed" not in params
   kernel = params["patch_embed"]["kernel"]  # [4, 4, 3, 32]
   bound = np.sqrt(6.0 / (4 * 4 * 3 + 32))
   assert float(jnp.abs(kernel).max()) <= bound and float(jnp.abs(kernel).max()) > 0.9 * bound
+  assert not np.any(params["patch_embed"]["bias"])
   with pytest.raises(ValueError, match="pos_embed"):
     vit.ViT(pos_embed="rope", **KW).init(jax.random.PRNGKey(0), _images(), train=False)
 

@@ -127,6 +127,17 @@ def test_decoder_paper_geometry():
   assert "bias" not in p["deconv0"]
 
 
+def test_decoder_transposed_convs_take_torchs_fan_in():
+  """torch's ConvTranspose2d weight is [in, out, k, k]; kaiming fan_in is out * k^2 there."""
+  dec = SageDecoder(bottleneck_dim=64, stem_channels=32, up_channels=(16,))
+  v = dec.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 3, 8)), train=False)["params"]
+  for name, out, k in (("deconv_stem", 32, 3), ("deconv0", 16, 4)):
+    std = float(np.std(np.asarray(v[name]["kernel"])))
+    assert std == pytest.approx(np.sqrt(2.0 / (out * k * k)), rel=0.1), name
+  std = float(np.std(np.asarray(v["conv_code"]["kernel"])))  # a plain conv: in * k^2
+  assert std == pytest.approx(np.sqrt(2.0 / (8 * 9)), rel=0.1)
+
+
 def test_decoder_small_output_shape_and_range():
   dec = SageDecoder(bottleneck_dim=8, stem_channels=4, up_channels=(4, 4))
   c5 = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 8)) * 50

@@ -99,6 +99,35 @@ def test_init_follows_dino():
     np.testing.assert_array_equal(params["block_0"]["attn"]["qkv"]["bias"], 0.0)
     np.testing.assert_array_equal(params["block_0"]["norm1"]["scale"], 1.0)
     np.testing.assert_array_equal(params["norm"]["bias"], 0.0)
+    # The patch conv keeps PyTorch's default init, bias included: U(+-1/sqrt(16*16*3)).
+    bias = np.asarray(params["patch_embed"]["bias"])
+    bound = 1 / np.sqrt(16 * 16 * 3)
+    assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.9 * bound
+    kernel = np.asarray(params["patch_embed"]["kernel"])
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.99 * bound
+
+
+def test_init_follows_mocov3():
+    """moco-v3 vits.py: xavier-uniform Linears (qkv as three D -> D maps), zero biases, CLS N(0, 1e-12)."""
+    d = 192
+    model = ViT(patch_size=16, pos_grid=14, embed_dim=d, depth=1, num_heads=3, init_scheme="mocov3",
+                pos_embed="sincos")
+    params = model.init(jax.random.key(0), _images((1, 224, 224, 3)), train=False)["params"]
+    block = params["block_0"]
+    for kernel, bound in ((block["attn"]["qkv"]["kernel"], np.sqrt(6 / (d + d))),
+                          (block["attn"]["proj"]["kernel"], np.sqrt(6 / (d + d))),
+                          (block["fc1"]["kernel"], np.sqrt(6 / (d + 4 * d))),
+                          (block["fc2"]["kernel"], np.sqrt(6 / (4 * d + d)))):
+        k = np.abs(np.asarray(kernel))
+        assert k.max() <= bound and k.max() > 0.99 * bound
+        assert abs(k.std() - 0) > 0 and abs(np.asarray(kernel).std() - bound / np.sqrt(3)) < 0.02 * bound
+    np.testing.assert_array_equal(block["fc1"]["bias"], 0.0)
+    np.testing.assert_array_equal(params["patch_embed"]["bias"], 0.0)
+    cls = np.asarray(params["cls_token"])
+    assert 0 < np.abs(cls).max() < 1e-5
+    with pytest.raises(ValueError, match="init_scheme="):
+        ViT(patch_size=16, embed_dim=d, depth=1, num_heads=3, init_scheme="torch").init(
+            jax.random.key(0), _images((1, 32, 32, 3)), train=False)
 
 
 # ---------------------------------------------------------------- drop path

@@ -55,12 +55,29 @@ def test_per_tensor_clip():
   np.testing.assert_allclose(out["b"], g["b"])  # under the threshold: untouched
 
 
+def test_per_tensor_clip_treats_scanned_blocks_layer_by_layer():
+  tx = optim.clip_per_tensor(3.0)
+  layers = [jnp.full((4,), v) for v in (10.0, 0.1, 2.0)]  # norms 20, 0.2, 4
+  g = {"backbone": {"blocks": {"block": {"fc1": {"kernel": jnp.stack(layers)}}},
+                    "block_3": {"fc1": {"kernel": layers[0]}}}}
+  out, _ = tx.update(g, tx.init(g))
+  stacked = out["backbone"]["blocks"]["block"]["fc1"]["kernel"]
+  for i, layer in enumerate(layers):
+    alone, _ = tx.update({"k": layer}, tx.init({"k": layer}))
+    np.testing.assert_allclose(stacked[i], alone["k"], rtol=1e-6)
+  np.testing.assert_allclose(out["backbone"]["block_3"]["fc1"]["kernel"], stacked[0], rtol=1e-6)
+
+
 def test_decay_mask_dino_vs_sere():
-  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "ln": {"scale": jnp.ones(2)}}
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "ln": {"scale": jnp.ones(2)},
+            # torch's weight_g [out, 1] and iBOT's masked_embed [1, D] are 2-D there: decayed.
+            "last_layer": {"kernel": jnp.ones((2, 3)), "g": jnp.ones(3)}, "mask_token": jnp.ones(2)}
   dino = optim.decay_mask(params, decay_biases=False)
   sere = optim.decay_mask(params, decay_biases=True)
-  assert dino == {"dense": {"kernel": True, "bias": False}, "ln": {"scale": False}}
-  assert sere == {"dense": {"kernel": True, "bias": True}, "ln": {"scale": False}}
+  assert dino == {"dense": {"kernel": True, "bias": False}, "ln": {"scale": False},
+                  "last_layer": {"kernel": True, "g": True}, "mask_token": True}
+  assert sere == {"dense": {"kernel": True, "bias": True}, "ln": {"scale": False},
+                  "last_layer": {"kernel": True, "g": True}, "mask_token": True}
 
 
 def _make(freeze_steps):
