@@ -127,6 +127,9 @@ def _write(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, str
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; give it the user's usual mode
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -63,6 +63,9 @@ def test_vit_methods_export_their_backbone(tmp_path, name):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree["backbone"])):
       np.testing.assert_array_equal(a, np.asarray(b))
   assert not [f for f in os.listdir(tmp_path / "export") if ".tmp" in f]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(res["path"]).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_byol_exports_target_or_online_with_their_batch_statistics(tmp_path):
