@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sslx.models.vit import DropPath
+from sslx.models.vit import DropPath, sincos_2d
 
 Array = jax.Array
 XAVIER = nn.initializers.xavier_uniform()
@@ -36,6 +36,7 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10
   For token (r, c) the embedding is [sin(r w), cos(r w), sin(c w), cos(c w)] with
   w_k = temperature^(-k / (dim/4)), k < dim/4. The official code's meshgrid('ij') over (w, h)
   makes the first half depend on the row index (spec §3.1); kept for weight compatibility.
+  This is MoCo v3's table too, so it is `vit.sincos_2d`.
 
   Returns:
     float32 [grid_h * grid_w, dim] (no CLS row; CAE's CLS position is all zeros).
@@ -43,12 +44,7 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10
   if dim % 4:
     raise ValueError(f"embed_dim={dim} must be divisible by 4 for 2-D sin-cos positions; "
                      "set config.model.embed_dim to a multiple of 4.")
-  pos_dim = dim // 4
-  omega = 1.0 / temperature ** (np.arange(pos_dim, dtype=np.float64) / pos_dim)
-  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-  a = rows.reshape(-1, 1) * omega[None]
-  b = cols.reshape(-1, 1) * omega[None]
-  return np.concatenate([np.sin(a), np.cos(a), np.sin(b), np.cos(b)], axis=1).astype(np.float32)
+  return sincos_2d(grid_h, grid_w, dim, temperature)
 
 
 def dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:

@@ -38,10 +38,14 @@ def _torch_default_bias(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _xavier_uniform(key: Array, shape: tuple[int, ...], dtype: Any, fan_in: int, fan_out: int) -> Array:
+    bound = float(np.sqrt(6.0 / (fan_in + fan_out)))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def _qkv_xavier(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
     """MoCo v3's fused-qkv init: xavier-uniform of q, k and v as three (D -> D) maps."""
-    bound = float(np.sqrt(6.0 / (shape[0] + shape[1] // 3)))
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return _xavier_uniform(key, shape, dtype, shape[0], shape[1] // 3)
 
 
 def _dense_init(init_scheme: str, name: str):
@@ -57,9 +61,7 @@ def _patch_xavier(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) 
 
     Flax's xavier_uniform would count the receptive field in fan_out too (p*p*D), which is smaller.
     """
-    fan_in, fan_out = int(np.prod(shape[:-1])), int(shape[-1])
-    bound = float(np.sqrt(6.0 / (fan_in + fan_out)))
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return _xavier_uniform(key, shape, dtype, int(np.prod(shape[:-1])), int(shape[-1]))
 
 
 VIT_VARIANTS: dict[str, dict[str, int]] = {
