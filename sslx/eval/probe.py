@@ -56,7 +56,8 @@ class ProbeSettings:
 
 def _batchnorm() -> nn.BatchNorm:
   # torch BatchNorm1d(affine=False): momentum 0.1 there is 0.9 here.
-  return nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_scale=False, use_bias=False, name="bn")
+  return nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_scale=False, use_bias=False,
+                      use_fast_variance=False, name="bn")
 
 
 class LinearHead(nn.Module):

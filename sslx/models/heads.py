@@ -17,6 +17,11 @@ DType = Any
 
 # Effectively a plain normal (see vit.py): DINO truncates at +-2 absolute, i.e. +-100 sigma for std 0.02.
 _TRUNC_NORMAL_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+# Every BatchNorm in sslx passes use_fast_variance=False: torch takes the variance as the mean
+# of (x - mean)^2, while Flax's default E[x^2] - E[x]^2 cancels catastrophically in float32 once
+# |mean| >> std (SERE normalises ViT tokens, whose residual stream carries large per-channel
+# offsets). tests/models/test_batchnorm_variance.py.
+
 # DINO builds the last layer after applying its init, so its direction keeps PyTorch's Linear default.
 _TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -66,8 +71,8 @@ def _bottleneck_mlp(head: "DINOHead", x: Array, train: bool | None) -> Array:
         if head.use_bn:
             # torch BatchNorm1d defaults: momentum 0.1 (flax keeps 0.9 of the old value), eps 1e-5.
             h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=jnp.float32, param_dtype=jnp.float32, axis_name=head.bn_axis_name,
-                             name=f"bn_{i}", parent=head)(h)
+                             use_fast_variance=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                             axis_name=head.bn_axis_name, name=f"bn_{i}", parent=head)(h)
         h = nn.gelu(h, approximate=False)
     h = dense(head.bottleneck_dim, f"mlp_{head.num_layers - 1}")(h)
     return l2_normalize(h)
@@ -174,7 +179,8 @@ class SereProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, name="bn")(
+    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                     use_fast_variance=False, name="bn")(
         x.astype(jnp.float32))
     return nn.relu(x)
 
@@ -189,7 +195,8 @@ class SerePredictor(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, kernel_init=_TORCH_DEFAULT_KERNEL,
                  name="linear")(x)
-    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, name="bn")(
+    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                     use_fast_variance=False, name="bn")(
         x.astype(jnp.float32))
     return nn.relu(x)
 
@@ -236,7 +243,8 @@ class MocoMLP(nn.Module):
       h = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
                    kernel_init=_TORCH_DEFAULT_KERNEL, name=f"linear_{i}")(h).astype(jnp.float32)
       h = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_bias=not last,
-                       use_scale=not last, name=f"bn_{i}")(h)
+                       use_scale=not last, use_fast_variance=False,
+                       name=f"bn_{i}")(h)
       if not last:
         h = nn.relu(h)
     return h

@@ -38,9 +38,10 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), statistics in float32."""
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), statistics in float32 with the
+  two-pass variance torch computes (see the note in heads.py)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=jnp.float32, name=name)
+                      use_fast_variance=False, dtype=jnp.float32, name=name)
 
 
 def _conv(features: int, kernel: int, strides: int, name: str, *, dtype: Any) -> nn.Conv:
