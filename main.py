@@ -1,7 +1,7 @@
 r"""sslx entry point: flags -> config -> trainer.
 
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/run \
-      [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe|export]
+      [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe|export|attention]
 
 A workdir that already holds a checkpoint resumes from it. `--mode=knn` runs the
 weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` and
@@ -9,6 +9,9 @@ weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` an
 `--random_init` evaluates freshly initialised weights instead (the baselines).
 `--mode=export [--weights=teacher|student]` writes the latest checkpoint's backbone as PyTorch
 weights (timm / torchvision names) to <workdir>/export/ (sslx/train/export_workdir.py).
+`--mode=attention [--num_images=8] [--images=a.jpg,folder] [--keep_mass=0.6]` draws the ViT
+teacher's last-layer [CLS] attention per head to <workdir>/attention/ (DINO's figure;
+sslx/train/attention_workdir.py).
 """
 
 import os
@@ -21,11 +24,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally ':preset'.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-flags.DEFINE_enum("mode", "train", ["train", "knn", "linear_probe", "attentive_probe", "export"],
+flags.DEFINE_enum("mode", "train",
+                  ["train", "knn", "linear_probe", "attentive_probe", "export", "attention"],
                   "What to do with the workdir.")
 flags.DEFINE_enum("weights", "teacher", ["teacher", "student"],
                   "--mode=export: the EMA teacher (what the kNN evaluates) or the student.")
 flags.DEFINE_bool("random_init", False, "Evaluate freshly initialised weights (eval modes only).")
+flags.DEFINE_integer("num_images", 8, "--mode=attention: how many images (rows).")
+flags.DEFINE_list("images", [], "--mode=attention: image files or folders (default: the first "
+                  "--num_images of the config's evaluation test split).")
+flags.DEFINE_float("keep_mass", 0.6, "--mode=attention: mass share of the thresholded mask "
+                   "(DINO's --threshold).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,6 +62,11 @@ def main(argv):
     elif FLAGS.mode == "export":
       from sslx.train import export_workdir
       results = export_workdir.export(config, FLAGS.workdir, FLAGS.weights)
+    elif FLAGS.mode == "attention":
+      from sslx.train import attention_workdir
+      results = attention_workdir.write_attention(
+          config, FLAGS.workdir, num_images=FLAGS.num_images, images=FLAGS.images,
+          keep=FLAGS.keep_mass, random_init=FLAGS.random_init)
     elif FLAGS.mode == "knn" and not FLAGS.random_init:
       results = trainer.evaluate_workdir(config, FLAGS.workdir)
     else:

@@ -261,7 +261,8 @@ def _is_image_file(name: str) -> bool:
   return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _list_images(folder: str) -> list[str]:
+def list_images(folder: str) -> list[str]:
+  """Image files under ``folder`` (recursively, hidden entries skipped), in sorted order."""
   found = []
   for root, dirs, files in os.walk(folder, followlinks=True):
     dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
@@ -282,7 +283,7 @@ def _scan_folder(root: str) -> tuple[tuple[str, ...] | None, bytes, np.ndarray, 
   if subdirs:
     classes = tuple(subdirs)
     for label, name in enumerate(subdirs):
-      found = _list_images(os.path.join(root, name))
+      found = list_images(os.path.join(root, name))
       paths.extend(found)
       labels.extend([label] * len(found))
     loose = [f for f in os.listdir(root) if _is_image_file(f)]
