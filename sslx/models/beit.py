@@ -58,13 +58,27 @@ def layer_norm(name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
+def _split_heads(x: Array, num_heads: int) -> Array:
+  return x.reshape(x.shape[0], x.shape[1], num_heads, x.shape[2] // num_heads)
+
+
+def attention_weights(q: Array, k: Array, num_heads: int) -> Array:
+  """softmax(q k^T / sqrt(d_h)) per head, float32. q [B, Tq, D], k [B, Tk, D] -> [B, h, Tq, Tk]."""
+  logits = jnp.einsum("bqhc,bkhc->bhqk", _split_heads(q, num_heads), _split_heads(k, num_heads),
+                      preferred_element_type=jnp.float32)
+  return jax.nn.softmax(logits * (q.shape[-1] // num_heads) ** -0.5, axis=-1)
+
+
+def mix_values(attn: Array, v: Array) -> Array:
+  """attn [B, h, Tq, Tk] applied to v [B, Tk, D] -> [B, Tq, D]."""
+  b, tq = attn.shape[0], attn.shape[2]
+  return jnp.einsum("bhqk,bkhc->bqhc", attn.astype(v.dtype),
+                    _split_heads(v, attn.shape[1])).reshape(b, tq, v.shape[-1])
+
+
 def attend(q: Array, k: Array, v: Array, num_heads: int) -> Array:
   """Multi-head softmax(q k^T / sqrt(d_h)) v. q [B, Tq, D], k and v [B, Tk, D] -> [B, Tq, D]."""
-  b, tq, d = q.shape
-  split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, d // num_heads)  # noqa: E731
-  logits = jnp.einsum("bqhc,bkhc->bhqk", split(q), split(k), preferred_element_type=jnp.float32)
-  attn = jax.nn.softmax(logits * (d // num_heads) ** -0.5, axis=-1)
-  return jnp.einsum("bhqk,bkhc->bqhc", attn.astype(v.dtype), split(v)).reshape(b, tq, d)
+  return mix_values(attention_weights(q, k, num_heads), v)
 
 
 class Mlp(nn.Module):
@@ -80,7 +94,10 @@ class Mlp(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """BEiT attention: bias-free fused qkv plus learned q_bias and v_bias (k bias fixed at 0)."""
+  """BEiT attention: bias-free fused qkv plus learned q_bias and v_bias (k bias fixed at 0).
+
+  The softmax weights [B, heads, T, T] are sown as 'intermediates'/'attention' (kept only when
+  that collection is mutable, e.g. for `--mode=attention`; otherwise free)."""
   num_heads: int
   dtype: Any = jnp.float32
 
@@ -92,7 +109,9 @@ class SelfAttention(nn.Module):
     qkv = dense(3 * d, self.dtype, "qkv", use_bias=False)(x)
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    return dense(d, self.dtype, "proj")(attend(q, k, v, self.num_heads)).astype(jnp.float32)
+    attn = attention_weights(q, k, self.num_heads)
+    self.sow("intermediates", "attention", attn)
+    return dense(d, self.dtype, "proj")(mix_values(attn, v)).astype(jnp.float32)
 
 
 class CrossAttention(nn.Module):

@@ -1,7 +1,7 @@
 """`main.py --mode=attention`: the teacher's last-layer [CLS] attention, per head, as a picture.
 
 DINO's best-known figure (its `visualize_attention.py`) for any sslx workdir whose teacher is a
-ViT with a [CLS] token (DINO, iBOT, MoCo v3, with or without SERE). Writes
+ViT with a [CLS] token (DINO, iBOT, MoCo v3, with or without SERE; CAE's encoder). Writes
 `<workdir>/attention/<teacher_step<N>|random_init>.png` (a row per image: the image, each head's
 map on the 'hot' ramp, the image with the patches outside the head-mean map's top-`keep` mass
 dimmed) and a `.npz` beside it with the images, maps and masks, and returns each head's mean
@@ -16,7 +16,7 @@ same network at its initial weights.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -33,8 +33,38 @@ from sslx.methods import make_method
 from sslx.methods.dino import build_backbone
 from sslx.train.probe_workdir import teacher_of
 
-# Methods whose teacher keeps a ViT with a [CLS] token under params['backbone'].
-VIT_METHODS = ("dino", "ibot", "mocov3")
+Forward = Callable[[Any, jax.Array], jax.Array]
+
+
+def _vit(config: ml_collections.ConfigDict, method: Any) -> tuple[Forward, int]:
+  """The ViT under the teacher's params['backbone'] (DINO, iBOT, MoCo v3, SERE on any)."""
+  del method
+  backbone = build_backbone(config.model, drop_path=False)
+
+  def forward(params, images):
+    return backbone.apply({"params": params["backbone"]}, images, train=False,
+                          return_attention=True)["attention"]
+  return forward, backbone.patch_size
+
+
+def _cae(config: ml_collections.ConfigDict, method: Any) -> tuple[Forward, int]:
+  """CAE's encoder on all patches; its blocks sow their attention weights."""
+  del config
+  net = method.network()
+
+  def forward(params, images):
+    _, state = net.apply({"params": params}, images, None, train=False, method=net.encode,
+                         mutable=["intermediates"])
+    blocks = state["intermediates"]["encoder"]
+    return blocks[f"block_{net.depth - 1}"]["attn"]["attention"][0]
+  return forward, net.patch_size
+
+
+# config.method -> (config, method) -> ((teacher params, normalised images) -> last block's
+# attention [B, heads, 1 + N, 1 + N], patch size).
+ATTENTION: dict[str, Callable[..., tuple[Forward, int]]] = {
+    "dino": _vit, "ibot": _vit, "mocov3": _vit, "cae": _cae,
+}
 
 
 class AttentionError(UserError):
@@ -96,12 +126,12 @@ def write_attention(config: ml_collections.ConfigDict, workdir: str, *, num_imag
     mean over images), 'keep'}.
 
   Raises:
-    AttentionError: a method without a ViT [CLS] teacher, bad ``keep``/``num_images``, unreadable
+    AttentionError: a method without a ViT [CLS] teacher (BYOL, SaGe), bad ``keep``/``num_images``, unreadable
       images. FileNotFoundError: no checkpoint in ``workdir``.
   """
-  if config.method not in VIT_METHODS:
-    raise AttentionError(f"--mode=attention needs a ViT teacher with a [CLS] token under "
-                         f"params['backbone'] ({', '.join(VIT_METHODS)}, with or without SERE); "
+  if config.method not in ATTENTION:
+    raise AttentionError(f"--mode=attention needs a ViT teacher with a [CLS] token "
+                         f"({', '.join(ATTENTION)}, with or without SERE); "
                          f"config.method={config.method!r} has none")
   if num_images < 1:
     raise AttentionError(f"--num_images must be >= 1, got {num_images}")
@@ -111,12 +141,9 @@ def write_attention(config: ml_collections.ConfigDict, workdir: str, *, num_imag
   step, teacher = teacher_of(config, workdir, method, random_init)
   views, names = load_images(config, num_images, images)
 
-  backbone = build_backbone(config.model, drop_path=False)
-  grid = (views.shape[1] // backbone.patch_size, views.shape[2] // backbone.patch_size)
-  forward = knn.eval_forward(
-      lambda p, x: backbone.apply({"params": p["backbone"]}, x, train=False,
-                                  return_attention=True)["attention"],
-      tuple(config.augment.mean), tuple(config.augment.std))
+  attention_fn, patch_size = ATTENTION[config.method](config, method)
+  grid = (views.shape[1] // patch_size, views.shape[2] // patch_size)
+  forward = knn.eval_forward(attention_fn, tuple(config.augment.mean), tuple(config.augment.std))
   att = np.asarray(jax.device_get(forward(teacher, views)))
   maps = attention_lib.cls_attention(att, grid)
   masks = attention_lib.mass_mask(maps, keep)

@@ -108,6 +108,15 @@ def test_write_attention_on_image_files_of_any_mode(tmp_path):
                                       random_init=True)
 
 
+def test_write_attention_of_cae_reads_the_encoders_last_block(tmp_path):
+  c = _config("cae.py:smoke")
+  res = attention_workdir.write_attention(c, str(tmp_path), num_images=2, random_init=True)
+  saved = np.load(res["npz"])
+  grid = c.data.eval_size // c.model.patch_size
+  assert saved["maps"].shape == (2, res["heads"], grid, grid)
+  assert ((saved["maps"].sum(axis=(-2, -1)) > 0.3) & (saved["maps"].sum(axis=(-2, -1)) <= 1 + 1e-5)).all()
+
+
 def test_attention_needs_a_vit_cls_teacher(tmp_path):
   with pytest.raises(attention_workdir.AttentionError, match="config.method='byol'"):
     attention_workdir.write_attention(_config("byol.py:smoke"), str(tmp_path), random_init=True)
