@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -313,6 +313,32 @@ def format_progress(progress: Progress, metrics: Mapping[str, Any] | None = None
   if progress.mfu is not None:
     parts.append(f"MFU {100 * progress.mfu:.1f}%")
   return " | ".join(parts)
+
+
+def device_memory(devices: Sequence[Any]) -> dict[str, float]:
+  """Accelerator memory of the most loaded local device, in GiB, for the metrics and the log.
+
+  Reads `device.memory_stats()` (GPUs and TPUs; CPUs give None). Returns {} when no device
+  reports it, else 'memory/in_use_gib', 'memory/peak_gib' (the high-water mark since the process
+  started) and, when known, 'memory/limit_gib' (what the allocator may use).
+  """
+  stats = []
+  for device in devices:
+    try:
+      st = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      st = None  # backends without the query raise; memory is then simply not reported
+    if st and "bytes_in_use" in st:
+      stats.append(st)
+  if not stats:
+    return {}
+  gib = float(2 ** 30)
+  top = max(stats, key=lambda st: st.get("peak_bytes_in_use", st["bytes_in_use"]))
+  out = {"memory/in_use_gib": top["bytes_in_use"] / gib,
+         "memory/peak_gib": top.get("peak_bytes_in_use", top["bytes_in_use"]) / gib}
+  if top.get("bytes_limit"):
+    out["memory/limit_gib"] = top["bytes_limit"] / gib
+  return out
 
 
 # ----------------------------------------------------------------------------------------------

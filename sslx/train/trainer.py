@@ -431,9 +431,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                             ("perf/step_time", progress.seconds_per_step), ("perf/mfu", progress.mfu)):
           if value is not None:
             scalars[name] = value
+        memory = metrics_lib.device_memory(jax.local_devices())
+        scalars.update(memory)
         writer.write_scalars(done, scalars)
-        logging.info("%s", metrics_lib.format_progress(
-            progress, {"loss": scalars["loss"], "lr": scalars["lr"]}))
+        line = metrics_lib.format_progress(progress, {"loss": scalars["loss"], "lr": scalars["lr"]})
+        if memory:
+          line += f" | peak mem {memory['memory/peak_gib']:.1f} GiB"
+          if "memory/limit_gib" in memory:
+            line += f" of {memory['memory/limit_gib']:.1f}"
+        logging.info("%s", line)
       if done % config.checkpoint.every_steps == 0 or is_last:
         _check_finite(window, window_start, ckpt)
         ckpt.save(done, state, data_iter)

@@ -162,3 +162,26 @@ def test_peak_flops_per_device(kind, want):
 
 def test_peak_flops_of_cpu_is_unknown():
   assert metrics.peak_flops_per_device(jax.devices("cpu")[0]) is None
+
+
+class _FakeDevice:
+  def __init__(self, stats=None, error=None):
+    self.stats, self.error = stats, error
+
+  def memory_stats(self):
+    if self.error:
+      raise self.error
+    return self.stats
+
+
+def test_device_memory_reports_the_most_loaded_device_in_gib():
+  gib = 2 ** 30
+  devices = [_FakeDevice({"bytes_in_use": 1 * gib, "peak_bytes_in_use": 3 * gib, "bytes_limit": 80 * gib}),
+             _FakeDevice({"bytes_in_use": 2 * gib, "peak_bytes_in_use": 5 * gib, "bytes_limit": 80 * gib}),
+             _FakeDevice(None), _FakeDevice(error=NotImplementedError("no stats"))]
+  assert metrics.device_memory(devices) == {"memory/in_use_gib": 2.0, "memory/peak_gib": 5.0,
+                                            "memory/limit_gib": 80.0}
+  assert metrics.device_memory([_FakeDevice({"bytes_in_use": gib // 2})]) == {
+      "memory/in_use_gib": 0.5, "memory/peak_gib": 0.5}
+  # CPUs report nothing: no memory scalars, no error.
+  assert metrics.device_memory([_FakeDevice(None), _FakeDevice(error=RuntimeError("x"))]) == {}
