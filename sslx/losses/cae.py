@@ -6,8 +6,9 @@
   decoder logits against the tokenizer ids of the masked patches, averaged over all B * Nm tokens.
 * Pixel targets (PaddlePaddle/VIMER CAE `--target_mode rgb`, default `--normalized_pixel
   layernorm`): each patch flattened in (ph, pw, c) order and normalised by its own mean and
-  variance, (x - mean) / sqrt(var + 1e-6) (= MAE's norm_pix_loss); MSE averaged over all elements
-  of the masked patches.
+  biased variance, (x - mean) / sqrt(var + 1e-6), as a LayerNorm without affine does (MAE's
+  norm_pix_loss and VIMER's `patch` mode use the unbiased variance instead: targets sqrt(n/(n-1))
+  larger); MSE averaged over all elements of the masked patches.
 * Alignment: MSE averaged over all elements; the weight is 2 in the official scripts.
 """
 
