@@ -257,6 +257,31 @@ def num_classes(data_cfg: Any) -> int | None:
   return sources.source_num_classes(train_source(data_cfg))
 
 
+def eval_num_classes(data_cfg: Any) -> int:
+  """Number of classes of the labelled evaluation splits (kNN, probes), checked before any use.
+
+  Trainers call it before compiling, so a run whose evaluation data is missing or unlabelled
+  stops at once rather than at its first evaluation hours later.
+
+  Raises:
+    DataError: a split cannot be opened, or has no labels (an image folder without class
+      sub-folders; a TFDS dataset without a 'label' feature).
+  """
+  off = 'or train without the kNN: --config.eval.knn_every_steps=0'
+  classes = {}
+  for split in dict.fromkeys((data_cfg.eval_train_split, data_cfg.eval_test_split)):
+    try:
+      source = sources.make_source(data_cfg, split)
+    except DataError as e:
+      raise DataError(f'{e} ({off}).') from e
+    classes[split] = sources.source_num_classes(source)
+    if classes[split] is None:
+      raise DataError(f'the evaluation split {split!r} ({source!r}) has no labels: the kNN and '
+                      'the probes need labelled images (for an image folder, '
+                      f'<path>/{split}/<class>/... sub-folders), {off}.')
+  return max(classes.values())
+
+
 class _EvalRecord:
   """Padded position -> evaluation example; positions past this process's records are padding."""
 

@@ -78,7 +78,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mode: str,
   step, teacher = teacher_of(config, workdir, method, random_init)
   dc, ec = config.data, config.eval
   batches = lambda split: pipeline.eval_dataset(dc, split, batch_size=ec.batch_size)  # noqa: E731
-  classes = pipeline.num_classes(dc)
+  classes = pipeline.eval_num_classes(dc)
   features = _on_uint8(method.features, teacher, config)
   pc = config.get("probe") or {}
   seed = int(pc.get("seed", 0)) if pc else 0

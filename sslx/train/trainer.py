@@ -208,13 +208,13 @@ def eval_params_of(method, state) -> Any:
   return hook(state.teacher_params, state.loss_state) if hook else state.teacher_params
 
 
-def evaluate_knn(config, feature_fn, params) -> dict[str, float]:
+def evaluate_knn(config, feature_fn, params, num_classes: int | None = None) -> dict[str, float]:
   """Weighted kNN (DINO protocol) of `params` on the labelled splits in config.data."""
   ec, dc = config.eval, config.data
   batches = lambda split: pipeline.eval_dataset(dc, split, batch_size=ec.batch_size)  # noqa: E731
   f = lambda images: feature_fn(params, images)  # noqa: E731
   return knn.run_knn(f, batches(dc.eval_train_split), batches(dc.eval_test_split),
-                     num_classes=pipeline.num_classes(dc), k=ec.knn_k,
+                     num_classes=num_classes or pipeline.eval_num_classes(dc), k=ec.knn_k,
                      temperature=ec.knn_temperature)
 
 
@@ -339,6 +339,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- Data ------------------------------------------------------------------
   steps_per_epoch = pipeline.steps_per_epoch(config.data, config.batch_size)
   total_steps = total_steps_of(config, steps_per_epoch)
+  ec = config.eval
+  # Checked now: a kNN that cannot run should stop the run before it compiles, not hours in.
+  eval_classes = pipeline.eval_num_classes(config.data) if ec.knn_every_steps else None
   train_ds = pipeline.train_dataset(
       config.data, seed=config.seed, batch_size=per_process_batch,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -382,14 +385,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   def run_evals(step: int, params):
     t0 = time.time()
-    res = evaluate_knn(config, feature_fn, params)
+    res = evaluate_knn(config, feature_fn, params, eval_classes)
     scalars = {f"knn/{k}": v for k, v in res.items()}
     writer.write_scalars(step, scalars)
     logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%% (%.1f s)", step, res["top1"],
                  res["top5"], time.time() - t0)
     return res
 
-  ec = config.eval
   if ec.knn_every_steps and start_step == 0 and ec.get("knn_at_start", False):
     results["knn_init"] = run_evals(0, eval_params_of(method, state))
 

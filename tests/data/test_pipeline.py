@@ -205,6 +205,23 @@ def test_steps_per_epoch_and_num_classes(fmnist_cfg, folder_cfg):
     pipeline.steps_per_epoch(folder_cfg, 64)
 
 
+def test_eval_num_classes_checks_the_evaluation_splits(fmnist_cfg, folder_cfg, tmp_path):
+  assert pipeline.eval_num_classes(fmnist_cfg) == 10
+  # The fixture folder's root has class sub-folders: labelled for the 'train' split.
+  with folder_cfg.unlocked():
+    folder_cfg.eval_train_split = folder_cfg.eval_test_split = 'train'
+  assert pipeline.eval_num_classes(folder_cfg) == 2
+  # 'things' has images but no class sub-folders: no labels, and the message names the way out.
+  with folder_cfg.unlocked():
+    folder_cfg.eval_test_split = 'things'
+  with pytest.raises(sources.DataError, match="'things'.*no labels.*knn_every_steps=0"):
+    pipeline.eval_num_classes(folder_cfg)
+  with folder_cfg.unlocked():
+    folder_cfg.eval_test_split = 'validation'
+  with pytest.raises(sources.DataError, match="No folder.*'validation'.*knn_every_steps=0"):
+    pipeline.eval_num_classes(folder_cfg)
+
+
 def test_tfds_training_stream(tfds_dir, cfg_factory):
   cfg = cfg_factory(source='tfds', tfds_name='sslx_tiny_images', tfds_data_dir=tfds_dir)
   it = iter(pipeline.train_dataset(cfg, seed=0, batch_size=7))

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from sslx.config_check import load_config_file
+from sslx.data import pipeline
 from sslx.methods import METHODS, dino
 from sslx.train import checkpoint, sharding, trainer
 
@@ -78,6 +80,22 @@ def test_nan_stops_with_the_step_window_and_keeps_the_last_good_checkpoint(tmp_p
 def test_mesh_larger_than_devices_is_rejected_before_compiling():
   with pytest.raises(sharding.ShardingError, match="needs 2 devices but 1 are visible"):
     sharding.make_mesh({"data": 2, "fsdp": 1})
+
+
+def test_unlabelled_evaluation_data_stops_the_run_before_it_compiles(tmp_path, monkeypatch):
+  flat = tmp_path / "flat"
+  flat.mkdir()
+  for i in range(20):
+    Image.fromarray(np.full((40, 36, 3), 10 * i, np.uint8)).save(flat / f"{i}.png")
+  config = smoke_config()
+  with config.unlocked():
+    config.data.update(source="image_folder", path=str(flat), eval_test_split="train")
+    config.eval.knn_every_steps = 2
+  compiled = []
+  monkeypatch.setattr(trainer, "build", lambda *a, **k: compiled.append(1))
+  with pytest.raises(pipeline.DataError, match="has no labels.*knn_every_steps=0"):
+    trainer.run(config, str(tmp_path / "w"))
+  assert not compiled and not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
 def test_standalone_knn_on_a_workdir(tmp_path):
