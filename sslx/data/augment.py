@@ -12,8 +12,13 @@ Choices, so they can be compared with torchvision/PIL:
     we draw it as the argsort of 4 uniforms and apply step k as ``lax.switch(perm[k], ...)``
     inside a ``fori_loop`` (under vmap each step evaluates all four and selects).
   * Grey level uses ITU-R 601-2 luma weights (0.299, 0.587, 0.114), as PIL's convert('L').
-  * Blur: a true separable Gaussian with sigma ~ U(blur_sigma) per image (PIL's GaussianBlur radius is
-    its sigma), kernel radius ceil(3 * max sigma), EDGE padding (PIL also extends the border pixel).
+  * Blur: PIL's GaussianBlur(radius=sigma), sigma ~ U(blur_sigma) per image, which is what the
+    official recipes call: three passes of an "extended" box blur per axis whose variance together is
+    exactly sigma^2 (Pillow's BoxBlur.c: box radius r = l + a, weight 1 on the 2l + 1 central taps
+    and a on the two next ones, over 2r + 1), the border pixel extended, computed as PIL does in
+    24-bit fixed point on uint8 grey levels, rounded after every pass. (Until session 9 this was
+    a sampled Gaussian kernel, nearly the identity for sigma < 0.5, where PIL still blurs edges:
+    the Fashion-MNIST presets draw sigma from (0.1, 0.5).)
   * Solarize inverts values >= 128/255, which matches PIL's ImageOps.solarize(threshold=128) on uint8.
 """
 
@@ -125,16 +130,60 @@ def _color_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: flo
   return jax.lax.fori_loop(0, len(ops), step, x)
 
 
-def _gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
-  """One image float [H, W, C], separable Gaussian with edge padding."""
-  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  weights = jnp.exp(-0.5 * jnp.square(taps / sigma))
-  weights = weights / jnp.sum(weights)
+BLUR_PASSES = 3  # Pillow's ImageFilter.GaussianBlur
+
+
+def pil_box_radius(sigma: Any, passes: int = BLUR_PASSES) -> tuple[Any, Any]:
+  """(l, a): integer part and fractional extension of the box radius of each of ``passes`` box
+  blurs that together have variance sigma^2, as Pillow's _gaussian_blur_radius computes them.
+
+  Works on Python floats and on jax arrays.
+  """
+  xp = jnp if isinstance(sigma, jax.Array) else math
+  s2 = sigma * sigma / passes
+  length = xp.sqrt(12.0 * s2 + 1.0)
+  l = xp.floor((length - 1.0) / 2.0)
+  a = (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) * (l + 1)))
+  return l, a
+
+
+def blur_reach(sigma_max: float) -> int:
+  """Taps each side of one box pass for any sigma <= sigma_max (l + 1)."""
+  return int(pil_box_radius(float(sigma_max))[0]) + 1
+
+
+def _box_weights(sigma: jax.Array, reach: int) -> jax.Array:
+  """One extended box pass on taps -reach..reach in PIL's 24-bit fixed point: uint32 weights
+  floor(2^24 / (2r + 1)) inside l and half the remainder at l + 1 (they sum to about 2^24)."""
+  l, a = pil_box_radius(sigma)
+  inner = jnp.floor(float(1 << 24) / (2 * (l + a) + 1))
+  edge = jnp.floor((float(1 << 24) - (2 * l + 1) * inner) / 2)
+  dist = jnp.abs(jnp.arange(-reach, reach + 1, dtype=jnp.float32))
+  return jnp.where(dist <= l, inner, jnp.where(dist == l + 1, edge, 0.0)).astype(jnp.uint32)
+
+
+def _gaussian_blur(x: jax.Array, sigma: jax.Array, reach: int) -> jax.Array:
+  """One image float [H, W, C] in [0, 1]: PIL's GaussianBlur(sigma) (the same grey levels except
+  where the float32 box radius differs from C's in its last bits; at most one level on a few
+  percent of the values at some sigmas; tests/data/test_augment.py).
+
+  BLUR_PASSES box passes along rows, then as many along columns, each on uint8 grey levels in
+  PIL's integer arithmetic (uint32 sums of weight x level, then (sum + 2^23) >> 24). The rounding
+  after every pass is part of what PIL does: at small sigma it leaves smooth regions unchanged.
+  """
+  weights = _box_weights(sigma, reach)
+  taps = range(2 * reach + 1)
   h, w = x.shape[:2]
-  padded = jnp.pad(x, ((radius, radius), (0, 0), (0, 0)), mode='edge')
-  x = sum(weights[i] * padded[i:i + h] for i in range(2 * radius + 1))
-  padded = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode='edge')
-  return sum(weights[i] * padded[:, i:i + w] for i in range(2 * radius + 1))
+  half, shift = jnp.uint32(1 << 23), jnp.uint32(24)
+  levels = jnp.floor(jnp.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(jnp.uint32)
+  for axis, size in ((1, w), (0, h)):  # along rows first, as PIL
+    for _ in range(BLUR_PASSES):
+      pad = [(0, 0)] * 3
+      pad[axis] = (reach, reach)
+      padded = jnp.pad(levels, pad, mode='edge')
+      acc = sum(weights[i] * jax.lax.slice_in_dim(padded, i, i + size, axis=axis) for i in taps)
+      levels = (acc + half) >> shift
+  return levels.astype(jnp.float32) / 255.0
 
 
 def _is_zero(p: Any) -> bool:
@@ -155,7 +204,8 @@ def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Arr
     color_jitter_prob, grayscale_prob: scalar probabilities. Any Python 0 skips that computation.
     brightness, contrast, saturation, hue: jitter strengths (torchvision ColorJitter arguments);
       Python floats; 0 leaves that step out.
-    blur_sigma: (min, max) of the Gaussian sigma in pixels; Python floats (they fix the kernel).
+    blur_sigma: (min, max) of the blur's sigma in pixels (PIL's radius); Python floats (the
+      largest fixes the kernel's reach).
   Returns:
     float32 [N, H, W, 3] in [0, 1].
   """
@@ -164,7 +214,7 @@ def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Arr
   sigma_lo, sigma_hi = float(blur_sigma[0]), float(blur_sigma[1])
   if not 0 < sigma_lo <= sigma_hi:
     raise ValueError(f'blur_sigma must satisfy 0 < min <= max, got {blur_sigma}.')
-  radius = max(1, int(math.ceil(3.0 * sigma_hi)))
+  reach = blur_reach(sigma_hi)
   x = to_float(images)
   if images.shape[0] == 0:
     return x
@@ -186,7 +236,7 @@ def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Arr
     if not _is_zero(blur_prob):
       sigma = jax.random.uniform(keys[3], (), minval=sigma_lo, maxval=sigma_hi)
       img = jnp.where(jax.random.bernoulli(keys[4], blur_prob),
-                      _gaussian_blur(img, sigma, radius), img)
+                      _gaussian_blur(img, sigma, reach), img)
     if not _is_zero(solarize_prob):
       solarized = jnp.where(img >= SOLARIZE_THRESHOLD, 1.0 - img, img)
       img = jnp.where(jax.random.bernoulli(keys[5], solarize_prob), solarized, img)
