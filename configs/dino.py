@@ -16,9 +16,10 @@ layer frozen for the first epoch, per-tensor gradient clipping at 3.0, drop path
   python main.py --config=configs/dino.py --workdir=/tmp/dino_vits16 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets
 
-  # Fashion-MNIST on a 2-core CPU (`make demo` runs it with SERE; 11-13 min on 2 cores):
+  # Fashion-MNIST on a 2-core CPU (`make demo` runs it with SERE; 10-17 min on 2 cores,
+  # depending on the VM):
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/dino_fmnist
-  # -> kNN top-1 65.05% after 1 epoch vs 57.62% at random init (raw pixels 84.59%);
+  # -> kNN top-1 65.15% after 1 epoch vs 57.62% at random init (raw pixels 84.59%);
   #    experiments/fashion_mnist/RESULTS.md has the details. On one H100 with
   #    --config.total_epochs=10: 81.15% (93 s of training; before the session-8 init fix).
 
