@@ -47,11 +47,15 @@ def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
 def use_fashion_mnist(c: ml_collections.ConfigDict, size: int) -> None:
   """Points config.data at the Debian Fashion-MNIST files, evaluated at `size` px.
 
-  Crops stay on the host (PIL): 28-px images cost nothing to resample. The kNN runs at the
-  start (the random-init baseline) and at the end.
+  Crops stay on the host (PIL): 28-px images cost nothing to resample. No read threads: the
+  prefetch thread alone makes a batch in a tenth of a step, and four threads contending for the
+  GIL on two cores used 40% more CPU for the same records (experiments/bench/RESULTS.md,
+  "Fashion-MNIST host pipeline"). The kNN runs at the start (the random-init baseline) and at
+  the end.
   """
   c.data.update(source="fashion_mnist", path=FASHION_MNIST_PATH, eval_test_split="test",
-                eval_resize=size, eval_size=size, workers=0, prefetch_buffer=4, crops_on="host")
+                eval_resize=size, eval_size=size, workers=0, read_threads=0, prefetch_buffer=4,
+                crops_on="host")
   # Batch 250: the CPU feature forward is 30% faster than at 1000, whose block activations
   # outgrow the caches (experiments/bench/RESULTS.md, evaluation batch size).
   c.eval.update(knn_every_steps=10**9, knn_at_start=True, batch_size=250)

@@ -36,6 +36,8 @@ def raw_pixel_knn(config) -> float:
 
   xtr, ytr = arrays(config.data.eval_train_split)
   xte, yte = arrays(config.data.eval_test_split)
+  # Fashion-MNIST arrives as three equal channels: one gives the same cosines, 3x faster.
+  xtr, xte = knn.one_channel_if_grey(xtr, xte)
   res = knn.knn_classify(knn.raw_pixel_features(xtr), ytr, knn.raw_pixel_features(xte), yte,
                          num_classes=pipeline.num_classes(config.data),
                          k=config.eval.knn_k, temperature=config.eval.knn_temperature)

@@ -181,3 +181,24 @@ def test_eval_compiler_options_take_effect_and_keep_the_features():
   assert "ynn_fusion" not in tuned.as_text()
   np.testing.assert_allclose(np.asarray(tuned(x, w1, w2)), np.asarray(default(x, w1, w2)),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_one_channel_if_grey_keeps_the_cosine_knn():
+  """Grey images stored as RGB are reduced to one channel (the demo's raw-pixel baseline) only
+  when every set is grey, and the kNN result is the same as with three channels."""
+  rng = np.random.default_rng(0)
+  grey = rng.integers(0, 256, size=(60, 4, 4, 1), dtype=np.uint8)
+  train, test = np.repeat(grey[:50], 3, axis=-1), np.repeat(grey[50:], 3, axis=-1)
+  labels = np.arange(60) % 3
+  one_train, one_test = knn.one_channel_if_grey(train, test)
+  assert one_train.shape == (50, 4, 4, 1) and one_test.shape == (10, 4, 4, 1)
+  np.testing.assert_array_equal(one_train, grey[:50])
+  three = knn.knn_classify(knn.raw_pixel_features(train), labels[:50],
+                           knn.raw_pixel_features(test), labels[50:], num_classes=3, k=5)
+  one = knn.knn_classify(knn.raw_pixel_features(one_train), labels[:50],
+                         knn.raw_pixel_features(one_test), labels[50:], num_classes=3, k=5)
+  assert one == three
+  colour = test.copy()
+  colour[3, 1, 2, 1] ^= 1  # one pixel of one test image is no longer grey: nothing is reduced
+  kept = knn.one_channel_if_grey(train, colour)
+  assert kept[0].shape[-1] == 3 and kept[1].shape[-1] == 3

@@ -157,3 +157,34 @@ def test_evaluation_forwards_are_compiled_with_the_eval_options(monkeypatch):
   trainer.make_feature_fn(make_method(config), sharding.make_mesh(config.mesh), config)
   probe_workdir._on_uint8(lambda params, images: images, None, config)  # pylint: disable=protected-access
   assert len(calls) == 2
+
+
+def _labelled_folder(root, per_class=12):
+  """<root>/{train,test}/{dark,light}/*.png: two separable classes of 32-px images."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for label, base in (("dark", 40), ("light", 200)):
+      os.makedirs(root / split / label)
+      for i in range(per_class):
+        pixels = np.clip(base + rng.integers(-30, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+
+
+def test_knn_at_start_and_end_report_and_change_no_loss(tmp_path):
+  """The demo's path: kNN at init and at the end on a labelled image folder; the run reports
+  both results and trains exactly as a run without evaluations does."""
+  _labelled_folder(tmp_path / "data")
+  runs = {}
+  for name, knn_steps in (("plain", 0), ("knn", 10**9)):
+    config = smoke_config(total_steps=3)
+    with config.unlocked():
+      config.data.update(source="image_folder", path=str(tmp_path / "data"), eval_resize=28)
+      config.eval.update(knn_every_steps=knn_steps, knn_at_start=bool(knn_steps), batch_size=8,
+                         knn_k=5)
+    runs[name] = (trainer.run(config, str(tmp_path / name)), losses_by_step(str(tmp_path / name)))
+  results, losses = runs["knn"]
+  assert results["knn_init"]["num_test"] == 24 and results["knn"]["num_test"] == 24
+  assert 0.0 <= results["knn_init"]["top1"] <= 100.0
+  assert sorted(losses) == [1, 2, 3]
+  for step in (1, 2, 3):
+    assert losses[step] == pytest.approx(runs["plain"][1][step], rel=1e-6, abs=1e-7), step
