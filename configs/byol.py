@@ -15,8 +15,8 @@ per 256 and wd 1.5e-6: `--config.optim.lr_per_256=0.2 --config.optim.weight_deca
   python main.py --config=configs/byol.py --workdir=/tmp/byol_r50 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets --config.optim.accum_steps=2
   # Fashion-MNIST on a 2-core CPU (also the evaluator for configs/sage.py:fashion_mnist);
-  # one epoch in 13 minutes, kNN top-1 79.14% (73.84% at random init; measured before the
-  # session-9 blur fix, experiments/fashion_mnist/byol_sage.md):
+  # one epoch in about 13 minutes, kNN top-1 76.92% (73.84% at random init; commit f02d891,
+  # experiments/fashion_mnist/byol_sage.md):
   python main.py --config=configs/byol.py:fashion_mnist --workdir=/tmp/byol_fmnist
   # A few steps, for tests:
   python main.py --config=configs/byol.py:smoke --workdir=/tmp/byol_smoke

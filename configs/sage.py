@@ -16,8 +16,8 @@ The evaluator is a frozen ResNet + projector from an sslx BYOL workdir; it is re
   python main.py --config=configs/sage.py --workdir=/tmp/sage_r50 \
       --config.sage.evaluator_path=/tmp/byol_r50 --config.data.tfds_data_dir=$HOME/tensorflow_datasets
   # Fashion-MNIST on a 2-core CPU (the evaluator is the byol preset's run); one epoch,
-  # kNN top-1 81.70% (BYOL 79.26%; before session 8's decoder-init fix, commit aaca754),
-  # reconstructions 9.60% top-1 in the perceptual test:
+  # kNN top-1 79.28% (BYOL 76.92%; commit f02d891); at commit aaca754 (81.70%, BYOL 79.26%)
+  # its reconstructions scored 9.60% top-1 in the perceptual test:
   python main.py --config=configs/byol.py:fashion_mnist --workdir=/tmp/byol_fmnist
   python main.py --config=configs/sage.py:fashion_mnist --workdir=/tmp/sage_fmnist \
       --config.sage.evaluator_path=/tmp/byol_fmnist
