@@ -81,8 +81,9 @@ def one_channel_if_grey(*image_sets: np.ndarray) -> tuple[np.ndarray, ...]:
   """The first channel of every set when every image in all of them is grey (equal channels).
 
   The input pipeline delivers grey datasets such as Fashion-MNIST as three equal channels. The
-  kNN's cosine similarity of the raw pixels is the same with one channel as with three (both the
-  dot product and the norms scale by 3), so the baseline can score a third of the numbers. The
+  kNN's cosine similarity of the raw pixels is the same with one channel as with three (the dot
+  product and the product of the norms both scale by 3), so the baseline can score a third of
+  the numbers. The
   sets are reduced together or not at all, so train and test features keep one layout.
 
   Args:
