@@ -53,8 +53,12 @@ def main(argv):
   logging.info("config:\n%s", config)
   # Imported after flag parsing so `python main.py --help` stays fast.
   from sslx import distributed
-  distributed.maybe_initialize()
   from sslx.errors import UserError
+  try:
+    distributed.maybe_initialize()
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   from sslx.train import trainer
   try:
     if FLAGS.mode == "train":

@@ -1,34 +1,132 @@
-"""Multi-host start-up: `jax.distributed.initialize()` when the environment asks for it."""
+"""Multi-process start-up: `jax.distributed.initialize` from the launcher's environment.
+
+One process runs per host (TPU pods) or per GPU/host (SLURM, MPI, hand-launched clusters). Three
+ways to say "you are process i of n", checked in this order:
+
+1. `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, and
+   optionally `JAX_LOCAL_DEVICE_IDS` (comma-separated; which local accelerators this process owns).
+   All three of the first must be set together; they are passed to `jax.distributed.initialize`.
+2. A launcher JAX detects by itself: SLURM with more than one task (`srun`), Open MPI (`mpirun`),
+   Cloud TPU pods (`gcloud ... tpu-vm ssh --worker=all`). `jax.distributed.initialize()` reads
+   their variables.
+3. Nothing: a single process.
+
+`SSLX_DISTRIBUTED=0` forces a single process (e.g. one SLURM task per node running its own job);
+`SSLX_DISTRIBUTED=1` forces initialisation with JAX's detection. `SSLX_INIT_TIMEOUT` (seconds,
+default 300) bounds the wait for the other processes. Every problem is a `LaunchError` whose
+message names the variable to fix; main.py prints it as one line.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 from absl import logging
 
-# Variables set by the launchers jax.distributed knows how to read (SLURM, Open MPI,
-# Cloud TPU pods) or by a user who wires the coordinator by hand.
-_MULTI_HOST_HINTS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE",
-                     "MEGASCALE_COORDINATOR_ADDRESS")
+from sslx import errors
+
+EXPLICIT_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def wants_distributed(env=os.environ) -> bool:
-  """True when this process is one of several (SLURM, MPI, TPU pod, explicit opt-in)."""
-  if env.get("SSLX_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
-    return True
-  if env.get("SSLX_DISTRIBUTED", "").lower() in ("0", "false", "no"):
-    return False
-  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-    return True
-  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-    return True
-  return any(env.get(k) for k in _MULTI_HOST_HINTS)
+class LaunchError(errors.UserError):
+  """The environment describes an impossible or incomplete multi-process launch."""
 
 
-def maybe_initialize() -> None:
-  """Calls jax.distributed.initialize() once, before any other jax call, if wanted."""
-  if not wants_distributed():
+def _int_var(env: Mapping[str, str], name: str) -> int:
+  value = env[name].strip()
+  try:
+    return int(value)
+  except ValueError:
+    raise LaunchError(f"{name}={value!r} is not an integer") from None
+
+
+def explicit_arguments(env: Mapping[str, str] = os.environ) -> dict | None:
+  """The `jax.distributed.initialize` arguments given by the JAX_* variables, or None if unset.
+
+  Raises:
+    LaunchError: only some of the three variables are set, or they contradict each other.
+  """
+  present = [v for v in EXPLICIT_VARS if env.get(v, "").strip()]
+  if not present:
+    if env.get("JAX_LOCAL_DEVICE_IDS", "").strip():
+      raise LaunchError("JAX_LOCAL_DEVICE_IDS is set but JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not; set all three")
+    return None
+  missing = [v for v in EXPLICIT_VARS if v not in present]
+  if missing:
+    raise LaunchError(f"{', '.join(present)} set but {' and '.join(missing)} missing: a "
+                      f"multi-process launch needs all of {', '.join(EXPLICIT_VARS)}")
+  address = env["JAX_COORDINATOR_ADDRESS"].strip()
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise LaunchError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port of process 0 "
+                      "(e.g. 10.0.0.1:1234)")
+  count = _int_var(env, "JAX_NUM_PROCESSES")
+  index = _int_var(env, "JAX_PROCESS_ID")
+  if count < 1:
+    raise LaunchError(f"JAX_NUM_PROCESSES={count} must be >= 1")
+  if not 0 <= index < count:
+    raise LaunchError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count})")
+  kwargs = {"coordinator_address": address, "num_processes": count, "process_id": index}
+  ids = env.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+  if ids:
+    try:
+      kwargs["local_device_ids"] = [int(i) for i in ids.split(",")]
+    except ValueError:
+      raise LaunchError(f"JAX_LOCAL_DEVICE_IDS={ids!r} must be comma-separated integers") from None
+  return kwargs
+
+
+def _detected_launcher(env: Mapping[str, str]) -> str | None:
+  """The name of a multi-process launcher JAX detects by itself, or None."""
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_JOB_ID"):
+    return "SLURM"
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "Cloud TPU"
+  return None
+
+
+def launch_arguments(env: Mapping[str, str] = os.environ) -> dict | None:
+  """What `maybe_initialize` passes to `jax.distributed.initialize`; None for one process.
+
+  `{}` means "let JAX detect the cluster" (SLURM, Open MPI, TPU pods).
+  """
+  force = env.get("SSLX_DISTRIBUTED", "").strip().lower()
+  if force in ("0", "false", "no"):
+    return None
+  explicit = explicit_arguments(env)
+  if explicit is not None:
+    return explicit
+  if force in ("1", "true", "yes") or _detected_launcher(env):
+    return {}
+  return None
+
+
+def maybe_initialize(env: Mapping[str, str] = os.environ) -> None:
+  """Calls `jax.distributed.initialize` once, before any other jax call, when launched as one of
+  several processes; a no-op for a single process.
+
+  Raises:
+    LaunchError: bad variables, or the other processes / coordinator were not reached in time.
+  """
+  kwargs = launch_arguments(env)
+  if kwargs is None:
     return
-  import jax
-  jax.distributed.initialize()
-  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  timeout = _int_var(env, "SSLX_INIT_TIMEOUT") if env.get("SSLX_INIT_TIMEOUT") else 300
+  import jax  # pylint: disable=g-import-not-at-top
+  where = (f"coordinator {kwargs['coordinator_address']}, process {kwargs['process_id']} of "
+           f"{kwargs['num_processes']}" if kwargs else "cluster detected by JAX")
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except  # every failure here is the launch's
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise LaunchError(
+        f"jax.distributed.initialize failed ({where}) after up to {timeout} s: {first[:300]}. "
+        "Check that every process was started, that JAX_COORDINATOR_ADDRESS is process 0's "
+        "reachable host:port, and the firewall (SSLX_INIT_TIMEOUT sets the wait)") from None
+  logging.info("jax.distributed: process %d of %d (%s), %d local device(s), %d in all",
+               jax.process_index(), jax.process_count(), where, jax.local_device_count(),
+               jax.device_count())

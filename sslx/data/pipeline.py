@@ -1,10 +1,11 @@
 """grain input pipelines: the infinite multi-crop training stream and one-pass evaluation batches.
 
-Training (per process): source[process_index::process_count] -> shuffle (reshuffled every epoch) ->
-repeat forever -> multi-crop with a per-record generator -> batch (drop remainder; SERE overlaps;
-written straight into shared memory in a worker) -> worker processes (``workers`` > 0) -> a thread
-buffer of ``prefetch_buffer`` ready batches. The returned ``grain.IterDataset``'s iterator supports
-``get_state()`` / ``set_state()`` and ``grain.checkpoint.CheckpointSave/Restore``.
+Training: global step -> this process's rows of the step's global batch (an epoch-wise shuffle of
+all records, drop-last; multi-crop with a generator per (step, row); stacked, with the SERE
+overlaps, straight into shared memory in a worker) -> worker processes (``workers`` > 0) -> a
+thread buffer of ``prefetch_buffer`` ready batches. What a step holds depends on the seed and the
+step only, never on the number of processes, workers or threads (``_TrainBatch``); the iterator's
+state is the next step (``TrainIterator``), so resume works across any of those changes.
 
 Config keys read (``config.data``): source, path, tfds_name, tfds_data_dir, train_split,
 global_crops, local_crops, interpolation, eval_resize, eval_size, workers, prefetch_buffer, and with
@@ -181,34 +182,179 @@ def train_source(data_cfg: Any) -> Any:
   return source
 
 
+class _TrainBatch:
+  """Global step -> this process's slice of that step's global batch (picklable for workers).
+
+  The data order is a property of the run, not of the hardware: step t's global batch holds the
+  records at positions [i * B, (i + 1) * B) of epoch e's permutation (e, i = divmod(t, steps per
+  epoch); B = the global batch; the last partial batch of an epoch is dropped, as DINO's
+  DataLoader does), and the j-th record of it is cropped, flipped and masked by a generator seeded
+  with (seed, t, j). Process p of P builds rows [p * B / P, (p + 1) * B / P) of it. So 1 process or
+  N, any number of worker processes or reader threads, and any resume point give the same records
+  with the same crops in every step.
+  """
+
+  def __init__(self, source: Any, multi_crop: _MultiCrop, batch_fn: _Batch, *, seed: int,
+               global_batch_size: int, process_index: int, process_count: int):
+    import grain  # pylint: disable=g-import-not-at-top
+    self.source = source
+    self.multi_crop = multi_crop
+    self.batch_fn = batch_fn
+    self.seed = int(seed)
+    self.global_batch_size = int(global_batch_size)
+    self.batch_size = self.global_batch_size // process_count
+    self.first = process_index * self.batch_size
+    self.records = len(source)
+    self.steps_per_epoch = self.records // self.global_batch_size
+    # grain's random-access shuffle: a fresh permutation of all records every epoch (the index
+    # past the first epoch selects the epoch's seed), computed per index, never materialised.
+    self.order = grain.MapDataset.range(self.records).shuffle(
+        seed=_derive_seed(seed, 0) % 2**31).repeat(None)
+
+  def record_index(self, step: int, position: int) -> int:
+    """The source index of row `position` of step `step`'s global batch."""
+    epoch, i = divmod(int(step), self.steps_per_epoch)
+    return int(self.order[epoch * self.records + i * self.global_batch_size + position])
+
+  def __call__(self, step: int) -> dict[str, Any]:
+    step = int(step)
+    examples = []
+    for j in range(self.first, self.first + self.batch_size):
+      rng = np.random.default_rng([self.seed, 1, step, j])
+      examples.append(self.multi_crop(self.source[self.record_index(step, j)], rng))
+    return self.batch_fn(examples)
+
+
+def _shared_memory_batches(ds: 'grain.IterDataset', batch_fn: _Batch) -> 'grain.IterDataset':
+  """`ds` marked as able to write its batches into shared memory: grain's ``mp_prefetch`` calls
+  ``enable_shared_memory_output`` on the dataset it hands to worker processes, and the batch
+  function then stacks every array straight into a shared segment (no copy on the way back)."""
+  import grain  # pylint: disable=g-import-not-at-top
+
+  class SharedMemoryBatches(grain.IterDataset):
+
+    def enable_shared_memory_output(self) -> None:
+      batch_fn.enable_shared_memory_output()
+
+    def __iter__(self):
+      return self._parent.__iter__()
+
+  return SharedMemoryBatches(ds)
+
+
+# No end: the stream is infinite; grain wants a length.
+_NO_END = 2**62
+
+
+class TrainStream:
+  """The training batches of one process, from any global step on (see ``_TrainBatch``).
+
+  ``iter(stream)`` gives a ``TrainIterator`` starting at step 0; its ``get_state()`` /
+  ``set_state()`` speak a small JSON dict (the next step plus what defines the order), so a run
+  resumes exactly with another number of processes, workers or threads.
+  """
+
+  def __init__(self, make: _TrainBatch, data_cfg: Any):
+    self.make = make
+    self.data_cfg = data_cfg
+
+  @property
+  def identity(self) -> dict[str, int]:
+    """What fixes the data order besides the step; a resume must match it."""
+    return {'seed': self.make.seed, 'global_batch_size': self.make.global_batch_size,
+            'records': self.make.records}
+
+  def dataset(self, start_step: int) -> 'grain.IterDataset':
+    """grain dataset of this process's batches for steps start_step, start_step + 1, ..."""
+    import grain  # pylint: disable=g-import-not-at-top
+    threads = int(self.data_cfg.get('read_threads', 4))
+    # One element per batch: worker processes and reader threads then share out whole batches
+    # and hand them back in order, so their number cannot change what a batch holds.
+    ds = grain.MapDataset.range(int(start_step), _NO_END).map(self.make)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=max(1, threads)))
+    return _add_prefetch(_shared_memory_batches(ds, self.make.batch_fn), self.data_cfg)
+
+  def enable_shared_memory_output(self) -> None:
+    """What grain's worker processes ask of their dataset (exposed for tests)."""
+    self.make.batch_fn.enable_shared_memory_output()
+
+  def __iter__(self) -> 'TrainIterator':
+    return TrainIterator(self)
+
+
+class TrainIterator:
+  """Iterator over a ``TrainStream`` whose state is the next global step (JSON-able)."""
+
+  def __init__(self, stream: TrainStream, step: int = 0):
+    self.stream = stream
+    self.step = int(step)
+    self._it = None
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    if self._it is None:
+      self._it = iter(self.stream.dataset(self.step))
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {'step': self.step, **self.stream.identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues at ``state['step']``; refuses a state made for another data order.
+
+    Raises:
+      DataError: the state was written with another seed, global batch or training set.
+    """
+    want = self.stream.identity
+    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+    if diff:
+      said = ', '.join(f'{k} {old} (checkpoint) vs {new} (now)' for k, (old, new) in diff.items())
+      raise DataError(f'the checkpoint\'s data position belongs to another data order ({said}); '
+                      'resume with the config it was written with, or start a new workdir')
+    self.close()
+    self.step = int(state['step'])
+
+  def close(self) -> None:
+    if self._it is not None:
+      close = getattr(self._it, 'close', None)
+      if close is not None:
+        close()
+      self._it = None
+
+
 def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1, patch_size: int = 16) -> 'grain.IterDataset':
-  """The infinite, shuffled, host-sharded multi-crop training stream of this process.
+                  process_count: int = 1, patch_size: int = 16) -> TrainStream:
+  """The infinite, shuffled multi-crop training stream of this process.
 
   Args:
     data_cfg: ``config.data``.
-    seed: run seed; shuffle order and crops derive from (seed, process_index).
-    batch_size: examples per batch on THIS process.
+    seed: run seed; the shuffle order and every crop derive from it and the global step only.
+    batch_size: examples per batch on THIS process (the global batch is batch_size *
+      process_count); process p gets rows [p * batch_size, (p + 1) * batch_size) of it.
     patch_size: the model's patch size; block masks live on the global crops' patch grid.
   Returns:
-    A grain.IterDataset of dicts: 'global_crops' uint8 [B, Ng, G, G, 3], 'local_crops' uint8
-    [B, Nl, L, L, 3], 'global_boxes' float32 [B, Ng, 4] and 'local_boxes' float32 [B, Nl, 4]
-    ((x0, y0, w, h) in original pixels), 'global_flips' bool [B, Ng], 'local_flips' bool [B, Nl],
-    'image_size' int32 [B, 2] (original height, width), 'label' int32 [B] (-1 unknown),
-    'skipped' int32 [B], 'index' int64 [B] (requested record index in the source), and the
-    overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py): 'gg_rects' float32
-    [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32 [B, Nl, Ng, 2, 4],
-    'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than 'none' (sslx/data/masks.py)
-    also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch).
+    A ``TrainStream``; its iterator yields dicts: 'global_crops' uint8 [B, Ng, G, G, 3],
+    'local_crops' uint8 [B, Nl, L, L, 3], 'global_boxes' float32 [B, Ng, 4] and 'local_boxes'
+    float32 [B, Nl, 4] ((x0, y0, w, h) in original pixels), 'global_flips' bool [B, Ng],
+    'local_flips' bool [B, Nl], 'image_size' int32 [B, 2] (original height, width), 'label' int32
+    [B] (-1 unknown), 'skipped' int32 [B], 'index' int64 [B] (requested record index in the
+    source), and the overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py):
+    'gg_rects' float32 [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32
+    [B, Nl, Ng, 2, 4], 'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than
+    'none' (sslx/data/masks.py) also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch).
     With ``data_cfg.crops_on == 'device'`` there are no '*_crops' (``device_crops.canvas_crops``
     makes them in the train step) but 'canvas' uint8 [B, C, C, 3] (the decoded image, shrunk
     only if larger than C = ``data_cfg.canvas_size``, zero-padded), 'canvas_extent' int32 [B, 2]
     (its valid height, width) and 'canvas_scale' float32 [B, 2] (canvas pixels per original
     pixel along y, x).
   Raises:
-    DataError: missing data, or fewer records on this process than one batch.
+    DataError: missing data, or fewer records than one global batch.
   """
-  import grain  # pylint: disable=g-import-not-at-top
   _check_shard(process_index, process_count)
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
@@ -222,21 +368,20 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
                     "or crops_on='host'.")
   ratio = tuple(float(r) for r in data_cfg.get('crop_ratio', crops_lib.DEFAULT_RATIO))
   source = train_source(data_cfg)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) < batch_size:
-    raise DataError(f'{source!r} gives process {process_index} only {len(ds)} records, fewer than '
-                    f'one batch of {batch_size}; lower the batch size.')
-  ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0))
-  ds = ds.repeat(None)  # epoch-indexed reshuffle and fresh crops every epoch
+  global_batch = batch_size * process_count
+  if len(source) < global_batch:
+    raise DataError(f'{source!r} has only {len(source)} records, fewer than one global batch of '
+                    f'{global_batch}; lower the batch size.')
   mask_spec = masks_lib.MaskSpec.from_config(data_cfg.get('masks'))
   if mask_spec.scheme != 'none' and global_spec.size % patch_size:
     raise DataError(f'global crops of {global_spec.size} px do not tile into {patch_size}-px '
                     'patches; masks need whole patches (change data.global_crops.size)')
-  ds = ds.random_map(_MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
-                                patch_size, canvas_size), seed=_derive_seed(seed, process_index, 1))
-  ds = ds.to_iter_dataset(_read_options(data_cfg))
-  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_Batch(canvas_size))
-  return _add_prefetch(ds, data_cfg)
+  multi_crop = _MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
+                          patch_size, canvas_size)
+  make = _TrainBatch(source, multi_crop, _Batch(canvas_size), seed=seed,
+                     global_batch_size=global_batch, process_index=process_index,
+                     process_count=process_count)
+  return TrainStream(make, data_cfg)
 
 
 def steps_per_epoch(data_cfg: Any, global_batch_size: int) -> int:

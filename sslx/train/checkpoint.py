@@ -14,6 +14,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+# The checkpoint item holding the data iterator's position (TrainIterator.get_state()).
+DATA_ITEM = "data_order"
+
 
 class Checkpointer:
   """Periodic + final saves, `max_to_keep`, automatic resume from the workdir."""
@@ -34,7 +37,9 @@ class Checkpointer:
     """Starts an (async) save of `state` and, if given, the grain iterator state."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = _grain_save(data_iter)
+      # The data position is global (the next step and what fixes the order), the same on every
+      # process: one JSON file, written by process 0, that any process count can read back.
+      items[DATA_ITEM] = ocp.args.JsonSave(data_iter.get_state())
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
 
@@ -44,9 +49,20 @@ class Checkpointer:
     The data iterator, if given, is restored in place.
     """
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items["data"] = _grain_restore(data_iter)
+    has_data = os.path.isdir(os.path.join(self.directory, str(step), DATA_ITEM))
+    if data_iter is not None and has_data:
+      items[DATA_ITEM] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None:
+      if has_data:
+        data_iter.set_state(restored[DATA_ITEM])
+      else:
+        # Older checkpoints kept grain's per-process iterator files instead; the data order is a
+        # function of the step, so the restored step says where to continue.
+        logging.warning("checkpoint %d has no %r item; continuing the data at its step", step,
+                        DATA_ITEM)
+        data_iter.set_state({**data_iter.get_state(),
+                             "step": int(jax.device_get(restored["state"].step))})
     return restored["state"]
 
   def restore_teacher(self, step: int) -> Any:
@@ -67,16 +83,6 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def _grain_save(it):
-  import grain  # Imported late: the benchmark path must work without grain.
-  return grain.checkpoint.CheckpointSave(it)
-
-
-def _grain_restore(it):
-  import grain
-  return grain.checkpoint.CheckpointRestore(it)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -9,7 +9,6 @@ grain's `get_state`/`set_state`, so grain's own orbax handler saves it.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from typing import Any, Callable, Iterator, Mapping
@@ -41,21 +40,16 @@ class DevicePrefetcher:
     self._state = None
     self.host_info: dict[str, Any] = {}
 
-  # -- grain's checkpoint protocol (its orbax handler stores bytes for non-grain
-  # iterators, so the state travels as JSON-encoded bytes) --------------------------
-  def get_state(self) -> bytes:
-    state = self._state if self._state is not None else self._it.get_state()
-    return json.dumps(state).encode() if not isinstance(state, bytes) else state
+  # -- the data position saved with each checkpoint (a JSON-able dict) ------------------
+  def get_state(self) -> dict[str, Any]:
+    """The host iterator's state after the last batch handed out (not after those queued)."""
+    return self._state if self._state is not None else self._it.get_state()
 
-  def set_state(self, state: bytes) -> None:
+  def set_state(self, state: dict[str, Any]) -> None:
     if self._thread is not None:
       raise RuntimeError("set_state after prefetching started; restore before the first batch")
-    decoded = json.loads(state.decode()) if isinstance(state, bytes) else state
-    self._it.set_state(decoded)
-    self._state = decoded
-
-  def start_prefetch(self) -> None:
-    """Called by grain's handler after a restore; prefetching starts on the first next()."""
+    self._it.set_state(state)
+    self._state = self._it.get_state()
 
   # -- iteration --------------------------------------------------------------
   def _work(self):

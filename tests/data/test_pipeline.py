@@ -1,10 +1,10 @@
 """Training and evaluation pipelines: layout, determinism, epochs, sharding, resume, checkpoints."""
 
 import itertools
+import json
 
 import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from sslx.data import pipeline, sources
@@ -107,17 +107,23 @@ def test_epochs_reshuffle_and_recrop(folder_cfg):
   assert [512, 512] in sizes.tolist() and [10, 10] in sizes.tolist()
 
 
-def test_host_sharding_partitions_the_data(folder_cfg):
-  seen = []
+def test_processes_take_their_rows_of_the_same_global_batch(folder_cfg):
+  """The data order is the run's: 2 processes build exactly the rows of the 1-process batch."""
+  it, whole = _take(pipeline.train_dataset(folder_cfg, seed=0, batch_size=4), 3)
+  _close(it)
+  parts = []
   for process in range(2):
-    it, batches = _take(pipeline.train_dataset(folder_cfg, seed=0, batch_size=5,
-                                               process_index=process, process_count=2), 2)
+    it, batches = _take(pipeline.train_dataset(folder_cfg, seed=0, batch_size=2,
+                                               process_index=process, process_count=2), 3)
     _close(it)
-    indices = [b['index'] for b in batches]
-    assert sorted(indices[0].tolist()) == sorted(indices[1].tolist())  # 5 records = 1 epoch
-    assert all(i % 2 == process for i in indices[0].tolist())
-    seen.extend(indices[0].tolist())
-  assert sorted(seen) == list(range(10))
+    parts.append(batches)
+  for step in range(3):
+    joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in whole[step]}
+    _assert_same([whole[step]], [joined])
+  # 10 records, batch 4: two steps per epoch (the last 2 records of each epoch are dropped, as
+  # DINO's loader does); step 2 starts a new permutation.
+  first_epoch = np.concatenate([whole[0]['index'], whole[1]['index']])
+  assert len(set(first_epoch.tolist())) == 8
   with pytest.raises(sources.DataError, match='lower the batch size'):
     pipeline.train_dataset(folder_cfg, seed=0, batch_size=6, process_index=0, process_count=2)
 
@@ -126,39 +132,48 @@ def test_resume_from_state_gives_the_same_batches(fmnist_cfg):
   dataset = pipeline.train_dataset(fmnist_cfg, seed=1, batch_size=8)
   it, _ = _take(dataset, 3)
   state = it.get_state()
+  assert state['step'] == 3 and state['global_batch_size'] == 8
   expected = [next(it) for _ in range(3)]
   _close(it)
   resumed = iter(pipeline.train_dataset(fmnist_cfg, seed=1, batch_size=8))
-  resumed.set_state(state)
+  resumed.set_state(json.loads(json.dumps(state)))
   _assert_same(expected, [next(resumed) for _ in range(3)])
   _close(resumed)
+  # Two processes of half the batch resume from the same state: the halves of the same batches.
+  halves = []
+  for process in range(2):
+    it = iter(pipeline.train_dataset(fmnist_cfg, seed=1, batch_size=4, process_index=process,
+                                     process_count=2))
+    it.set_state(state)
+    halves.append(next(it))
+    _close(it)
+  np.testing.assert_array_equal(np.concatenate([h['global_crops'] for h in halves]),
+                                expected[0]['global_crops'])
 
 
-def test_resume_with_worker_processes_via_orbax(fmnist_cfg, tmp_path):
-  fmnist_cfg.workers = 2
-  dataset = pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4)
-  it, first = _take(dataset, 3)
-  manager = ocp.CheckpointManager(tmp_path / 'ckpt')
-  manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-  manager.wait_until_finished()
-  expected = [next(it) for _ in range(3)]
+def test_resume_refuses_another_data_order(fmnist_cfg):
+  state = iter(pipeline.train_dataset(fmnist_cfg, seed=1, batch_size=8)).get_state()
+  for other in (dict(seed=2, batch_size=8), dict(seed=1, batch_size=4)):
+    it = iter(pipeline.train_dataset(fmnist_cfg, **other))
+    with pytest.raises(sources.DataError, match='another data order.*new workdir'):
+      it.set_state(state)
+
+
+@pytest.mark.parametrize('workers,threads', [(2, 0), (0, 3), (3, 1)])
+def test_workers_and_threads_never_change_the_batches(fmnist_cfg, workers, threads):
+  fmnist_cfg.workers, fmnist_cfg.read_threads = 0, 0
+  it, reference = _take(pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4), 5)
   _close(it)
-  resumed = iter(pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4))
-  manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
-  _assert_same(expected, [next(resumed) for _ in range(3)])
-  _close(resumed)
-  manager.close()
-  # Workers change only the interleaving, never the examples: the same records and crops appear.
-  fmnist_cfg.workers = 0
-  it0, in_process = _take(pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4), 6)
-  _close(it0)
-  by_index = lambda batches: {int(i): c.tobytes() for b in batches  # noqa: E731
-                              for i, c in zip(b['index'], b['global_crops'])}
-  with_workers = by_index(first + expected)
-  assert len(with_workers) == 24
-  reference = by_index(in_process)
-  common = set(with_workers) & set(reference)
-  assert common and all(with_workers[i] == reference[i] for i in common)
+  fmnist_cfg.workers, fmnist_cfg.read_threads = workers, threads
+  it, batches = _take(pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4), 5)
+  _close(it)
+  _assert_same(reference, batches)
+  # Resuming with yet another worker count continues exactly.
+  fmnist_cfg.workers = 1 if workers != 1 else 0
+  it = iter(pipeline.train_dataset(fmnist_cfg, seed=2, batch_size=4))
+  it.set_state({**it.get_state(), 'step': 3})
+  _assert_same(reference[3:], [next(it) for _ in range(2)])
+  _close(it)
 
 
 def test_eval_dataset_pads_and_keeps_order(fmnist_cfg):
