@@ -6,20 +6,27 @@ takes it directly and worker processes can receive it). A record is a dict of nu
   'image'      uint8 [h, w, 3]  RGB pixels. For encoded sources a large JPEG may be decoded at a
                                 reduced size (JPEG draft mode, 1/2, 1/4 or 1/8); ``h, w`` are then smaller
                                 than the original.
-  'image_size' int32 [2]        (height, width) of the ORIGINAL image. Crop boxes are always expressed in
-                                these original pixels.
+  'image_size' int32 [2]        (height, width) of the ORIGINAL image, upright (after its EXIF
+                                orientation). Crop boxes are always in these original pixels.
   'decode_scale' float64 []     decoded pixels per original pixel (1, 1/2, 1/4 or 1/8): original
                                 coordinate x lands at x * decode_scale in 'image'.
   'label'      int32 []         class index, -1 when unknown.
-  'skipped'    int32 []         how many unreadable records were passed over to produce this one.
+  'skipped'    int32 []         how many failed reads were passed over to produce this one.
+  'bad_indices' int64 [MAX_ATTEMPTS]  the source indices whose reads failed for this record, in
+                                order, padded with -1 (the first 'skipped' are >= 0). A bad file
+                                fails again in other records and epochs: count DISTINCT indices
+                                (named by ``source.describe(i)``) to know how many files are bad.
   'index'      int64 []         the requested record index (before any substitution).
 
 After ``source.set_canvas(C)`` (crops resampled on the device, sslx/data/device_crops.py) 'image' is
 shrunk (aspect kept) when larger than C on either side, so that it fits a C x C canvas, and
 'canvas_scale' float64 [2] gives its pixels per decoded pixel along y, x (1 when not shrunk).
 
-Unreadable or corrupt images are not fatal: the record at index+1, index+2, ... (modulo len) is
-substituted, deterministically, and a warning naming the bad file is logged.
+Encoded images are turned upright by their EXIF orientation tag (``PIL.ImageOps.exif_transpose``).
+
+Unreadable or corrupt images are not fatal: another record, drawn from (index, attempt) alone
+(``substitute``: uniform over the source, the same in every process), is read in its place, up to
+MAX_ATTEMPTS reads in a row before a ``DataError``. Each process warns once per bad file.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 
 from absl import logging
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from sslx import errors
 from sslx.data import crops as crops_lib
@@ -43,6 +50,11 @@ _FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
+
+
+# Failed reads in a row after which a record gives up (``DataError``): with a fraction f of bad
+# files a record fails this often with probability ~f**16, so only a broken data set gets there.
+MAX_ATTEMPTS = 16
 
 
 class DataError(errors.UserError):
@@ -87,6 +99,21 @@ def _rgb_image(im: Image.Image) -> Image.Image | np.ndarray:
   return im
 
 
+# EXIF orientations (1 = upright) whose transpose swaps the sides, and those that keep them.
+_SWAPS_SIDES = frozenset((5, 6, 7, 8))
+_KEEPS_SIDES = frozenset((2, 3, 4))
+
+
+def _orientation(im: Image.Image) -> int:
+  """The image's EXIF orientation tag (1-8), 1 when absent or unreadable."""
+  try:
+    value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    return int(value)
+  except Exception:  # pylint: disable=broad-except
+    # Damaged metadata must not reject pixels that decode fine: the image is used as stored.
+    return 1
+
+
 def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
                  ) -> tuple[np.ndarray, np.ndarray, float]:
   """Decodes an encoded image (a path or the file's bytes) to RGB; see ``_decode``.
@@ -100,14 +127,19 @@ def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
 
 def _decode(source: str | bytes | os.PathLike, min_side: int | None = None,
             ) -> tuple[Image.Image | np.ndarray, np.ndarray, float]:
-  """Decodes an encoded image (a path or the file's bytes) to RGB.
+  """Decodes an encoded image (a path or the file's bytes) to RGB, turned upright.
+
+  An EXIF orientation tag other than 1 is applied as ``PIL.ImageOps.exif_transpose`` does (a phone
+  photo tagged "rotate 90" comes out upright); the returned size is then the upright one, so crop
+  boxes in original pixels refer to the upright image.
 
   Args:
     source: a file path or the encoded bytes.
     min_side: if set and the file is a JPEG at least twice this size on both sides, decode it at
       1/2, 1/4 or 1/8 scale (PIL draft mode) while keeping both sides >= ``min_side``.
   Returns:
-    (image: RGB PIL image or uint8 [h, w, 3], original size int32 [2] = (height, width), scale)
+    (image: RGB PIL image or uint8 [h, w, 3], original upright size int32 [2] = (height, width),
+    scale)
     where scale = 1/s for a draft decode at 1/s (decoded column j covers original columns
     [j*s, (j+1)*s); h, w are rounded up, so use ``scale`` rather than the shape ratio), else 1.0.
   Raises:
@@ -122,7 +154,15 @@ def _decode(source: str | bytes | os.PathLike, min_side: int | None = None,
       if drafted is not None:
         scale = drafted[1][2] / width
     im.load()
-    rgb = _rgb_image(im)
+    upright = im
+    orientation = _orientation(im)
+    if orientation in _SWAPS_SIDES or orientation in _KEEPS_SIDES:
+      # After the (draft) decode: the transpose then works on the reduced pixels, and a draft
+      # scale applies to both axes alike, so it stays the same in the upright frame.
+      upright = ImageOps.exif_transpose(im)
+      if orientation in _SWAPS_SIDES:
+        width, height = height, width
+    rgb = _rgb_image(upright)
   return rgb, np.array([height, width], np.int32), scale
 
 
@@ -156,30 +196,73 @@ class _SubstitutingSource:
   def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
     raise NotImplementedError
 
-  def _describe(self, index: int) -> str:
-    return f'record {index}'
+  def describe(self, index: int) -> str:
+    """A human-readable name of record ``index`` for logs and errors (a path for a folder)."""
+    return f'{self!r}[{index}]'
+
+  def substitute(self, index: int, attempt: int) -> int:
+    """The record read instead of ``index`` after its ``attempt``-th failed read (0-based).
+
+    Drawn uniformly from the other records, from (index, attempt) alone: every process and
+    worker substitutes alike (the data order stays a property of the run seed), and the
+    substitutes of one bad file spread over the data rather than over-sampling a neighbour.
+    """
+    n = len(self)
+    if n < 2:
+      return index
+    return (index + 1 + int(np.random.default_rng([index, attempt]).integers(n - 1))) % n
 
   def __getitem__(self, index: int) -> Record:
     n = len(self)
     index = int(index) % n
-    for skipped in range(n):
-      current = (index + skipped) % n
+    bad = np.full(MAX_ATTEMPTS, -1, np.int64)
+    current = index
+    error = ''
+    for attempt in range(MAX_ATTEMPTS):
       try:
         image, size, scale, label = self._read(current)
       except Exception as e:  # pylint: disable=broad-except
         # Corrupt files happen in big folders; one bad JPEG must not stop a long run.
-        logging.warning('sslx.data: skipping unreadable image %s (%s: %s)',
-                        self._describe(current), type(e).__name__, e)
+        bad[attempt] = current
+        error = _one_line(e)
+        _warn_once(self.describe(current), error)
+        current = self.substitute(index, attempt)
         continue
       return {
           **self._record_image(image),
           'image_size': size,
           'decode_scale': np.float64(scale),
           'label': np.int32(label),
-          'skipped': np.int32(skipped),
+          'skipped': np.int32(attempt),
+          'bad_indices': bad,
           'index': np.int64(index),
       }
-    raise DataError(f'{self!r}: none of its {n} images could be decoded.')
+    names = list(dict.fromkeys(self.describe(int(i)) for i in bad))
+    raise DataError(
+        f'{MAX_ATTEMPTS} images in a row could not be decoded for record {index} of {self!r} '
+        f'({", ".join(names[:3])}{", ..." if len(names) > 3 else ""}; last error: {error}); '
+        'the data looks broken, check these files.')
+
+
+# Paths (``describe``) of the records that failed to decode in this process: each is warned
+# about once, not at every substitution (a bad file is met again every epoch).
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _one_line(error: Exception) -> str:
+  """``Type: first line of the message``."""
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0] if lines else ""}'
+
+
+def _warn_once(name: str, error: str) -> None:
+  with _WARNED_LOCK:
+    if name in _WARNED:
+      return
+    _WARNED.add(name)
+  logging.warning('sslx.data: unreadable image %s (%s); other records are read in its place.',
+                  name, error)
 
 
 _FMNIST_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -270,22 +353,61 @@ def list_images(folder: str) -> list[str]:
   return found
 
 
-_LISTING_CACHE: dict[str, tuple[Any, bytes, np.ndarray, np.ndarray]] = {}
+def _holds_images(folder: str) -> bool:
+  """Whether ``list_images(folder)`` is non-empty. Reads entries lazily and stops at the first
+  image file (os.walk would list each whole folder first: ~1M entries for ImageNet's train)."""
+  subdirs = []
+  with os.scandir(folder) as entries:
+    for entry in entries:
+      if entry.name.startswith('.'):
+        continue
+      if entry.is_dir():
+        subdirs.append(entry.path)
+      elif _is_image_file(entry.name):
+        return True
+  return any(_holds_images(d) for d in subdirs)
+
+
+def _subfolders(root: str) -> list[str]:
+  return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+
+
+def class_folders(root: str) -> tuple[str, ...] | None:
+  """The class names of an image folder: its sub-folders that hold images, sorted; None for a
+  flat folder (no such sub-folder). Cheap: stops in each sub-folder at its first image."""
+  names = tuple(name for name in _subfolders(root) if _holds_images(os.path.join(root, name)))
+  return names or None
+
+
+_LISTING_CACHE: dict[tuple[str, Any], tuple[Any, bytes, np.ndarray, np.ndarray]] = {}
 _LISTING_LOCK = threading.Lock()
 
 
-def _scan_folder(root: str) -> tuple[tuple[str, ...] | None, bytes, np.ndarray, np.ndarray]:
-  """(class names or None, relative paths as one utf-8 blob, blob offsets [N+1], labels [N])."""
-  subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+def _scan_folder(root: str, classes: tuple[str, ...] | None,
+                 ) -> tuple[tuple[str, ...] | None, bytes, np.ndarray, np.ndarray]:
+  """(class names or None, relative paths as one utf-8 blob, blob offsets [N+1], labels [N]).
+
+  ``classes``: the label order to use (``ImageFolderSource``); None: this folder's own classes.
+  """
+  subdirs = _subfolders(root)
   paths: list[str] = []
   labels: list[int] = []
-  classes = None
-  if subdirs:
-    classes = tuple(subdirs)
-    for label, name in enumerate(subdirs):
-      found = list_images(os.path.join(root, name))
-      paths.extend(found)
-      labels.extend([label] * len(found))
+  found = {name: list_images(os.path.join(root, name)) for name in subdirs}
+  empty = [name for name in subdirs if not found[name]]
+  if empty:
+    # An empty folder made a class would shift the labels of every class after it.
+    logging.warning('sslx.data: %d sub-folder(s) of %s hold no images and are ignored: %s',
+                    len(empty), root, ', '.join(empty))
+  if classes is None:
+    classes = tuple(name for name in subdirs if found[name]) or None
+  if classes is not None:
+    others = [name for name in subdirs if found[name] and name not in classes]
+    if others:
+      logging.warning('sslx.data: %d class folder(s) of %s are not among the %d classes used '
+                      'and are ignored: %s', len(others), root, len(classes), ', '.join(others))
+    for label, name in enumerate(classes):
+      paths.extend(found.get(name, ()))
+      labels.extend([label] * len(found.get(name, ())))
     loose = [f for f in os.listdir(root) if _is_image_file(f)]
     if loose:
       logging.warning('sslx.data: %d images directly in %s are ignored (class sub-folders '
@@ -306,24 +428,31 @@ class ImageFolderSource(_SubstitutingSource):
   """Images under a folder: ``root/<class>/**/*.jpg`` (labels = sorted class index) or a flat
   ``root/*.jpg`` (labels -1).
 
+  Sub-folders without image files are not classes (a warning names them): labels index the
+  sorted non-empty class folders, and ``num_classes`` counts those.
+
   Args:
     root: the folder.
     min_side: JPEG draft target (see ``decode_image``); None decodes at full size.
+    classes: the class names whose positions are the labels, to label several splits alike
+      (``make_source``); a name without a folder here just has no records, and class folders
+      not named are ignored with a warning. None: the non-empty class folders of ``root``.
   Raises:
     DataError: the folder is missing or holds no images.
   The listing is scanned once per process and folder (cached), then pickled with the source.
   """
 
-  def __init__(self, root: str, min_side: int | None = None):
+  def __init__(self, root: str, min_side: int | None = None,
+               classes: tuple[str, ...] | None = None):
     if not os.path.isdir(root):
       raise DataError(f'Image folder {root!r} does not exist; set --config.data.path to a folder '
                       'of class sub-folders (or of images).')
     self.root = root
     self.min_side = min_side
-    key = os.path.abspath(root)
+    key = (os.path.abspath(root), None if classes is None else tuple(classes))
     with _LISTING_LOCK:
       if key not in _LISTING_CACHE:
-        _LISTING_CACHE[key] = _scan_folder(root)
+        _LISTING_CACHE[key] = _scan_folder(root, key[1])
       self.classes, self._blob, self._offsets, self._labels = _LISTING_CACHE[key]
 
   @property
@@ -338,7 +467,8 @@ class ImageFolderSource(_SubstitutingSource):
     start, stop = self._offsets[index], self._offsets[index + 1]
     return os.path.join(self.root, self._blob[start:stop].decode('utf-8'))
 
-  def _describe(self, index: int) -> str:
+  def describe(self, index: int) -> str:
+    """The file path of record ``index``."""
     return self.path(index)
 
   def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -423,7 +553,8 @@ class TfdsSource(_SubstitutingSource):
   def __len__(self) -> int:
     return len(self._data())
 
-  def _describe(self, index: int) -> str:
+  def describe(self, index: int) -> str:
+    """``name/split[index]``."""
     return f'{self.name}/{self.split}[{index}]'
 
   def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -437,7 +568,7 @@ class TfdsSource(_SubstitutingSource):
     if image.ndim == 2:
       image = image[..., None]
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-      raise DataError(f'{self._describe(index)}: expected a uint8 [H, W, 1|3|4] image, got '
+      raise DataError(f'{self.describe(index)}: expected a uint8 [H, W, 1|3|4] image, got '
                       f'{image.dtype} {image.shape}.')
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
@@ -449,11 +580,45 @@ class TfdsSource(_SubstitutingSource):
     return f'TfdsSource({self.name!r}, {self.split!r}, data_dir={self.data_dir!r})'
 
 
+_WARNED_SPLITS: set[tuple[str, ...]] = set()
+
+
+def _split_classes(data_cfg: Any, root: str, split: str) -> tuple[str, ...] | None:
+  """The classes that label ``<root>/<split>``: the sorted union of the non-empty class folders
+  of the config's split folders (train, eval train, eval test), so that a class name has the
+  same label in every split. None when ``<root>/<split>`` is flat."""
+  own = class_folders(os.path.join(root, split))
+  if own is None:
+    return None
+  names = dict.fromkeys((data_cfg.get('train_split', 'train'), data_cfg.get('eval_train_split'),
+                         data_cfg.get('eval_test_split'), split))
+  per_split = {own_split: class_folders(os.path.join(root, own_split)) for own_split in names
+               if own_split and os.path.isdir(os.path.join(root, own_split))}
+  per_split = {name: set(found) for name, found in per_split.items() if found is not None}
+  union = tuple(sorted(set().union(*per_split.values())))
+  key = (os.path.abspath(root),) + tuple(sorted(per_split))
+  if any(found != set(union) for found in per_split.values()) and key not in _WARNED_SPLITS:
+    _WARNED_SPLITS.add(key)
+    lacking = '; '.join(f'{name} lacks {", ".join(sorted(set(union) - found))}'
+                        for name, found in sorted(per_split.items()) if found != set(union))
+    logging.warning(
+        'sslx.data: the splits of %s have different classes (%s). Every split is labelled by '
+        'the %d classes of all of them, so a class keeps one label everywhere; test images of a '
+        'class missing from the kNN\'s train split can never be classified right.',
+        root, lacking, len(union))
+  return union
+
+
 def make_source(data_cfg: Any, split: str, *, min_side: int | None = None) -> _SubstitutingSource:
   """Builds the source named by ``data_cfg.source`` for ``split``.
 
   Image folders: ``<path>/<split>`` when that folder exists, else ``<path>`` itself for the
-  training split. ``min_side`` is the JPEG draft target for encoded sources.
+  training split. ``min_side`` is the JPEG draft target for encoded sources. When the split
+  folders (``train_split``, ``eval_train_split``, ``eval_test_split``) have different sets of
+  non-empty class folders, every split is labelled by the sorted union of them (a warning
+  names the differences): the kNN's train and test labels then agree, ``num_classes`` is the
+  same for all splits, and test images of a class absent from the kNN's train split simply
+  count as errors (no neighbour can carry their label).
   Raises:
     DataError: unknown source kind, or the source's own errors.
   """
@@ -466,7 +631,7 @@ def make_source(data_cfg: Any, split: str, *, min_side: int | None = None) -> _S
       raise DataError('config.data.path must name the image folder for source=image_folder.')
     split_dir = os.path.join(root, split)
     if os.path.isdir(split_dir):
-      return ImageFolderSource(split_dir, min_side)
+      return ImageFolderSource(split_dir, min_side, _split_classes(data_cfg, root, split))
     if split == data_cfg.get('train_split', 'train'):
       return ImageFolderSource(root, min_side)
     raise DataError(f'No folder {split_dir!r} for split {split!r}; an image folder used for '
