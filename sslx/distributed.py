@@ -20,6 +20,9 @@ message names the variable to fix; main.py prints it as one line.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import threading
 from typing import Mapping
 
 from absl import logging
@@ -105,28 +108,62 @@ def launch_arguments(env: Mapping[str, str] = os.environ) -> dict | None:
   return None
 
 
+def _reachable(address: str, seconds: float = 1.0) -> bool:
+  host, _, port = address.rpartition(":")
+  try:
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds):
+      return True
+  except OSError:
+    return False
+
+
+def _timeout_message(kwargs: dict, timeout: int) -> str:
+  """Why the other processes were not met within `timeout` seconds, as precisely as we can."""
+  if kwargs and kwargs["process_id"] != 0 and not _reachable(kwargs["coordinator_address"]):
+    return (f"the coordinator JAX_COORDINATOR_ADDRESS={kwargs['coordinator_address']} was not "
+            f"reachable within {timeout} s: start process 0 there (it listens on that port), or "
+            "fix the address or the firewall (SSLX_INIT_TIMEOUT sets the wait)")
+  count = kwargs.get("num_processes", "all")
+  return (f"not all {count} processes joined within {timeout} s: start every process with the "
+          "same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES and a distinct JAX_PROCESS_ID "
+          "(SSLX_INIT_TIMEOUT sets the wait)")
+
+
 def maybe_initialize(env: Mapping[str, str] = os.environ) -> None:
   """Calls `jax.distributed.initialize` once, before any other jax call, when launched as one of
   several processes; a no-op for a single process.
 
+  JAX's coordination client aborts the whole process (no Python exception) when the coordinator
+  or the other processes do not answer in time, so a watchdog thread prints the one-line reason
+  and exits with status 1 just before that would happen.
+
   Raises:
-    LaunchError: bad variables, or the other processes / coordinator were not reached in time.
+    LaunchError: bad variables, or an error JAX raises while connecting.
   """
   kwargs = launch_arguments(env)
   if kwargs is None:
     return
   timeout = _int_var(env, "SSLX_INIT_TIMEOUT") if env.get("SSLX_INIT_TIMEOUT") else 300
+  if timeout < 1:
+    raise LaunchError(f"SSLX_INIT_TIMEOUT={timeout} must be >= 1 (seconds)")
   import jax  # pylint: disable=g-import-not-at-top
   where = (f"coordinator {kwargs['coordinator_address']}, process {kwargs['process_id']} of "
            f"{kwargs['num_processes']}" if kwargs else "cluster detected by JAX")
+  joined = threading.Event()
+
+  def watchdog():
+    if not joined.wait(timeout):
+      print(f"error: {_timeout_message(kwargs, timeout)}", file=sys.stderr, flush=True)
+      os._exit(1)  # pylint: disable=protected-access  # the main thread is stuck inside C++
+
+  threading.Thread(target=watchdog, daemon=True, name="distributed-watchdog").start()
   try:
-    jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
+    jax.distributed.initialize(initialization_timeout=timeout + 60, **kwargs)
   except Exception as e:  # pylint: disable=broad-except  # every failure here is the launch's
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise LaunchError(
-        f"jax.distributed.initialize failed ({where}) after up to {timeout} s: {first[:300]}. "
-        "Check that every process was started, that JAX_COORDINATOR_ADDRESS is process 0's "
-        "reachable host:port, and the firewall (SSLX_INIT_TIMEOUT sets the wait)") from None
+    raise LaunchError(f"jax.distributed.initialize failed ({where}): {first[:300]}") from None
+  finally:
+    joined.set()
   logging.info("jax.distributed: process %d of %d (%s), %d local device(s), %d in all",
                jax.process_index(), jax.process_count(), where, jax.local_device_count(),
                jax.device_count())

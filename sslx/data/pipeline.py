@@ -83,7 +83,7 @@ class _MultiCrop:
       side = self.global_spec.size // self.patch_size
       out['global_masks'] = np.stack(
           [self.mask_spec.draw(rng, (side, side)) for _ in range(self.global_spec.number)])
-    for key in ('label', 'skipped', 'index'):
+    for key in ('label', 'skipped', 'bad_indices', 'index'):
       out[key] = element[key]
     return out
 
@@ -342,8 +342,9 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     'local_crops' uint8 [B, Nl, L, L, 3], 'global_boxes' float32 [B, Ng, 4] and 'local_boxes'
     float32 [B, Nl, 4] ((x0, y0, w, h) in original pixels), 'global_flips' bool [B, Ng],
     'local_flips' bool [B, Nl], 'image_size' int32 [B, 2] (original height, width), 'label' int32
-    [B] (-1 unknown), 'skipped' int32 [B], 'index' int64 [B] (requested record index in the
-    source), and the overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py):
+    [B] (-1 unknown), 'skipped' int32 [B] (unreadable files passed over for the record),
+    'bad_indices' int64 [B, sources.MAX_ATTEMPTS] (their source indices, -1 padded), 'index' int64
+    [B] (requested record index in the source), and the overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py):
     'gg_rects' float32 [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32
     [B, Nl, Ng, 2, 4], 'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than
     'none' (sslx/data/masks.py) also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch).

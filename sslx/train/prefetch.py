@@ -39,15 +39,22 @@ class DevicePrefetcher:
     self._stop = threading.Event()
     self._state = None
     self.host_info: dict[str, Any] = {}
+    # Distinct source indices of unreadable files met so far (carried across resume in the
+    # state, so a resumed run keeps counting each bad file once).
+    self.bad_indices: set[int] = set()
 
   # -- the data position saved with each checkpoint (a JSON-able dict) ------------------
   def get_state(self) -> dict[str, Any]:
-    """The host iterator's state after the last batch handed out (not after those queued)."""
-    return self._state if self._state is not None else self._it.get_state()
+    """The host iterator's state after the last batch handed out (not after those queued),
+    with the distinct bad-file indices seen so far."""
+    state = self._state if self._state is not None else self._it.get_state()
+    return {**state, "bad_indices": sorted(self.bad_indices)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if self._thread is not None:
       raise RuntimeError("set_state after prefetching started; restore before the first batch")
+    state = dict(state)
+    self.bad_indices = {int(i) for i in state.pop("bad_indices", [])}
     self._it.set_state(state)
     self._state = self._it.get_state()
 
@@ -57,7 +64,8 @@ class DevicePrefetcher:
       while not self._stop.is_set():
         batch = next(self._it)
         state = self._it.get_state()
-        info = {"skipped": int(np.sum(batch["skipped"])) if "skipped" in batch else 0}
+        bad = batch.get("bad_indices")
+        info = {"bad_indices": np.unique(bad[bad >= 0]).tolist() if bad is not None else []}
         device = self._put({k: batch[k] for k in self._keys if k in batch})
         self._queue.put((device, state, info))
     except StopIteration:
@@ -79,6 +87,7 @@ class DevicePrefetcher:
     if isinstance(item, BaseException):
       raise item
     device, self._state, self.host_info = item
+    self.bad_indices.update(self.host_info["bad_indices"])
     return device
 
   def close(self) -> None:
@@ -92,3 +101,18 @@ class DevicePrefetcher:
     close = getattr(self._it, "close", None)
     if close is not None:
       close()
+
+
+def union_across_processes(indices: set[int], width: int = 256) -> set[int]:
+  """The union of every process's `indices` (a collective: all processes must call it at the same
+  point). Up to `width` of each process's smallest indices travel; a process with more than that
+  many bad files reports that many, which still says the data is broken."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return indices
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  local = np.full([width], -1, np.int64)
+  chosen = sorted(indices)[:width]
+  local[:len(chosen)] = chosen
+  gathered = np.asarray(multihost_utils.process_allgather(local))
+  return {int(i) for i in gathered.ravel() if i >= 0}

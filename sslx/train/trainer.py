@@ -31,7 +31,7 @@ from sslx.train import checkpoint as ckpt_lib
 from sslx.train import flops as flops_lib
 from sslx.train import metrics as metrics_lib
 from sslx.train import optim, sharding
-from sslx.train.prefetch import DevicePrefetcher
+from sslx.train.prefetch import DevicePrefetcher, union_across_processes
 from sslx.train.state import TrainState, ema_update, tree_l2
 
 DEVICE_KEYS = ("global_crops", "local_crops", "canvas", "canvas_extent", "canvas_scale",
@@ -401,7 +401,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   window_start = start_step
   meter = None
   images_per_step = config.batch_size  # source images (all their crops) per step
-  skipped_total = 0
+  reported_bad: set[int] = set(data_iter.bad_indices)
   step = start_step
   try:
     for step in range(start_step, total_steps):
@@ -420,14 +420,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         meter.update(step, time.time())
       state, step_metrics = compiled(state, batch)
       window.append(step_metrics["loss"])
-      skipped_total += data_iter.host_info.get("skipped", 0)
       done = step + 1
       is_last = done == total_steps or done == stop_after
       if done % config.log_every_steps == 0 or is_last:
         _check_finite(window, window_start, ckpt)
         window, window_start = [], done
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        scalars["data/skipped_images"] = float(skipped_total)
+        reported_bad = _report_bad_files(data_iter, train_ds, reported_bad)
+        scalars["data/skipped_images"] = float(len(data_iter.bad_indices))
         progress = meter.update(done, time.time())
         for name, value in (("perf/img_per_sec", progress.images_per_second),
                             ("perf/step_time", progress.seconds_per_step), ("perf/mfu", progress.mfu)):
@@ -444,6 +444,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info("%s", line)
       if done % config.checkpoint.every_steps == 0 or is_last:
         _check_finite(window, window_start, ckpt)
+        reported_bad = _report_bad_files(data_iter, train_ds, reported_bad)
         ckpt.save(done, state, data_iter)
       if ec.knn_every_steps and (done % ec.knn_every_steps == 0 or is_last):
         results["knn"] = run_evals(done, eval_params_of(method, state))
@@ -455,6 +456,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     data_iter.close()
   results["step"] = int(jax.device_get(state.step))
   return results
+
+
+def _report_bad_files(data_iter: DevicePrefetcher, train_ds, reported: set[int]) -> set[int]:
+  """Merges every process's bad-file indices (all processes call this at the same steps) and
+  logs the files not reported before, once each; returns the set now reported."""
+  data_iter.bad_indices = union_across_processes(data_iter.bad_indices)
+  new = sorted(data_iter.bad_indices - reported)
+  if new:
+    names = ", ".join(train_ds.make.source.describe(i) for i in new[:5])
+    more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+    logging.warning("data: %d unreadable file(s) replaced by other records (%d distinct so far): "
+                    "%s%s", len(new), len(data_iter.bad_indices), names, more)
+  return set(data_iter.bad_indices)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

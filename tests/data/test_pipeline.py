@@ -12,7 +12,7 @@ from sslx.data import pipeline, sources
 KEYS = {
     'global_crops': np.uint8, 'local_crops': np.uint8, 'global_boxes': np.float32,
     'global_flips': np.bool_, 'local_boxes': np.float32, 'local_flips': np.bool_,
-    'image_size': np.int32, 'label': np.int32, 'skipped': np.int32, 'index': np.int64,
+    'image_size': np.int32, 'label': np.int32, 'skipped': np.int32, 'bad_indices': np.int64, 'index': np.int64,
     'gg_rects': np.float32, 'gg_valid': np.bool_, 'lg_rects': np.float32, 'lg_valid': np.bool_,
 }
 
