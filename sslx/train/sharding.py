@@ -36,7 +36,10 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
     mesh_cfg: axis name -> size; one size may be -1 (filled with what is left).
     devices: defaults to `jax.devices()`.
   """
-  devices = list(jax.devices() if devices is None else devices)
+  # Process-major order: process p's devices then hold rows [p * B / P, (p + 1) * B / P) of
+  # every global batch, the rows its input pipeline builds (sslx/data/pipeline.py).
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
   unknown = set(mesh_cfg) - set(AXES)
   if unknown:
     raise ShardingError(f"config.mesh has unknown axes {sorted(unknown)}; valid axes: {AXES}")
