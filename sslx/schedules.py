@@ -1,9 +1,9 @@
 """Schedules as pure functions of the optimiser step (shared by methods and the trainer).
 
-They reproduce the official DINO/iBOT ones value for value (../shared/spec/methods.md
-§1.7, §2.1, gotchas 13 and 29): lr, weight decay and teacher momentum change every
-iteration; the teacher temperature changes once per epoch (a linspace over the
-warm-up epochs that includes both ends); the lr is scaled by global batch / 256.
+They reproduce the official DINO/iBOT ones value for value (docs/fidelity.md, Schedules): lr,
+weight decay and teacher momentum change every iteration; the teacher temperature changes once per
+epoch (a linspace over the warm-up epochs that includes both ends); the lr is scaled by global
+batch / 256.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def epoch_linspace_schedule(warmup_value: float, value: float, warmup_epochs: in
   """Per-epoch linear warm-up then constant (DINO/iBOT teacher temperature).
 
   Epoch e < warmup_epochs gets linspace(warmup_value, value, warmup_epochs)[e]
-  (both ends included, gotcha 29); later epochs get `value`.
+  (both ends included, as the official code); later epochs get `value`.
   """
 
   def schedule(step):

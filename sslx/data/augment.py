@@ -16,9 +16,9 @@ Choices, so they can be compared with torchvision/PIL:
     official recipes call: three passes of an "extended" box blur per axis whose variance together is
     exactly sigma^2 (Pillow's BoxBlur.c: box radius r = l + a, weight 1 on the 2l + 1 central taps
     and a on the two next ones, over 2r + 1), the border pixel extended, computed as PIL does in
-    24-bit fixed point on uint8 grey levels, rounded after every pass. (Until session 9 this was
-    a sampled Gaussian kernel, nearly the identity for sigma < 0.5, where PIL still blurs edges:
-    the Fashion-MNIST presets draw sigma from (0.1, 0.5).)
+    24-bit fixed point on uint8 grey levels, rounded after every pass. A sampled Gaussian kernel
+    would be nearly the identity for sigma < 0.5, where PIL still blurs edges, and the
+    Fashion-MNIST presets draw sigma from (0.1, 0.5) (docs/fidelity.md, Crops and augmentation).
   * Solarize inverts values >= 128/255, which matches PIL's ImageOps.solarize(threshold=128) on uint8.
 """
 

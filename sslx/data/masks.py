@@ -1,6 +1,6 @@
 """Block-wise patch masks for masked image modelling, drawn on the host in numpy.
 
-Two generators, as released (../shared/spec/methods.md §2.2, §5, gotchas 16, 20, 28, 37):
+Two generators, as released (docs/fidelity.md, Block masks):
 
 * `block_mask(..., scheme="beit")`: BEiT's generator. Blocks of area ~U(min_area,
   budget) and log-uniform aspect are placed until `num_masked` cells are masked;

@@ -3,7 +3,7 @@
 Per pair: 2 - 2 cos(q, z) = || q/|q| - z/|z| ||^2, averaged over the batch; BYOL
 symmetrises by swapping the views and *sums* the two directions, so the total lies in
 [0, 8] (deepmind-research/byol `regression_loss`; OpenSelfSup LatentPredictHead with
-size_average=True, as SaGe uses it, ../shared/spec/methods.md §4.1). Under jit on
+size_average=True, as SaGe uses it; docs/fidelity.md, BYOL). Under jit on
 globally sharded arrays the batch mean is the global-batch mean.
 """
 

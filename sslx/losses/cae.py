@@ -1,4 +1,4 @@
-"""CAE losses (../shared/spec/methods.md §3.2, gotcha 19): pure functions of arrays.
+"""CAE losses (docs/fidelity.md, CAE): pure functions of arrays.
 
   loss = reconstruction + align_weight * MSE(latent_pred, stop_grad(latent_target))
 

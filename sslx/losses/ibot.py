@@ -1,7 +1,7 @@
 """iBOT's masked-patch self-distillation loss and patch centre (pure functions).
 
 The [CLS] part of iBOT is exactly DINO's cross-view loss (sslx/losses/dino.py). The patch part
-(bytedance/ibot main_ibot.py iBOTLoss; spec §2.2, gotchas 14 and 17) pairs each global view
+(bytedance/ibot main_ibot.py iBOTLoss; docs/fidelity.md, iBOT) pairs each global view
 with *itself*: the student sees the masked view, the teacher the unmasked one, and
 
     L_patch = mean_q mean_b [ sum_n m[q,b,n] CE(p_t[q,b,n], p_s[q,b,n]) / max(sum_n m[q,b,n], 1) ]

@@ -1,10 +1,10 @@
 """MoCo v3 contrastive loss (Chen, Xie, He 2021), pure functions.
 
-Official behaviour (facebookresearch/moco-v3 moco/builder.py, spec gotcha 36): queries q and
-keys k are L2-normalised, logits = q k^T / T against the keys of the *whole global batch* (no
-queue), cross-entropy with the matching key as the label, scaled by 2T; the symmetrised loss
-sums both directions, ctr(q1, k2) + ctr(q2, k1). Under jit on globally sharded arrays the
-[B, B] logits already span the global batch, so the loss does not depend on the device count.
+Official behaviour (facebookresearch/moco-v3 moco/builder.py; docs/fidelity.md, MoCo v3): queries q
+and keys k are L2-normalised, logits = q k^T / T against the keys of the *whole global batch* (no
+queue), cross-entropy with the matching key as the label, scaled by 2T; the symmetrised loss sums
+both directions, ctr(q1, k2) + ctr(q2, k1). Under jit on globally sharded arrays the [B, B] logits
+already span the global batch, so the loss does not depend on the device count.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ evaluator's outputs ('c3', 'c4', 'c5' stage maps and 'proj', the projector outpu
 
 MSE is the plain mean over every element (no L2 normalisation, no per-level scaling
 beyond the weights), as `sunsmarterjie/SaGe:SaGe.py:117-142` computes it; the released
-weights are pixel 1/10, proj 1/10, c5 c4 c3 1/30 each (../shared/spec/methods.md §4.2,
-gotcha 25), and the method sums L_G over both views. c2 is not used.
+weights are pixel 1/10, proj 1/10, c5 c4 c3 1/30 each (docs/fidelity.md, SaGe), and the
+method sums L_G over both views. c2 is not used.
 """
 
 from __future__ import annotations

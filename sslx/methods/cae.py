@@ -1,7 +1,7 @@
 """CAE: context autoencoder (Chen et al., 2022) as the trainer sees it.
 
 One global view per image with an exact-count block mask (config.data.masks: scheme 'beit',
-exact=True, num_masked = 98 of 196 at ViT-B/16). Per step (spec §3, gotchas 18-23):
+exact=True, num_masked = 98 of 196 at ViT-B/16). Per step (docs/fidelity.md, CAE):
   1. split the patches into visible / masked indices (static counts, so jit shapes are fixed);
   2. encoder(visible + CLS) -> regressor(mask queries | visible latents) -> decoder(masked only);
   3. alignment target = the *current* encoder on the masked patches, parameters under
@@ -198,7 +198,7 @@ class Cae:
     r_main, r_target = jax.random.split(rng)
     out = net.apply({"params": params}, images, vis_idx, mask_idx, train=True,
                     rngs={"dropout": r_main})
-    # Gotcha 19: the current weights, no gradient, train mode.
+    # The current weights (the release aliases its target encoder: no EMA), no gradient, train mode.
     target = net.apply({"params": jax.lax.stop_gradient(params)}, images, mask_idx, train=True,
                        rngs={"dropout": r_target}, method=cae_model.CAE.align_target)
     align = cae_losses.alignment_loss(out["latent_pred"], target)

@@ -5,10 +5,10 @@ its initial parameters and loss state, the loss of one augmented multi-crop
 batch, which schedules it keeps, and a feature function for evaluation. The
 trainer owns the optimiser, the EMA update, sharding, checkpoints and logging.
 
-Official behaviour followed (../shared/spec/methods.md §2.1): the student sees
-all crops, the teacher (no drop path) only the global ones, every teacher view is
-paired with every *other* student view, and the centre is updated after the loss
-with the global-batch mean of the raw teacher outputs.
+Official behaviour followed (facebookresearch/dino main_dino.py; docs/fidelity.md, DINO): the
+student sees all crops, the teacher (no drop path) only the global ones, every teacher view is
+paired with every *other* student view, and the centre is updated after the loss with the
+global-batch mean of the raw teacher outputs.
 """
 
 from __future__ import annotations

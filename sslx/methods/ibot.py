@@ -1,10 +1,11 @@
 """iBOT (Zhou et al., 2022): DINO's [CLS] self-distillation plus masked-patch self-distillation.
 
-Official behaviour followed (bytedance/ibot main_ibot.py, MCG-NKU/SERE main_sere.py; spec §2.2,
-gotchas 12-17): the pipeline draws block masks for the global crops (sslx/data/masks.py); only the
-student's two global crops are masked (the mask token replaces patch embeddings before [CLS] and
-positions), local crops and the teacher never are; the head's MLP runs on every token, [CLS] ->
-'last_layer', patches -> 'last_layer2' or the same layer when shared; L = λ1 L_cls + λ2 L_patch
+Official behaviour followed (bytedance/ibot main_ibot.py, MCG-NKU/SERE main_sere.py;
+docs/fidelity.md, iBOT): the pipeline draws block masks for the global crops
+(sslx/data/masks.py); only the student's two global crops are masked (the mask token replaces
+patch embeddings before [CLS] and positions), local crops and the teacher never are; the head's
+MLP runs on every token, [CLS] -> 'last_layer', patches -> 'last_layer2' or the same layer when
+shared; L = λ1 L_cls + λ2 L_patch
 with separate centres and per-epoch teacher temperatures. The teacher tracks every student
 parameter except the mask token (it exists only in the student).
 
@@ -90,7 +91,7 @@ class Ibot(TeacherClsMethod):
 
     Returns 'student_logits' [Ng+Nl, B, K], 'teacher_logits' [Ng, B, K], 'student_patch' and
     'teacher_patch' [Ng, B, N, Kp], 'masks' bool [Ng, B, N], and the backbone outputs
-    'student_global' (of the masked views, as SERE's student relations use; gotcha 3),
+    'student_global' (of the masked views, which SERE's student relations use),
     'student_local', 'teacher_global' ([B*N views, ...] dicts).
     """
     g, l = views["global"], views["local"]

@@ -1,12 +1,13 @@
 """MoCo v3 (Chen, Xie, He 2021): a ViT, a BN projector and predictor, InfoNCE against an EMA encoder.
 
-Official behaviour followed (facebookresearch/moco-v3 builder.py, main_moco.py, vits.py; spec
-gotcha 36): two views; q = predictor(projector(cls)) of the student, k = projector(cls) of the
-momentum encoder (backbone + projector, no predictor); loss ctr(q1, k2) + ctr(q2, k1) with
-temperature T and the 2T scale, negatives = the keys of the global batch; projector 3 layers and
-predictor 2 layers with BatchNorm in train mode (statistics per view, as the official code calls
-the encoder once per view); momentum 0.99 -> 1 cosine; for ViTs fixed 2-D sin-cos positions and,
-optionally, a frozen random patch embedding (config.optim.frozen, see configs/mocov3.py).
+Official behaviour followed (facebookresearch/moco-v3 builder.py, main_moco.py, vits.py;
+docs/fidelity.md, MoCo v3): two views; q = predictor(projector(cls)) of the student, k =
+projector(cls) of the momentum encoder (backbone + projector, no predictor); loss ctr(q1, k2) +
+ctr(q2, k1) with temperature T and the 2T scale, negatives = the keys of the global batch;
+projector 3 layers and predictor 2 layers with BatchNorm in train mode (statistics per view, as the
+official code calls the encoder once per view); momentum 0.99 -> 1 cosine; for ViTs fixed 2-D
+sin-cos positions and, optionally, a frozen random patch embedding (config.optim.frozen, see
+configs/mocov3.py).
 
 Differences, stated: the EMA update runs after the optimiser step (the official code updates the
 momentum encoder at the start of the next step with that step's momentum value: same sequence, the

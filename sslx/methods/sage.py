@@ -2,8 +2,8 @@
 
 L = BYOL loss + lambda * sum over both views of L_G(x_v, decoder(c5_online(x_v))),
 with L_G = pixel MSE / 10 + evaluator-feature MSEs (projector / 10, c5, c4, c3 / 30 each;
-sslx/losses/sage.py). Our reading of the release (../shared/spec/methods.md §4,
-gotchas 24-27), which never calls its decoder:
+sslx/losses/sage.py). Our reading of the release (docs/fidelity.md, SaGe), which never
+calls its decoder:
 
   * intra-view: each view is rebuilt from the online encoder's c5 of the *same* view;
     the gradient flows into the encoder (the paper's "target network recovers the
@@ -172,7 +172,7 @@ class Sage(Byol):
     scheds = self.optimizer_schedules(steps_per_epoch, total_steps)
     dc, oc = self.config.decoder, self.config.optim
     warmup = int(round(oc.warmup_epochs * steps_per_epoch))
-    # Decoder: linear warm-up from warmup_start_ratio * lr, then constant (no cosine, gotcha 26).
+    # Decoder: linear warm-up from warmup_start_ratio * lr, then constant (released: no cosine).
     dec_lr = schedules.cosine_schedule(dc.lr, dc.lr, total_steps, warmup,
                                        warmup_start=oc.warmup_start_ratio * dc.lr)
     labels = {k: ("decoder" if k == "decoder" else "lars") for k in params_shape}
@@ -182,7 +182,7 @@ class Sage(Byol):
 
   # ---- loss -----------------------------------------------------------------------------
   def evaluate(self, evaluator: Any, images: jax.Array) -> dict[str, jax.Array]:
-    """Evaluator levels of images [B, H, W, 3]; BN in train mode on this batch (gotcha 25)."""
+    """Evaluator levels of images [B, H, W, 3]; BN in train mode on this batch, as released."""
     (stages, proj), _ = self.network().apply({"params": evaluator}, images, train=True,
                                              mutable=["batch_stats"])
     return {"c3": stages["c3"], "c4": stages["c4"], "c5": stages["c5"], "proj": proj}

@@ -6,12 +6,12 @@ student's and teacher's backbone outputs, 'prenorm' tokens included) and
 
     L = L_base * (4 - alpha - beta) / 2 + alpha * L_spatial + beta * L_channel
 
-(spec §1.6, gotcha 8). Relations come from the last block's tokens before the final
-LayerNorm without CLS (gotcha 2); student = predictor(projection(x)), teacher =
-projection(x) with the EMA weights; global and local crops have separate heads;
-BatchNorm uses the current global batch for student and teacher (gotcha 9). The
-view pairs, the region alignment and the handling of non-overlapping pairs (kept
-in the mean as the constant log S^2, gotcha 6) live in sslx/losses/sere.py.
+(the released formula; docs/fidelity.md, SERE). Relations come from the last block's tokens before
+the final LayerNorm, without CLS; student = predictor(projection(x)), teacher = projection(x) with
+the EMA weights; global and local crops have separate heads; BatchNorm uses the current global
+batch for student and teacher (the release never puts these heads in eval mode). The view pairs,
+the region alignment and the handling of non-overlapping pairs (kept in the mean as the constant
+log S^2, as the release does) live in sslx/losses/sere.py.
 """
 
 from __future__ import annotations

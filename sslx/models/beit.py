@@ -4,8 +4,8 @@ What differs from sslx/models/vit.py (DINO flavour), and why these live apart:
   * attention has learned q and v biases but **no k bias** (BEiT), a fused bias-free qkv Linear;
   * blocks carry layer scale gamma_1, gamma_2 (init `init_values`, 0.1 for CAE base);
   * every Linear is xavier_uniform with zero bias: CAE's top-level `apply(_init_weights)`
-    overwrites the BEiT truncated-normal + 1/sqrt(2*layer) rescale (../shared/spec/methods.md
-    §3.4, gotcha 21);
+    overwrites the BEiT truncated-normal + 1/sqrt(2*layer) rescale (docs/fidelity.md,
+    Initialisation);
   * positions are fixed 2-D sin-cos embeddings (`sincos_pos_embed`);
   * the cross-attention block of CAE's regressor (`RegressorBlock`) is post-norm.
 
@@ -35,7 +35,7 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10
 
   For token (r, c) the embedding is [sin(r w), cos(r w), sin(c w), cos(c w)] with
   w_k = temperature^(-k / (dim/4)), k < dim/4. The official code's meshgrid('ij') over (w, h)
-  makes the first half depend on the row index (spec §3.1); kept for weight compatibility.
+  makes the first half depend on the row index; kept for weight compatibility.
   This is MoCo v3's table too, so it is `vit.sincos_2d`.
 
   Returns:
@@ -157,7 +157,7 @@ class Block(nn.Module):
 
 
 class RegressorBlock(nn.Module):
-  """CAE's latent contextual regressor block (spec §3.1, gotcha 18).
+  """CAE's latent contextual regressor block (docs/fidelity.md, CAE).
 
   With x_q the current mask-query states, kv = [x_vis; x_q] and p_kv = [p_vis; p_q]:
     x = x_q + dp(g1 * CrossAttn(LN_q(x_q + p_q), LN_k(kv + p_kv), LN_v(kv)))   (no positions on V)

@@ -11,7 +11,7 @@
 
 The alignment target is the same encoder run on the *masked* patches as its visible set (plus
 its own CLS, which is dropped); the method applies it with stop-gradient parameters
-(gotcha 19). When `decoder_embed_dim` != `embed_dim`, encoder outputs go through
+(docs/fidelity.md, CAE). When `decoder_embed_dim` != `embed_dim`, encoder outputs go through
 Linear + LN (`encoder_to_regressor`) before the regressor and for the target, as the official code.
 
 Token order everywhere is row-major over the patch grid; index tensors are int32 ``[B, K]``.

@@ -2,7 +2,7 @@
 and a loader for its weights from a user-supplied file.
 
 CAE's token targets are argmax ids of this encoder on a 112-px view (8x downsampling -> 14x14
-for ViT-B/16), with pixels mapped x -> 0.8 x + 0.1 (`map_pixels`, spec §3.2, gotcha 23).
+for ViT-B/16), with pixels mapped x -> 0.8 x + 0.1 (`map_pixels`; docs/fidelity.md, CAE).
 
 Layer structure (group_count 4, defaults n_hid 256, n_blk_per_group 2, vocab 8192):
   input  conv 7x7 (C -> n_hid)

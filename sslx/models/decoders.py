@@ -1,6 +1,6 @@
 """SaGe's image decoder (generator): the encoder's last feature map -> an image in [-1, 1].
 
-What `sunsmarterjie/SaGe:models/decoder.py` builds on c5 (../shared/spec/methods.md §4.1):
+What `sunsmarterjie/SaGe:models/decoder.py` builds on c5 (docs/fidelity.md, SaGe):
 
   1. conv (k x k, no padding, bias) c5 [k, k, C] -> [1, 1, 512]; no BN/activation (the
      released `bn7` is never applied);

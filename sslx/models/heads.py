@@ -173,7 +173,7 @@ class SereProjection(nn.Module):
   """SERE projection h: BatchNorm over (batch, tokens) per channel, then ReLU; no linear layer.
 
   Always uses the statistics of the current batch (the official code never puts
-  these heads in eval mode, teacher included; spec gotcha 9). Under jit on
+  these heads in eval mode, teacher included). Under jit on
   globally sharded arrays the statistics are global-batch ones (SyncBN).
   """
 
@@ -207,7 +207,7 @@ class SereHeads(nn.Module):
 
   `__call__(tokens [B, N, C], student: bool)` returns (spatial features, channel
   features): the student gets predictor(projection(x)), the teacher projection(x)
-  (spec gotcha 2). Initialise with student=True so the tree holds both paths; the
+  (as released). Initialise with student=True so the tree holds both paths; the
   teacher (the EMA of the student's tree) then simply leaves its predictors unused.
   """
   dtype: Any = jnp.float32

@@ -2,7 +2,7 @@
 
 Linear(hidden, bias) -> BatchNorm -> ReLU -> Linear(out, bias), no BN after the last
 layer: BYOL's MLP (deepmind-research/byol) and OpenSelfSup's NonLinearNeckSimCLR as
-SaGe uses it (../shared/spec/methods.md §4.1; 2048 -> 4096 -> 256 for the projector,
+SaGe uses it (2048 -> 4096 -> 256 for the projector,
 256 -> 4096 -> 256 for the predictor). BatchNorm is the cross-device one described in
 sslx/models/resnet.py (a plain batch mean under jit is the global-batch mean).
 """

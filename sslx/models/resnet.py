@@ -1,7 +1,7 @@
 """ResNet-18/34/50/101 backbones (Flax linen) with every stage's output.
 
 Layout follows torchvision / mmcv 'pytorch' style (the SaGe and OpenSelfSup BYOL
-backbones, ../shared/spec/methods.md §4.1): the stride of a bottleneck sits on its
+backbones): the stride of a bottleneck sits on its
 3x3 conv, the shortcut is a strided 1x1 conv + BN when the shape changes, no zero-init
 of the last BN of a block, Kaiming fan_in normal init for convs.
 

@@ -179,7 +179,7 @@ def bicubic_resize_matrix(src: int, dst: int, scale_factor: float | None = None)
 
 
 def interpolate_pos_grid(grid: Array, out_hw: tuple[int, int]) -> Array:
-    """Resizes a square position-embedding grid the way DINO's ViT does (gotcha 34).
+    """Resizes a square position-embedding grid as DINO's ViT does, which jax.image.resize cannot.
 
     DINO calls torch bicubic with ``scale_factor = (n + 0.1) / N`` so that the floor of the output size is
     ``n``; the factor (not n / N) sets the sampling positions. Each axis uses its own target size, so

@@ -1,5 +1,5 @@
 """The optax chain of the self-distillation methods: AdamW with scheduled lr and
-weight decay, per-tensor clipping and a frozen last layer (gotchas 10-12)."""
+weight decay, per-tensor clipping and a frozen last layer (docs/fidelity.md, Shared pieces)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
   """Clips each parameter's gradient to L2 norm `max_norm` on its own.
 
   The official DINO/iBOT/SERE trainers clip every tensor separately with
-  coefficient max_norm / (norm + 1e-6) when that is below 1 (gotcha 11); optax
+  coefficient max_norm / (norm + 1e-6) when that is below 1, not by the global norm; optax
   only ships global-norm and block-RMS clipping, hence this small transform.
   """
 
@@ -52,7 +52,8 @@ def freeze_for(inner: optax.GradientTransformation, steps: int) -> optax.Gradien
 
   This mirrors PyTorch where a parameter whose grad is None is skipped by AdamW:
   no moment update, no weight decay and no step count, so bias correction starts
-  afresh when the parameter unfreezes (gotcha 12, DINO's freeze_last_layer).
+  afresh when the parameter unfreezes (DINO's freeze_last_layer; a zero gradient instead would
+  still decay the weights and move the moments).
   """
 
   def init(params):
@@ -76,8 +77,9 @@ def decay_mask(params, *, decay_biases: bool, decay_norms: bool = False) -> Any:
   """True for parameters that get weight decay.
 
   DINO/iBOT: no decay on biases and any 1-D parameter (LayerNorm scales...).
-  SERE (`decay_biases=True`): biases are decayed, other 1-D parameters are not
-  (gotcha 10). MoCo v3 (`decay_biases=decay_norms=True`): AdamW over every parameter.
+  SERE (`decay_biases=True`): biases are decayed, other 1-D parameters are not.
+  MoCo v3 (`decay_biases=decay_norms=True`): AdamW over every parameter.
+  (docs/fidelity.md, Weight decay groups.)
   The official trainers decide by the PyTorch tensor's rank, so two 1-D tensors here are decayed
   because theirs are 2-D: a weight-normalised layer's magnitude 'g' (torch's weight_g is
   [out, 1]; it exists only with norm_last_layer=False) and iBOT's 'mask_token' ([1, D]).
@@ -100,7 +102,7 @@ def decay_mask(params, *, decay_biases: bool, decay_norms: bool = False) -> Any:
   return jax.tree_util.tree_map_with_path(want, params)
 
 
-LAST_LAYER = r"(^|/)last_layer\d*(/|$)"  # 'last_layer' and iBOT's 'last_layer2' (gotcha 12)
+LAST_LAYER = r"(^|/)last_layer\d*(/|$)"  # 'last_layer' and iBOT's 'last_layer2': both frozen
 
 
 def label_frozen(params, pattern: str = LAST_LAYER, fixed: str = "") -> Any:
