@@ -1,7 +1,7 @@
 r"""BYOL (Grill et al., 2020): bootstrap your own latent, on a ResNet.
 
-Default: the ResNet-50 ImageNet recipe as the issue states it (and as SaGe's BYOL branch
-runs it, ../shared/spec/methods.md §4.1, §4.3): effective batch 4096, 300 epochs, two
+Default: the ResNet-50 ImageNet recipe as SaGe's release (OpenSelfSup) runs BYOL
+(docs/fidelity.md, BYOL): effective batch 4096, 300 epochs, two
 224-px views at scale (0.08, 1), blur p (1.0, 0.1), solarize p (0.0, 0.2), colour jitter
 (0.4, 0.4, 0.2, 0.1) p 0.8, grey p 0.2; projector 2048 -> 4096 -> 256 and predictor
 256 -> 4096 -> 256 (BN in the hidden layer); LARS lr 0.3 * batch / 256 = 4.8, momentum
@@ -14,9 +14,8 @@ per 256 and wd 1.5e-6: `--config.optim.lr_per_256=0.2 --config.optim.weight_deca
   # ImageNet (needs `imagenet2012` prepared for TFDS), e.g. on 8 devices with 2 micro-batches:
   python main.py --config=configs/byol.py --workdir=/tmp/byol_r50 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets --config.optim.accum_steps=2
-  # Fashion-MNIST on a 2-core CPU (also the evaluator for configs/sage.py:fashion_mnist);
-  # one epoch in about 13 minutes, kNN top-1 76.92% (73.84% at random init; commit f02d891,
-  # experiments/fashion_mnist/byol_sage.md):
+  # Fashion-MNIST on a 2-core CPU (also the evaluator for configs/sage.py:fashion_mnist), one
+  # epoch; kNN top-1 and wall time in experiments/fashion_mnist/byol_sage.md:
   python main.py --config=configs/byol.py:fashion_mnist --workdir=/tmp/byol_fmnist
   # A few steps, for tests:
   python main.py --config=configs/byol.py:smoke --workdir=/tmp/byol_smoke

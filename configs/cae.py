@@ -1,7 +1,7 @@
 r"""CAE (Chen et al., "Context Autoencoder for Self-Supervised Representation Learning").
 
-Default: the Atten4Vis/CAE ViT-B/16 300-epoch ImageNet recipe (scripts/cae_base_300e.sh,
-../shared/spec/methods.md §3.4): batch 2048 (64 x 32 GPUs), AdamW lr 1.5e-3 *absolute* (not
+Default: the Atten4Vis/CAE ViT-B/16 300-epoch ImageNet recipe (scripts/cae_base_300e.sh;
+docs/fidelity.md, CAE): batch 2048 (64 x 32 GPUs), AdamW lr 1.5e-3 *absolute* (not
 rescaled by batch), betas (0.9, 0.999), 10 warm-up epochs then cosine to 1e-5, constant weight
 decay 0.05 (cls and mask tokens decayed), global-norm clipping 3.0, drop path 0.1, layer scale
 0.1, regressor and decoder depth 4 at width 768, exactly 98 of 196 patches masked in BEiT blocks

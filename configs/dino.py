@@ -1,7 +1,7 @@
 r"""DINO (Caron et al., 2021): self-distillation with no labels.
 
 Default: the facebookresearch/dino ViT-S/16 ImageNet recipe (main_dino.py
-defaults, ../shared/spec/methods.md §2.1): batch 512 (8 GPUs x 64), 100 epochs,
+defaults; docs/fidelity.md, DINO): batch 512 (8 GPUs x 64), 100 epochs,
 2x224 global crops at (0.4, 1) + 8x96 local crops at (0.05, 0.4), head out_dim
 65536 with a weight-normalised last layer, AdamW lr 5e-4 * batch/256 with 10
 warm-up epochs and a cosine to 1e-6, weight decay cosine 0.04 -> 0.4, teacher
@@ -11,17 +11,15 @@ layer frozen for the first epoch, per-tensor gradient clipping at 3.0, drop path
 0.1. Matmuls in bfloat16; parameters, softmax and losses in float32.
 
   # ImageNet (needs `imagenet2012` prepared for TFDS; the run stops at once and
-  # says how when it is not). One H100 trains it at 1,303 img/s with batch 256 and
-  # 10 local crops (17.4% MFU; experiments/bench/RESULTS.md):
+  # says how when it is not; throughput on one H100 in experiments/bench/RESULTS.md):
   python main.py --config=configs/dino.py --workdir=/tmp/dino_vits16 \
       --config.data.tfds_data_dir=$HOME/tensorflow_datasets
 
-  # Fashion-MNIST on a 2-core CPU (`make demo` runs it with SERE; 10-17 min on 2 cores,
-  # depending on the VM):
+  # Fashion-MNIST on a 2-core CPU (`make demo` runs it with SERE):
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/dino_fmnist
-  # -> kNN top-1 65.15% after 1 epoch vs 57.62% at random init (raw pixels 84.59%);
-  #    experiments/fashion_mnist/RESULTS.md has the details. On one H100 with
-  #    --config.total_epochs=10: 81.15% (93 s of training; before the session-8 init fix).
+  # -> kNN top-1 after one epoch against random init and raw pixels, and the wall time:
+  #    experiments/fashion_mnist/RESULTS.md; ten epochs on one H100
+  #    (--config.total_epochs=10): experiments/bench/RESULTS.md.
 
   # A few steps, for tests:
   python main.py --config=configs/dino.py:smoke --workdir=/tmp/dino_smoke

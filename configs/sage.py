@@ -1,7 +1,7 @@
 r"""SaGe ("Semantic-aware Generation for Self-supervised Visual Representation Learning"):
 BYOL + a decoder judged by a frozen self-supervised evaluator.
 
-Default: the paper/release recipe (../shared/spec/methods.md §4, gotchas 24-27):
+Default: the paper/release recipe (docs/fidelity.md, SaGe):
 ResNet-50 online/target networks and BYOL heads as configs/byol.py; decoder from the
 7x7x2048 c5 (7x7 conv -> 1x1x512, transposed convs to 224², 1x1 conv, tanh) with its own
 Adam lr 0.048 (10 warm-up epochs from 1e-4 of it, then constant, no decay); LARS lr 4.8 at
@@ -15,9 +15,8 @@ The evaluator is a frozen ResNet + projector from an sslx BYOL workdir; it is re
   python main.py --config=configs/byol.py --workdir=/tmp/byol_r50      # the evaluator
   python main.py --config=configs/sage.py --workdir=/tmp/sage_r50 \
       --config.sage.evaluator_path=/tmp/byol_r50 --config.data.tfds_data_dir=$HOME/tensorflow_datasets
-  # Fashion-MNIST on a 2-core CPU (the evaluator is the byol preset's run); one epoch,
-  # kNN top-1 79.28% (BYOL 76.92%; commit f02d891); at commit aaca754 (81.70%, BYOL 79.26%)
-  # its reconstructions scored 9.60% top-1 in the perceptual test:
+  # Fashion-MNIST on a 2-core CPU (the evaluator is the byol preset's run), one epoch; kNN
+  # top-1 and the perceptual test of the reconstructions in experiments/fashion_mnist/byol_sage.md:
   python main.py --config=configs/byol.py:fashion_mnist --workdir=/tmp/byol_fmnist
   python main.py --config=configs/sage.py:fashion_mnist --workdir=/tmp/sage_fmnist \
       --config.sage.evaluator_path=/tmp/byol_fmnist

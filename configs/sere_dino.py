@@ -2,7 +2,7 @@ r"""DINO + SERE (Li et al., "SERE: Exploring Feature Self-relation for Self-supe
 Transformers"): DINO's loss plus spatial and channel self-relation losses.
 
 Default: the SERE paper's DINO+SERE ViT-S/16 ImageNet recipe (paper §4.1;
-../shared/spec/methods.md §0): batch 512, AdamW lr 5e-4 per 256 (1e-3), 100 epochs,
+docs/fidelity.md, SERE): batch 512, AdamW lr 5e-4 per 256 (1e-3), 100 epochs,
 2x224 global crops at (0.35, 1) + 4x96 local crops at (0.05, 0.35), sampling grids
 13x13 (global pairs) and 6x6 (global-local pairs), M = 6 relation heads, alpha =
 beta = 1 (so the DINO loss keeps weight (4 - 1 - 1)/2 = 1), teacher temperatures
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = load_config_file(os.path.join(HERE, f"dino.py:{arg}"))
   with c.unlocked():
     c.sere.update(enabled=True, alpha=1.0, beta=1.0)
-    c.optim.decay_biases = True  # SERE decays biases (gotcha 10)
+    c.optim.decay_biases = True  # SERE decays biases, unlike DINO and iBOT
     if arg in ("", "imagenet", "vit_base"):
       c.data.global_crops.update(number=2, size=224, scale=(0.35, 1.0))
       c.data.local_crops.update(number=4, size=96, scale=(0.05, 0.35))

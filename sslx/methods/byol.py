@@ -13,7 +13,7 @@ As in the official code (deepmind-research/byol, OpenSelfSup BYOL as SaGe uses i
     optax.lars adapts by eta * |w| / |g + wd w| (DeepMind's BYOL); OpenSelfSup's LARS
     (SaGe's release) uses eta * |w| / (|g| + wd |w|), equal when wd |w| << |g|. OpenSelfSup
     also decays and adapts the downsample-BN scales (its name regex misses them); we
-    exclude every BN parameter, as BYOL's paper and the issue ask.
+    exclude every BN parameter, as BYOL's paper describes.
 
 BatchNorm running statistics are model state, kept in the loss state:
 loss_state = {'online_stats': {'net', 'predictor'}, 'target_stats': ...}; the target's
