@@ -1,4 +1,4 @@
-"""Block-mask generators: counts, shapes, ratio distribution, determinism (spec §2.2, §5)."""
+"""Block-mask generators: counts, shapes, ratio distribution, determinism (docs/fidelity.md)."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ def _rng(seed):
 
 
 def test_exact_mode_hits_the_count_every_time():
-  # CAE: exactly 98 of 196 patches, every image (gotcha 20).
+  # CAE: exactly 98 of 196 patches, every image (its encoder gathers a fixed count).
   for seed in range(200):
     m = masks.block_mask(_rng(seed), (14, 14), 98, scheme="beit", min_area=16, exact=True)
     assert m.shape == (14, 14) and m.dtype == bool
@@ -22,7 +22,7 @@ def test_beit_mode_can_stop_short_but_never_overshoots():
   counts = np.array([masks.block_mask(_rng(s), (14, 14), 75, scheme="beit", min_area=16).sum()
                      for s in range(300)])
   assert counts.max() <= 75
-  # Released BEiT reaches 75 only about two thirds of the time (gotcha 37).
+  # Released BEiT reaches 75 only about two thirds of the time (it gives up after 10 misses).
   assert 0.4 < np.mean(counts == 75) < 0.95
   assert 70 < counts.mean() <= 75
 

@@ -25,7 +25,7 @@ def test_fashion_mnist_records_and_load_time(fmnist_cfg):
   sources._FMNIST_CACHE.clear()
   start = time.perf_counter()
   train = sources.FashionMnistSource(FMNIST_DIR, 'train')
-  assert time.perf_counter() - start < 1.5  # spec: < 1 s; slack for a loaded CI box
+  assert time.perf_counter() - start < 1.5  # target: < 1 s; slack for a loaded CI box
   test = sources.FashionMnistSource(FMNIST_DIR, 'test')
   assert (len(train), len(test)) == (60000, 10000)
   record = train[123]

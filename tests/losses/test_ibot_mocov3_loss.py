@@ -25,7 +25,7 @@ def test_patch_loss_hand_case_with_an_unmasked_image():
   log_p_s = np.log(_softmax(s / 0.1))
   ce = -(p_t * log_p_s).sum(-1)[0]  # [B, N]
   per_image = [ce[0, [0, 2]].sum() / 2, 0.0, ce[2].sum() / 4]
-  # The unmasked image counts in the batch mean (gotcha 14): divide by 3, not 2.
+  # The unmasked image counts in the batch mean, as in iBOT's release: divide by 3, not 2.
   np.testing.assert_allclose(got, np.mean(per_image), rtol=1e-5)
 
 

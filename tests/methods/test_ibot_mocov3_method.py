@@ -80,7 +80,7 @@ def test_masks_reach_only_the_student_global_crops(ibot_setup):
   ng = views["global"].shape[1]
   np.testing.assert_array_equal(masked["student_logits"][ng:], plain["student_logits"][ng:])
   assert float(jnp.abs(masked["student_logits"][:ng] - plain["student_logits"][:ng]).max()) > 0
-  # SERE reads the student's global backbone outputs: those of the masked views (gotcha 3).
+  # SERE reads the student's global backbone outputs: those of the masked views.
   assert float(jnp.abs(masked["student_global"]["prenorm"]
                        - plain["student_global"]["prenorm"]).max()) > 0
 

@@ -76,7 +76,7 @@ def test_base_loss_is_untouched_and_the_mix_is_official(batch):
   base_params = {k: v for k, v in params.items() if not k.startswith("sere_")}
   base, _ = _loss(dino_only, base_params, batch)
   # The base term is DINO's loss exactly; alpha = beta = 0 leaves (4 - 0 - 0)/2 = 2 x base
-  # (the official mix, gotcha 8), with no SERE term.
+  # (the official mix), with no SERE term.
   assert float(m["loss_base"]) == float(base)
   assert float(total) == pytest.approx(2.0 * float(base), rel=1e-6)
   mixed = make_method(_config(alpha=0.2, beta=0.5))

@@ -30,7 +30,7 @@ def test_cosine_matches_official(base, final, warmup):
 
 
 def test_teacher_temperature_is_per_epoch_linspace():
-  # Gotcha 29: 0.04 -> 0.07 over 3 epochs gives epoch 1 = 0.055, both ends included.
+  # DINO's linspace includes both ends: 0.04 -> 0.07 over 3 epochs gives epoch 1 = 0.055.
   sched = schedules.epoch_linspace_schedule(0.04, 0.07, 3, steps_per_epoch=10)
   for step, want in [(0, 0.04), (9, 0.04), (10, 0.055), (19, 0.055), (20, 0.07), (999, 0.07)]:
     assert math.isclose(float(sched(step)), want, rel_tol=1e-6), step

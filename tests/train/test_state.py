@@ -23,7 +23,7 @@ def test_ema_with_momentum_one_freezes_the_teacher():
 
 
 def test_momentum_at_given_steps():
-  # Teacher momentum 0.996 -> 1 over 1000 steps, per iteration (gotcha 13).
+  # Teacher momentum 0.996 -> 1 over 1000 steps, per iteration, as DINO's.
   m = cosine_schedule(0.996, 1.0, 1000)
   assert float(m(0)) == pytest.approx(0.996)
   assert float(m(250)) == pytest.approx(1 - 0.004 * (1 + np.cos(np.pi / 4)) / 2, abs=1e-7)
