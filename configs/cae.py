@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       global_crops=dict(number=1, size=224, scale=(0.08, 1.0)),
       local_crops=dict(number=0, size=96, scale=(0.05, 0.4)),
       masks=dict(scheme="beit", ratios=(0.0,), ratio_vars=(0.0,), num_masked=98, min_area=16,
-                 max_area=0, aspect=0.3, exact=True))
+                 max_area=0, aspect=0.3, exact=True, pred_start_epoch=0))
   # CAE uses flip + crop only (colour jitter 0): every photometric probability is 0.
   c.augment = ml_collections.ConfigDict(dict(
       color_jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,

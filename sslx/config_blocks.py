@@ -17,8 +17,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FMNIST_STD = (0.3530, 0.3530, 0.3530)
+# pred_start_epoch: no masks before this epoch (iBOT's loader); crops are drawn the same anyway.
 NO_MASKS = dict(scheme="none", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), num_masked=75,
-                min_area=16, max_area=0, aspect=0.3, exact=False)
+                min_area=16, max_area=0, aspect=0.3, exact=False, pred_start_epoch=0)
 
 
 def imagenet_data(*, global_crops: dict, local_crops: dict,

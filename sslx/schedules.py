@@ -48,18 +48,21 @@ def cosine_schedule(base: float, final: float, total_steps: int,
 
 
 def epoch_linspace_schedule(warmup_value: float, value: float, warmup_epochs: int,
-                            steps_per_epoch: int) -> Schedule:
-  """Per-epoch linear warm-up then constant (DINO/iBOT teacher temperature).
+                            steps_per_epoch: int, start_epoch: int = 0) -> Schedule:
+  """Per-epoch linear warm-up then constant (DINO/iBOT teacher temperatures).
 
-  Epoch e < warmup_epochs gets linspace(warmup_value, value, warmup_epochs)[e]
-  (both ends included, as the official code); later epochs get `value`.
+  Epochs before `start_epoch` hold `warmup_value`; epoch start_epoch + e, e < warmup_epochs, gets
+  linspace(warmup_value, value, warmup_epochs)[e] (numpy's linspace: both ends included, so the
+  last warm-up epoch already has `value`); later epochs get `value`. `start_epoch` is iBOT's
+  `mim_start_epoch`, which delays the patch temperature's warm-up until masked prediction starts.
+  The value is constant within an epoch, as in the official per-epoch arrays.
   """
 
   def schedule(step):
-    epoch = jnp.asarray(step) // steps_per_epoch
+    epoch = jnp.asarray(step) // steps_per_epoch - start_epoch
     if warmup_epochs <= 0:
-      return jnp.asarray(value, jnp.float32)
-    frac = epoch / max(warmup_epochs - 1, 1)
+      return jnp.where(epoch < 0, warmup_value, value).astype(jnp.float32)
+    frac = jnp.maximum(epoch, 0) / max(warmup_epochs - 1, 1)
     warm = warmup_value + (value - warmup_value) * frac
     return jnp.where(epoch < warmup_epochs, warm, value).astype(jnp.float32)
 

@@ -64,7 +64,9 @@ class _MultiCrop:
     self.patch_size = patch_size
     self.canvas_size = canvas_size  # > 0: crops are resampled on the device (device_crops.py)
 
-  def __call__(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  def __call__(self, element: dict[str, Any], rng: np.random.Generator, *,
+               masks_on: bool = True) -> dict[str, Any]:
+    """One record's crops (and masks: all False when not `masks_on`, drawn after the crops)."""
     if self.canvas_size:
       out = crops_lib.multi_crop_boxes(rng, element['image_size'], self.global_spec,
                                        self.local_spec, ratio=self.ratio)
@@ -81,8 +83,11 @@ class _MultiCrop:
     if self.mask_spec.scheme != 'none':
       # Drawn after all crops, from the same record generator: masks never change the crops.
       side = self.global_spec.size // self.patch_size
-      out['global_masks'] = np.stack(
-          [self.mask_spec.draw(rng, (side, side)) for _ in range(self.global_spec.number)])
+      if masks_on:
+        out['global_masks'] = np.stack(
+            [self.mask_spec.draw(rng, (side, side)) for _ in range(self.global_spec.number)])
+      else:
+        out['global_masks'] = np.zeros((self.global_spec.number, side, side), bool)
     for key in ('label', 'skipped', 'bad_indices', 'index'):
       out[key] = element[key]
     return out
@@ -195,7 +200,8 @@ class _TrainBatch:
   """
 
   def __init__(self, source: Any, multi_crop: _MultiCrop, batch_fn: _Batch, *, seed: int,
-               global_batch_size: int, process_index: int, process_count: int):
+               global_batch_size: int, process_index: int, process_count: int,
+               masks_from_epoch: int = 0):
     import grain  # pylint: disable=g-import-not-at-top
     self.source = source
     self.multi_crop = multi_crop
@@ -206,6 +212,7 @@ class _TrainBatch:
     self.first = process_index * self.batch_size
     self.records = len(source)
     self.steps_per_epoch = self.records // self.global_batch_size
+    self.masks_from_epoch = int(masks_from_epoch)
     # grain's random-access shuffle: a fresh permutation of all records every epoch (the index
     # past the first epoch selects the epoch's seed), computed per index, never materialised.
     self.order = grain.MapDataset.range(self.records).shuffle(
@@ -218,10 +225,12 @@ class _TrainBatch:
 
   def __call__(self, step: int) -> dict[str, Any]:
     step = int(step)
+    masks_on = step // self.steps_per_epoch >= self.masks_from_epoch
     examples = []
     for j in range(self.first, self.first + self.batch_size):
       rng = np.random.default_rng([self.seed, 1, step, j])
-      examples.append(self.multi_crop(self.source[self.record_index(step, j)], rng))
+      examples.append(self.multi_crop(self.source[self.record_index(step, j)], rng,
+                                      masks_on=masks_on))
     return self.batch_fn(examples)
 
 
@@ -347,7 +356,8 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     [B] (requested record index in the source), and the overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py):
     'gg_rects' float32 [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32
     [B, Nl, Ng, 2, 4], 'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than
-    'none' (sslx/data/masks.py) also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch).
+    'none' (sslx/data/masks.py) also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch;
+    all False in epochs before ``data_cfg.masks.pred_start_epoch``, as iBOT's loader).
     With ``data_cfg.crops_on == 'device'`` there are no '*_crops' (``device_crops.canvas_crops``
     makes them in the train step) but 'canvas' uint8 [B, C, C, 3] (the decoded image, shrunk
     only if larger than C = ``data_cfg.canvas_size``, zero-padded), 'canvas_extent' int32 [B, 2]
@@ -379,9 +389,11 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
                     'patches; masks need whole patches (change data.global_crops.size)')
   multi_crop = _MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
                           patch_size, canvas_size)
+  masks_cfg = data_cfg.get('masks')
+  masks_from = int(masks_cfg.get('pred_start_epoch', 0)) if masks_cfg is not None else 0
   make = _TrainBatch(source, multi_crop, _Batch(canvas_size), seed=seed,
                      global_batch_size=global_batch, process_index=process_index,
-                     process_count=process_count)
+                     process_count=process_count, masks_from_epoch=masks_from)
   return TrainStream(make, data_cfg)
 
 

@@ -80,9 +80,11 @@ class Ibot(TeacherClsMethod):
     return {
         "teacher_temp": epoch_linspace_schedule(
             lc.warmup_teacher_temp, lc.teacher_temp, lc.warmup_teacher_temp_epochs, steps_per_epoch),
+        # mim_start_epoch delays the patch temperature's warm-up (iBOT's loss; its trainer passes
+        # the loader's pred_start_epoch, config.data.masks.pred_start_epoch, as this value).
         "teacher_patch_temp": epoch_linspace_schedule(
             lc.warmup_teacher_patch_temp, lc.teacher_patch_temp, lc.warmup_teacher_temp_epochs,
-            steps_per_epoch),
+            steps_per_epoch, start_epoch=int(lc.get("mim_start_epoch", 0))),
     }
 
   def forward(self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array],
