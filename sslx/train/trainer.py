@@ -49,7 +49,7 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 
 
 def make_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, Callable]:
-  """lr, weight decay and teacher momentum, all per iteration (gotcha 13)."""
+  """lr, weight decay and teacher momentum, all per iteration (docs/fidelity.md, Schedules)."""
   oc = config.optim
   warmup = int(round(oc.warmup_epochs * steps_per_epoch))
   base_lr = schedules.base_learning_rate(oc.lr_per_256, config.batch_size)
