@@ -31,15 +31,19 @@ class CheckpointError(errors.UserError):
 class Checkpointer:
   """Periodic + final saves, `max_to_keep`, automatic resume from the workdir."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+               cleanup_tmp: bool = False):
+    """`cleanup_tmp`: remove (on the primary process) the unfinished '*.orbax-checkpoint-tmp*'
+    folders a killed save left behind. For the training run that owns the workdir only: an
+    evaluation of a workdir whose training is still running must not delete its save in flight."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    # cleanup_tmp_directories: orbax removes (on the primary process) the unfinished
-    # '*.orbax-checkpoint-tmp*' folders a killed save left behind.
+    # The folder is made by the first save, not here: a run refused before training leaves none.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, create=False, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=cleanup_tmp)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of the last save started
+    self.set_aside_steps: list[int] = []  # by this object, in order
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -62,6 +66,7 @@ class Checkpointer:
       items[CONFIG_ITEM] = ocp.args.JsonSave(dict(config))
     self._saving = step
     try:
+      os.makedirs(self.directory, exist_ok=True)
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._raise_if_disk_full(e, step)
@@ -103,6 +108,7 @@ class Checkpointer:
       shutil.move(os.path.join(self.directory, str(step)), dest)
     ocp.multihost.sync_global_processes("sslx_set_aside_done")
     self._manager.reload()
+    self.set_aside_steps.append(step)
     return dest
 
   def reached_preemption(self, step: int) -> bool:

@@ -412,7 +412,8 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
   faults.check_workdir(workdir)
   is_main = jax.process_index() == 0
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                               async_save=config.checkpoint.get("async_save", True))
+                               async_save=config.checkpoint.get("async_save", True),
+                               cleanup_tmp=True)
   stop.set_sync_point(ckpt.reached_preemption)
   _resume_point(config, workdir, ckpt)
   config_json = faults.config_as_json(config)
@@ -459,6 +460,13 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
   # ---- Resume ------------------------------------------------------------------
   state, last_finite = _restore_latest(
       ckpt, ckpt_lib.abstract_like(state_shape, state_sharding), data_iter)
+  if state is None and ckpt.set_aside_steps:
+    # Starting afresh would also drop the old run's metrics: only when asked again.
+    raise ckpt_lib.CheckpointError(
+        f"no usable checkpoint in {ckpt.directory}: step(s) "
+        f"{', '.join(map(str, ckpt.set_aside_steps))} could not be read and were moved to "
+        f"{os.path.join(workdir, 'checkpoints_damaged')} (reasons in the log above). Rerun to "
+        "train from the start in this workdir, or use another --workdir.")
   if state is None:
     state = built.init(config.seed)
   start_step = int(jax.device_get(state.step))

@@ -284,6 +284,21 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, capl
   ckpt.close()
 
 
+def test_no_usable_checkpoint_is_reported_not_silently_restarted(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, tiny_state(float(step), step), None)
+  ckpt.close()
+  for step in (1, 2):
+    with open(tmp_path / "checkpoints" / str(step) / "state" / "_METADATA", "w") as f:
+      f.write("{")
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  assert trainer._restore_latest(  # pylint: disable=protected-access
+      ckpt, jax.eval_shape(lambda: tiny_state(0.0, 0)), None) == (None, None)
+  assert ckpt.set_aside_steps == [2, 1]  # run() turns this into a CheckpointError
+  ckpt.close()
+
+
 def test_non_finite_checkpoint_of_an_older_version_is_not_resumed(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, tiny_state(1.0, 1), None)
@@ -299,7 +314,9 @@ def test_non_finite_checkpoint_of_an_older_version_is_not_resumed(tmp_path):
 def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path):
   stale = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1700000000000000"
   (stale / "state").mkdir(parents=True)
-  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  checkpoint.Checkpointer(str(tmp_path), async_save=False).close()  # e.g. an evaluation: kept
+  assert os.path.isdir(stale)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False, cleanup_tmp=True)  # training
   ckpt.save(1, tiny_state(1.0, 1), None)
   ckpt.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
