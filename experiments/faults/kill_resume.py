@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -85,15 +86,24 @@ def _env(args) -> dict:
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def one_round(args, workdir: str, mode: str, target: int, log) -> dict:
+def _last_step(log_path: str) -> int:
+  """The last 'step N/T' progress line of this round's own output (metrics.jsonl still holds the
+  previous round's rows until the resumed run drops them)."""
+  with open(log_path, errors="replace") as f:
+    steps = re.findall(r"\] step (\d+)/\d+ \(", f.read())
+  return int(steps[-1]) if steps else 0
+
+
+def one_round(args, workdir: str, mode: str, target: int, log_path: str) -> dict:
   """Runs main.py until `mode`'s moment, SIGKILLs it; returns what was found after."""
-  before = max([r["step"] for r in _rows(workdir)] or [0])
+  before = (_steps(workdir) or [0])[-1]
+  log = open(log_path, "w")
   proc = subprocess.Popen(_command(args, workdir), cwd=ROOT, env=_env(args), stdout=log,
                           stderr=subprocess.STDOUT)
   killed_at, workers = None, []
   t0 = time.time()
   while proc.poll() is None and time.time() - t0 < args.round_timeout:
-    last = max([r["step"] for r in _rows(workdir)] or [0])
+    last = _last_step(log_path)
     workers = _children(proc.pid) or workers
     if mode == "step" and last >= target:
       killed_at = f"after step {last} was logged"
@@ -104,8 +114,9 @@ def one_round(args, workdir: str, mode: str, target: int, log) -> dict:
       break
     time.sleep(0.005 if mode == "save" else 0.02)
   rc = proc.wait()
+  log.close()
   time.sleep(3.0)  # workers poll for their parent every second
-  return {"mode": mode, "start": before, "killed": killed_at or "not killed (run ended)",
+  return {"mode": mode, "start": before, "target": target, "killed": killed_at or "not killed (run ended)",
           "rc": rc, "latest": (_steps(workdir) or [None])[-1], "tmp_left": len(_tmp_dirs(workdir)),
           "workers": len(workers), "workers_alive": sum(_alive(p) for p in workers)}
 
@@ -126,16 +137,16 @@ def main():
   os.makedirs(args.workdir)
   args.cache = os.path.join(args.workdir, "jax_cache")
   run, ref = os.path.join(args.workdir, "killed"), os.path.join(args.workdir, "reference")
-  log = open(os.path.join(args.workdir, "log.txt"), "w")
   rounds = []
   for i in range(args.rounds):
-    start = max([r["step"] for r in _rows(run)] or [0])
     mode = "save" if i % 2 else "step"
-    # A target a few steps past the resumed step (the last step logged, or the checkpoint).
-    target = min(args.total_steps - 1, (_steps(run) or [0])[-1] + rng.randint(1, 2 * args.every))
-    target = max(target, start)
-    rounds.append(one_round(args, run, mode, target, log))
+    # 'step': a random step up to three checkpoint periods past the one resumed from; 'save': the
+    # first save after a random step.
+    target = min(args.total_steps - 1, (_steps(run) or [0])[-1] + rng.randint(1, 3 * args.every))
+    rounds.append(one_round(args, run, mode, target,
+                            os.path.join(args.workdir, f"round{i + 1}.log")))
     print(f"round {i + 1}: {rounds[-1]}", flush=True)
+  log = open(os.path.join(args.workdir, "final.log"), "w")
   t0 = time.time()
   final = subprocess.run(_command(args, run), cwd=ROOT, env=_env(args), stdout=log,
                          stderr=subprocess.STDOUT)
@@ -146,11 +157,11 @@ def main():
   a = {r["step"]: r["loss"] for r in got if "loss" in r}
   b = {r["step"]: r["loss"] for r in want if "loss" in r}
   diffs = [abs(a[s] - b[s]) / max(abs(b[s]), 1e-12) for s in b if s in a]
-  print("\n| round | kill | resumed from (last step logged) | killed | exit | latest checkpoint "
+  print("\n| round | kill | resumed from checkpoint | target step | killed | exit | latest checkpoint "
         "after | tmp folders left | worker processes alive after 3 s |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for i, r in enumerate(rounds):
-    print(f"| {i + 1} | {r['mode']} | {r['start']} | {r['killed']} | {r['rc']} | {r['latest']} | "
+    print(f"| {i + 1} | {r['mode']} | {r['start']} | {r['target']} | {r['killed']} | {r['rc']} | {r['latest']} | "
           f"{r['tmp_left']} | {r['workers_alive']} of {r['workers']} |")
   print(f"\nfinal run: exit {final.returncode}; reference: exit {ref_run.returncode} "
         f"({time.time() - t0:.0f} s for both)")
