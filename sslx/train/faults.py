@@ -21,7 +21,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from sslx import errors
 
@@ -179,7 +178,7 @@ def check_resume_config(old: Mapping[str, Any], new: ml_collections.ConfigDict, 
         f"{_show(refused)}. These keys change shapes, the method or the schedules, so the run "
         f"cannot continue with them. Either rerun with the checkpoint's config (stored in {where}) "
         "or train the new config in a new --workdir. (Keys a resume may change: "
-        f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_SAFE_KEYS)})")
+        f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_SAFE_KEYS)})")
   return allowed, unmatched
 
 
@@ -236,7 +235,3 @@ def divergence_message(config: ml_collections.ConfigDict, *, what: str, window: 
     hints.append("skip the odd non-finite update (--config.skip_nonfinite_updates=N)")
   advice = (" To continue: " + "; ".join(hints) + ".") if hints else ""
   return f"{what} at {steps}; training stopped. {kept}{advice}"
-
-
-def finite_rows(rows: list[float]) -> np.ndarray:
-  return np.isfinite(np.asarray(rows, np.float64))
