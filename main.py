@@ -3,7 +3,10 @@ r"""sslx entry point: flags -> config -> trainer.
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/run \
       [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe|export|attention]
 
-A workdir that already holds a checkpoint resumes from it. `--mode=knn` runs the
+A workdir that already holds a checkpoint resumes from it (a config that changes shapes, the
+method or the schedules is refused: sslx/train/faults.py). SIGTERM or Ctrl-C stops training after
+the current step with a checkpoint of it and exit status 75 (rerun the same command to resume).
+Errors a user can fix end with one `error: ...` line and status 1. `--mode=knn` runs the
 weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` and
 `attentive_probe` train a probe on its frozen features (sslx/eval/probe.py).
 `--random_init` evaluates freshly initialised weights instead (the baselines).
@@ -81,7 +84,15 @@ def main(argv):
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except KeyboardInterrupt:
+    # Outside training (which saves and exits on Ctrl-C by itself): nothing was half-written.
+    print("error: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
   logging.info("results: %s", results)
+  if isinstance(results, dict) and results.get("preempted"):
+    # Stopped early by SIGTERM/SIGINT with a checkpoint: the same command resumes.
+    from sslx.train import preemption
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

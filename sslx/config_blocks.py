@@ -39,8 +39,13 @@ def imagenet_data(*, global_crops: dict, local_crops: dict,
 
 
 def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
-  """Adds config.checkpoint and config.eval (weighted kNN, DINO protocol) for ImageNet runs."""
+  """Adds config.checkpoint, config.eval (weighted kNN, DINO protocol) and
+  config.skip_nonfinite_updates for ImageNet runs."""
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, max_to_keep=3, async_save=True))
+  # 0: a non-finite state stops the run (no checkpoint of it is written). N > 0: an update whose
+  # gradients are not finite is skipped (optax.apply_if_finite; counted as optim/skipped_updates),
+  # and the run stops only after N such updates in a row.
+  c.skip_nonfinite_updates = 0
   c.eval = ml_collections.ConfigDict(dict(
       knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
 

@@ -27,6 +27,7 @@ from sslx.data import device_crops
 from sslx.data import masks as masks_lib
 from sslx.data import overlap as overlap_lib
 from sslx.data import sources
+from sslx.data import worker_guard
 
 if TYPE_CHECKING:
   import grain
@@ -152,7 +153,8 @@ def _add_prefetch(ds: 'grain.IterDataset', data_cfg: Any) -> 'grain.IterDataset'
   workers = int(data_cfg.get('workers', 0))
   if workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=2))
+                                                     per_worker_buffer_size=2),
+                        worker_init_fn=worker_guard.init_worker)  # exit with the parent
   buffer = int(data_cfg.get('prefetch_buffer', 0))
   if buffer > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=buffer)

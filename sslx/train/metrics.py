@@ -63,11 +63,18 @@ class JsonlWriter:
 
   Only scalars go to the file; the other write_* calls are accepted and ignored, so the writer can
   sit inside a CLU MultiWriter.
+
+  Args:
+    resume_step: the step a resumed run starts from. Rows of later steps (written by the run that
+      was interrupted after its last checkpoint, and about to be written again) and a torn last
+      line are dropped when the file opens, so each step appears once.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, resume_step: int | None = None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self._path = path
+    if resume_step is not None and os.path.exists(path):
+      _truncate_after(path, resume_step)
     self._file = open(path, "a", encoding="utf-8")
 
   @property
@@ -109,6 +116,30 @@ class JsonlWriter:
   def close(self) -> None:
     if not self._file.closed:
       self._file.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps the rows of `path` with row["step"] <= step; rewritten via a temporary file + rename,
+  so a kill in between leaves the old file or the new one, never half of it."""
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        dropped += 1  # torn by a kill in mid-write
+        continue
+      if isinstance(row, dict) and int(row.get("step", 0)) > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if not dropped:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+  logging.info("%s: dropped %d row(s) past the resumed step %d", path, dropped, step)
 
 
 class FallbackWriter:
@@ -181,7 +212,8 @@ def _import_clu_writers():
   return metric_writers
 
 
-def create_writer(workdir: str, *, is_main_process: bool = True, use_clu: bool | None = None):
+def create_writer(workdir: str, *, is_main_process: bool = True, use_clu: bool | None = None,
+                  resume_step: int | None = None):
   """Creates the metric writer of a run.
 
   Every process logs its metrics through absl logging (verbosity is raised to INFO if it was
@@ -194,6 +226,8 @@ def create_writer(workdir: str, *, is_main_process: bool = True, use_clu: bool |
     is_main_process: False on all but one process of a multi-host run: those only log.
     use_clu: True forces the CLU writers (error if unavailable), False forces the TF-free
       fallback, None (default) picks CLU when TensorFlow is importable.
+    resume_step: the step a resumed run starts from: rows of later steps are dropped from
+      metrics.jsonl (see JsonlWriter).
 
   Returns:
     An object with write_scalars(step, dict), write_texts(step, dict), write_hparams(dict),
@@ -209,7 +243,7 @@ def create_writer(workdir: str, *, is_main_process: bool = True, use_clu: bool |
   jsonl = None
   if is_main_process:
     os.makedirs(workdir, exist_ok=True)
-    jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILENAME))
+    jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILENAME), resume_step=resume_step)
 
   if metric_writers is None:
     return FallbackWriter(jsonl)

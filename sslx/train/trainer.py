@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import logging as logging_std
 import os
 import time
@@ -28,6 +29,7 @@ from sslx.data import augment, device_crops, pipeline
 from sslx.eval import knn
 from sslx.methods import make_method
 from sslx.train import checkpoint as ckpt_lib
+from sslx.train import faults, preemption
 from sslx.train import flops as flops_lib
 from sslx.train import metrics as metrics_lib
 from sslx.train import optim, sharding
@@ -41,7 +43,8 @@ DEVICE_KEYS = ("global_crops", "local_crops", "canvas", "canvas_extent", "canvas
 
 
 class TrainingDiverged(FloatingPointError):
-  """The loss became NaN/Inf; the message names the step window."""
+  """The loss or the state became NaN/Inf; the message names the step window, the last finite
+  checkpoint and the fixes that apply."""
 
 
 def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -218,19 +221,29 @@ def evaluate_knn(config, feature_fn, params, num_classes: int | None = None) -> 
                      temperature=ec.knn_temperature)
 
 
-def _check_finite(window: list, first_step: int, ckpt) -> None:
-  if not window:
+def _check_finite(window: list, first_step: int, config, last_finite: int | None) -> None:
+  """Stops on a non-finite loss in `window` (the losses of steps first_step + 1, ...).
+
+  With config.skip_nonfinite_updates such steps were skipped by the optimiser, so the run goes
+  on; the state check before each save still guards what is written.
+  """
+  if not window or config.get("skip_nonfinite_updates", 0):
     return
   losses = np.asarray(jax.device_get(window), np.float64)
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
-    last = ckpt.latest_step()
-    raise TrainingDiverged(
-        f"loss became {losses[bad[0]]} at step {first_step + int(bad[0])} (checked window: steps "
-        f"[{first_step}, {first_step + len(losses) - 1}]); training stopped. The last good "
-        f"checkpoint ({'step ' + str(last) if last is not None else 'none'}) is intact. Lower the "
-        "lr (--config.optim.lr_per_256), tighten clipping (--config.optim.clip_grad) or use "
-        "float32 (--config.model.dtype=float32).")
+    step = first_step + int(bad[0]) + 1
+    raise TrainingDiverged(faults.divergence_message(
+        config, what=f"the loss became {losses[bad[0]]}", window=(step, step),
+        last_finite=last_finite))
+
+
+def _check_state(state, config, window: tuple[int, int], last_finite: int | None) -> None:
+  """Stops before a non-finite state is saved; `window` = (first, last) step it may stem from."""
+  if not faults.state_is_finite(state):
+    raise TrainingDiverged(faults.divergence_message(
+        config, what="the parameters, teacher, optimiser or loss state became non-finite",
+        window=window, last_finite=last_finite))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +269,9 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
   # AdamW recipe of DINO/iBOT/SERE read from config.optim.
   make_tx = getattr(method, "optimizer", None) or functools.partial(default_optimizer, config)
   tx, scheds = make_tx(params_shape, steps_per_epoch, total_steps)
+  if config.get("skip_nonfinite_updates", 0):
+    # Drops an update whose gradients are not finite (counted in the state), up to N in a row.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=int(config.skip_nonfinite_updates))
 
   def init_state(rng):
     r_init, r_train = jax.random.split(rng)
@@ -315,6 +331,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         stop_after: int | None = None) -> dict[str, Any]:
   """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
 
+  SIGTERM and SIGINT end the run after the current step with a checkpoint of it
+  (sslx/train/preemption.py); the results then hold 'preempted': the signal's name.
+
   Args:
     stop_after: end this invocation (with a checkpoint) once this many steps are
       done, without changing the schedules; a later call resumes. For time-sliced
@@ -322,10 +341,83 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns the last evaluation results and the final step (used by scripts/tests).
   """
+  with preemption.StopOnSignal() as stop:
+    return _run(config, workdir, stop_after, stop)
+
+
+def _resume_point(config, workdir: str, ckpt) -> None:
+  """Refuses, before anything is built, a config that differs from the latest checkpoint's in
+  keys a resume may not change (faults.RESUME_SAFE_KEYS); logs the allowed differences.
+
+  A checkpoint whose config cannot be read is damaged: it is set aside with a warning and the
+  previous one is compared instead.
+  """
+  for step in reversed(ckpt.all_steps()):
+    try:
+      old, where = ckpt.read_config(step), f"{ckpt.directory}/{step}/{ckpt_lib.CONFIG_ITEM}"
+    except Exception as e:  # pylint: disable=broad-except  # any read failure = damaged
+      _set_aside(ckpt, step, e)
+      continue
+    if old is None:  # written before configs were stored: config.json is the best record
+      where = os.path.join(workdir, "config.json")
+      if not os.path.exists(where):
+        logging.warning("checkpoint %d has no stored config and %s is missing: the config "
+                        "cannot be compared", step, where)
+        return
+      with open(where) as f:
+        old = json.load(f)
+    allowed, unmatched = faults.check_resume_config(old, config, step=step, workdir=workdir,
+                                                    where=where)
+    if allowed:
+      logging.info("resuming step %d with changed settings: %s", step,
+                   faults.describe_allowed(allowed))
+    if unmatched:
+      logging.warning("config keys in only one of the checkpoint's config and this one (a code "
+                      "change?): %s", ", ".join(unmatched))
+    return
+
+
+def _set_aside(ckpt, step: int, error: BaseException) -> None:
+  where = ckpt.set_aside(step)
+  first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+  logging.warning("checkpoint step %d cannot be used (%s); moved it to %s and falling back to "
+                  "the previous checkpoint", step, first, where)
+
+
+def _restore_latest(ckpt, abstract_state, data_iter):
+  """(state, step) of the newest checkpoint that reads and is finite; (None, None) if none.
+
+  Unreadable or non-finite checkpoints are set aside with a warning naming their step: a run
+  never resumes from them silently.
+  """
+  for step in reversed(ckpt.all_steps()):
+    logging.info("resuming from %s/%d", ckpt.directory, step)
+    try:
+      state = ckpt.restore(step, abstract_state, data_iter)
+    except Exception as e:  # pylint: disable=broad-except  # truncated/corrupt files, any kind
+      _set_aside(ckpt, step, e)
+      continue
+    if not faults.state_is_finite(state):
+      _set_aside(ckpt, step, FloatingPointError("its state is not finite"))
+      continue
+    return state, step
+  return None, None
+
+
+def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSignal
+         ) -> dict[str, Any]:
   quiet_libraries()
-  os.makedirs(workdir, exist_ok=True)
+  # ---- Checks that need no compiling: settings, workdir, the checkpoint's config ------------
+  faults.check_run_config(config)
+  faults.check_workdir(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                               async_save=config.checkpoint.get("async_save", True),
+                               cleanup_tmp=True)
+  stop.set_sync_point(ckpt.reached_preemption)
+  _resume_point(config, workdir, ckpt)
+  config_json = faults.config_as_json(config)
+  if is_main:  # only now: a refused config must not replace the record of the run's own
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
@@ -366,18 +458,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   method = built.method
 
   # ---- Resume ------------------------------------------------------------------
-  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                               async_save=config.checkpoint.get("async_save", True))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info("resuming from %s/%d", ckpt.directory, latest)
-    state = ckpt.restore(latest, ckpt_lib.abstract_like(state_shape, state_sharding), data_iter)
-  else:
+  state, last_finite = _restore_latest(
+      ckpt, ckpt_lib.abstract_like(state_shape, state_sharding), data_iter)
+  if state is None and ckpt.set_aside_steps:
+    # Starting afresh would also drop the old run's metrics: only when asked again.
+    raise ckpt_lib.CheckpointError(
+        f"no usable checkpoint in {ckpt.directory}: step(s) "
+        f"{', '.join(map(str, ckpt.set_aside_steps))} could not be read and were moved to "
+        f"{os.path.join(workdir, 'checkpoints_damaged')} (reasons in the log above). Rerun to "
+        "train from the start in this workdir, or use another --workdir.")
+  if state is None:
     state = built.init(config.seed)
   start_step = int(jax.device_get(state.step))
 
   # ---- Evaluators ----------------------------------------------------------------
-  writer = metrics_lib.create_writer(workdir, is_main_process=is_main)
+  # Rows past the resumed step were written by the interrupted run: dropped, so each step is once.
+  writer = metrics_lib.create_writer(workdir, is_main_process=is_main, resume_step=start_step)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
   feature_fn = make_feature_fn(method, mesh, config)
@@ -403,8 +499,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   images_per_step = config.batch_size  # source images (all their crops) per step
   reported_bad: set[int] = set(data_iter.bad_indices)
   step = start_step
+  checked = start_step  # the state after this step was checked finite
   try:
     for step in range(start_step, total_steps):
+      if step == start_step and stop.stopped_before_start():
+        break  # nothing new since the checkpoint: no step, no save
       batch = next(data_iter)
       if compiled is None:
         t0 = time.time()
@@ -421,13 +520,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       state, step_metrics = compiled(state, batch)
       window.append(step_metrics["loss"])
       done = step + 1
-      is_last = done == total_steps or done == stop_after
+      preempted = stop.should_stop(done)  # every process, every step (multi-process sync point)
+      is_last = done == total_steps or done == stop_after or preempted
       if done % config.log_every_steps == 0 or is_last:
-        _check_finite(window, window_start, ckpt)
+        _check_finite(window, window_start, config, last_finite)
+        # One on-device reduction: narrows the window of a non-finite state to a log period.
+        _check_state(state, config, (checked + 1, done), last_finite)
+        checked = done
         window, window_start = [], done
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         reported_bad = _report_bad_files(data_iter, train_ds, reported_bad)
         scalars["data/skipped_images"] = float(len(data_iter.bad_indices))
+        if config.get("skip_nonfinite_updates", 0):
+          scalars["optim/skipped_updates"] = float(jax.device_get(state.opt_state.total_notfinite))
         progress = meter.update(done, time.time())
         for name, value in (("perf/img_per_sec", progress.images_per_second),
                             ("perf/step_time", progress.seconds_per_step), ("perf/mfu", progress.mfu)):
@@ -443,18 +548,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             line += f" of {memory['memory/limit_gib']:.1f}"
         logging.info("%s", line)
       if done % config.checkpoint.every_steps == 0 or is_last:
-        _check_finite(window, window_start, ckpt)
+        _check_finite(window, window_start, config, last_finite)
+        if checked != done:  # never write a non-finite state
+          _check_state(state, config, (checked + 1, done), last_finite)
+          checked = done
         reported_bad = _report_bad_files(data_iter, train_ds, reported_bad)
-        ckpt.save(done, state, data_iter)
+        ckpt.save(done, state, data_iter, config_json)
+        last_finite = done
+      if preempted:
+        break  # no evaluation: the grace period before SIGKILL is for the save
       if ec.knn_every_steps and (done % ec.knn_every_steps == 0 or is_last):
         results["knn"] = run_evals(done, eval_params_of(method, state))
       if done == stop_after:
         break
   finally:
     writer.flush()
-    ckpt.close()
+    ckpt.close()  # waits for the last (async) save
     data_iter.close()
   results["step"] = int(jax.device_get(state.step))
+  if stop.requested and results["step"] < total_steps:  # a signal after the end changes nothing
+    results["preempted"] = stop.requested
+    saved = (f"saved step {results['step']} to {ckpt.directory}" if results["step"] > start_step
+             else f"no new step since {'step ' + str(start_step) if start_step else 'the start'}")
+    logging.warning("stopped by %s: %s; rerun the same command to resume (exit status %d)",
+                    stop.requested, saved, preemption.PREEMPTED_EXIT_CODE)
   return results
 
 

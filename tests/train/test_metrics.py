@@ -67,6 +67,21 @@ def test_jsonl_appends_across_writers(tmp_path):
   assert [r["step"] for r in _read_jsonl(workdir)] == [1, 2]
 
 
+def test_resumed_writer_drops_rows_past_the_resumed_step_and_a_torn_line(tmp_path):
+  path = tmp_path / metrics.METRICS_FILENAME
+  w = metrics.JsonlWriter(str(path))
+  for step in (1, 2, 3, 4):
+    w.write_scalars(step, {"loss": float(step)})
+  w.close()
+  with open(path, "a") as f:
+    f.write('{"step": 5, "lo')  # killed in mid-write
+  w = metrics.JsonlWriter(str(path), resume_step=2)  # the run resumes from the step-2 checkpoint
+  w.write_scalars(3, {"loss": 30.0})
+  w.close()
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def test_non_main_process_writes_no_files(tmp_path):
   workdir = str(tmp_path / "run")
   writer = metrics.create_writer(workdir, is_main_process=False, use_clu=False)

@@ -68,7 +68,9 @@ def test_nan_stops_with_the_step_window_and_keeps_the_last_good_checkpoint(tmp_p
   monkeypatch.setitem(METHODS, "nan_dino", NanAfterStep3)
   config = smoke_config(method="nan_dino")
   workdir = str(tmp_path)
-  with pytest.raises(trainer.TrainingDiverged, match=r"at step 3 .*steps \[3, 3\].*step 3\) is intact"):
+  # Steps are counted from 1 as in the log: the loss of the 4th step (0-based step 3) is NaN.
+  with pytest.raises(trainer.TrainingDiverged,
+                     match=r"loss became nan at step 4;.*the last checkpoint, step 3, is finite"):
     trainer.run(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
   assert ckpt.all_steps() == [3]
