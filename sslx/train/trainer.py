@@ -299,7 +299,7 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
                       loss_state=loss_state, rng=r_train)
 
   state_shape = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  state_sharding = sharding.param_sharding(mesh, state_shape)
+  state_sharding = sharding.param_sharding(mesh, state_shape, config.sharding.fsdp_min_size)
   method_scheds = method.schedules(steps_per_epoch, total_steps)
   train_step = jax.jit(make_train_step(config, method, tx, scheds, method_scheds),
                        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -397,6 +397,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   name = config.method + ("+sere" if config.get("sere") and config.sere.enabled else "")
   logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", name,
                n_params / 1e6, total_steps, steps_per_epoch)
+  state_memory = sharding.state_memory(state_shape, state_sharding, config.sharding.fsdp_min_size)
+  logging.info("%s", state_memory.log_line())
   method = built.method
 
   # ---- Resume ------------------------------------------------------------------
@@ -469,6 +471,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             scalars[name] = value
         memory = metrics_lib.device_memory(jax.local_devices())
         scalars.update(memory)
+        scalars.update(state_memory.metrics())
         writer.write_scalars(done, scalars)
         line = metrics_lib.format_progress(progress, {"loss": scalars["loss"], "lr": scalars["lr"]})
         if memory:
