@@ -93,3 +93,23 @@ def test_fsdp_step_equals_the_data_parallel_step_on_4_devices():
   for field in ("params", "teacher_params", "opt_state"):
     assert dp["per_device"][field] == dp["full"][field]
     assert fsdp["per_device"][field] < 0.5 * fsdp["full"][field], field
+
+
+def test_run_logs_and_writes_the_per_device_state_bytes(tmp_path, caplog):
+  # End to end through trainer.run, with gradient accumulation switched on from the config.
+  config = load_config_file(os.path.join(ROOT, "configs/dino.py:smoke"))
+  with config.unlocked():
+    config.total_steps = config.log_every_steps = config.checkpoint.every_steps = 1
+    config.optim.accum_steps = 2
+    config.model.depth = 1
+  with caplog.at_level("INFO"):
+    assert trainer.run(config, str(tmp_path))["step"] == 1
+  assert any("train state per device:" in r.getMessage() for r in caplog.records)
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f if "loss" in line]
+  built = trainer.build(config, sharding.make_mesh(config.mesh), 100, 100)
+  memory = sharding.state_memory(built.state_shape, built.state_sharding)
+  # One device holds the whole state: params + teacher + Adam's two moments + centre, float32.
+  n_params = sum(x.size for x in jax.tree.leaves(built.state_shape.params))
+  assert rows[-1]["memory/params_bytes_per_device"] == 4 * n_params
+  assert rows[-1]["memory/state_bytes_per_device"] == memory.per_device["total"] > 16 * n_params
