@@ -25,13 +25,14 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def smoke_config(name: str, batch_size: int = 8):
-  """configs/{name}.py:smoke with `batch_size`, no drop path (so that the micro-batches' random
-  draws, fold_in(rng, j), cannot differ from the big batch's) and the on-device augmentation
-  switched off (it runs on the whole batch before the split, so it cannot tell k apart; off, it
-  compiles faster and equal source images give equal views)."""
+  """configs/{name}.py:smoke with `batch_size`, one block (compiles faster), no drop path (so
+  that the micro-batches' random draws, fold_in(rng, j), cannot differ from the big batch's) and
+  the on-device augmentation switched off (it runs on the whole batch before the split, so it
+  cannot tell k apart; off, it compiles faster and equal source images give equal views)."""
   c = load_config_file(os.path.join(ROOT, f"configs/{name}.py:smoke"))
   with c.unlocked():
     c.batch_size = batch_size
+    c.model.depth = 1
     c.model.drop_path_rate = 0.0
     c.augment.update(NO_AUGMENT)
   return c
