@@ -127,7 +127,7 @@ class StateMemory:
     full: the same without sharding (every device holding everything).
     sharded, replicated: number of tensors split over devices / held whole on every device.
     indivisible: of the replicated tensors, those of at least `min_size` elements (so the rule
-      wanted to split them) that have no dimension divisible by the fsdp size.
+      wanted to split them) with no eligible dimension divisible by the fsdp size.
     replicated_bytes_fraction: share of the state's (unsharded) bytes held whole on every device.
   """
   per_device: dict[str, int]
@@ -144,8 +144,8 @@ class StateMemory:
                       if k in ("params", "teacher_params", "opt_state", "loss_state"))
     return (f"train state per device: {mib(self.per_device['total'])} MiB of "
             f"{mib(self.full['total'])} ({parts}); {self.sharded} tensors sharded, "
-            f"{self.replicated} replicated ({self.indivisible} of them large but with no dimension "
-            f"divisible by the fsdp size), {100 * self.replicated_bytes_fraction:.1f}% of the bytes "
+            f"{self.replicated} replicated ({self.indivisible} of them large but with no eligible "
+            f"dimension divisible by the fsdp size), {100 * self.replicated_bytes_fraction:.1f}% of the bytes "
             "replicated")
 
   def metrics(self) -> dict[str, float]:
