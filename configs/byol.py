@@ -52,9 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
   c.optim = ml_collections.ConfigDict(dict(
       lr_per_256=0.3, min_lr=0.0, warmup_epochs=10.0, warmup_start_ratio=0.0, lr_by_epoch=False,
-      weight_decay=1e-6, momentum=0.9, trust_coefficient=1e-3,
-      # Micro-batches per optimiser step (gradient accumulation); 1 = none.
-      accum_steps=1))
+      weight_decay=1e-6, momentum=0.9, trust_coefficient=1e-3))
 
   c.data = config_blocks.imagenet_data(
       global_crops=dict(number=2, size=224, scale=(0.08, 1.0)),
@@ -67,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sere = ml_collections.ConfigDict(dict(enabled=False))
 
   config_blocks.checkpoint_and_eval(c)
+  config_blocks.scale_out(c)
   return c
 
 

@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sere = ml_collections.ConfigDict(dict(enabled=False))
 
   config_blocks.checkpoint_and_eval(c)
+  config_blocks.scale_out(c)
   # Probes (sslx/eval/probe.py; paper §5.2): linear = BN(no affine) + Linear on the CLS,
   # LARS lr 6.4 at batch 16384; attentive = cross-attention from a learned query over all tokens,
   # BN(no affine), Linear, SGD momentum 0.9 lr 0.4 at batch 8192; 90 epochs, 10 warm-up, no wd.

@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
       temps_on="teacher", grid_gg=0, grid_lg=0, num_heads=0))
 
   config_blocks.checkpoint_and_eval(c)
+  config_blocks.scale_out(c)
   return c
 
 

@@ -50,6 +50,25 @@ def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
       knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
 
 
+def scale_out(c: ml_collections.ConfigDict) -> None:
+  """Adds the scale-out knobs every method shares: config.sharding and config.optim.accum_steps.
+
+  config.sharding.fsdp_min_size: with config.mesh.fsdp = k > 1, every tensor of the train state
+  (student and teacher parameters, optimiser moments, loss state) with at least this many
+  elements is split k ways along its largest dimension divisible by k (never the leading layer
+  axis of blocks stacked by `model.scan_blocks`); smaller or indivisible tensors stay whole on
+  every device (sslx/train/sharding.py). 2**14 keeps biases, norms and small heads replicated,
+  where the all-gather would cost more than the memory saved, and splits every ViT-S/16 block
+  matrix (the smallest, attention's 384 x 384 output projection, has 147,456 elements).
+
+  config.optim.accum_steps: k > 1 splits each step's batch into k micro-batches whose gradients
+  are averaged before the one optimiser and EMA update (sslx/train/trainer.py); the loss state
+  combines by the method's rule (sslx/methods/accumulation.py). It must divide batch_size.
+  """
+  c.sharding = ml_collections.ConfigDict(dict(fsdp_min_size=2**14))
+  c.optim.accum_steps = 1
+
+
 def use_fashion_mnist(c: ml_collections.ConfigDict, size: int) -> None:
   """Points config.data at the Debian Fashion-MNIST files, evaluated at `size` px.
 

@@ -21,15 +21,16 @@ are updated by its own train-mode forward passes (running averages of the EMA
 network's batch statistics). The kNN / evaluation features are the EMA target
 encoder's pooled c5 in BN eval mode with those target statistics (`eval_params`).
 
-Gradient accumulation (config.optim.accum_steps) is safe here: the loss is a batch mean
-and the only loss state is BN running averages, which then take one update per
-micro-batch, as PyTorch's running stats do under accumulation.
+Gradient accumulation (config.optim.accum_steps = k): the loss is a batch mean, but BatchNorm
+normalises each micro-batch with its own statistics (not the big-batch step), and the running
+averages, the only loss state, are threaded through the micro-batches (`LossStateRule.THREADED`:
+k updates per step, as PyTorch's running stats take under accumulation). SaGe inherits the rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ from flax import linen as nn
 
 from sslx import schedules
 from sslx.losses import byol as byol_losses
+from sslx.methods.accumulation import LossStateRule
 from sslx.models import mlp, resnet
 
 
@@ -109,7 +111,7 @@ def lars_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> schedule
 class Byol:
   """BYOL as the trainer sees it; `config` is the whole run config."""
   config: ml_collections.ConfigDict
-  supports_accumulation = True  # see the module docstring
+  loss_state_rule: ClassVar[LossStateRule] = LossStateRule.THREADED  # see the module docstring
 
   # ---- networks -------------------------------------------------------------
   def network(self) -> EncoderProjector:

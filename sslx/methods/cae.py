@@ -32,7 +32,7 @@ biases, norms, layer scales exempt, as `furnace/optim_factory.py`), global-norm 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ import optax
 
 from sslx import errors
 from sslx.losses import cae as cae_losses
+from sslx.methods.accumulation import LossStateRule
 from sslx.methods.dino import compute_dtype
 from sslx.models import cae as cae_model
 from sslx.models import dalle, vit
@@ -69,8 +70,15 @@ def cae_decay_mask(params: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Cae:
-  """CAE; `config` is the whole run config (configs/cae.py)."""
+  """CAE; `config` is the whole run config (configs/cae.py).
+
+  Gradient accumulation reproduces the big-batch step: every loss term is a mean over images of
+  a fixed number of masked patches, and there is no BatchNorm. The loss state (a step counter
+  and, for token targets, the frozen tokenizer) takes one update per step (`LossStateRule.MEAN`:
+  the counter's mean increment is 1, the tokenizer is unchanged).
+  """
   config: ml_collections.ConfigDict
+  loss_state_rule: ClassVar[LossStateRule] = LossStateRule.MEAN
 
   def __post_init__(self):
     c = self.config

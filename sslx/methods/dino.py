@@ -14,7 +14,7 @@ global-batch mean of the raw teacher outputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import ml_collections
 from flax import linen as nn
 
 from sslx.losses import dino as dino_losses
+from sslx.methods.accumulation import LossStateRule
 from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads, vit
 from sslx.schedules import epoch_linspace_schedule
@@ -75,8 +76,16 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = Tr
 
 @dataclasses.dataclass(frozen=True)
 class Dino(TeacherClsMethod):
-  """DINO as the trainer sees it; `config` is the whole run config."""
+  """DINO as the trainer sees it; `config` is the whole run config.
+
+  Gradient accumulation (config.optim.accum_steps = k) reproduces the big-batch step: the loss
+  is a per-example mean, every micro-batch is scored against the step's centre, and the centre
+  update is the mean of the k updates from that same centre (`LossStateRule.MEAN`), i.e.
+  m c + (1 - m) mean(teacher outputs of the whole batch). With head.use_bn=True the head's
+  BatchNorm statistics would be per micro-batch instead.
+  """
   config: ml_collections.ConfigDict
+  loss_state_rule: ClassVar[LossStateRule] = LossStateRule.MEAN
 
   # ---- networks -------------------------------------------------------------
   def network(self, *, teacher: bool = False) -> BackboneWithHead:

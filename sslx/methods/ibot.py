@@ -16,7 +16,7 @@ and iBOT is DINO with the iBOT head (tested).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from flax import linen as nn
 
 from sslx.losses import dino as dino_losses
 from sslx.losses import ibot as ibot_losses
+from sslx.methods.accumulation import LossStateRule
 from sslx.methods.dino import build_backbone, compute_dtype
 from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
@@ -52,8 +53,15 @@ def drop_mask_token(params: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Ibot(TeacherClsMethod):
-  """iBOT as the trainer sees it; `config` is the whole run config."""
+  """iBOT as the trainer sees it; `config` is the whole run config.
+
+  Gradient accumulation reproduces the big-batch step as for DINO: both losses are
+  per-example means, and both centres take one update from the whole batch (`LossStateRule.MEAN`;
+  the official SERE trainer's `accum_iter` sums the teacher outputs of all micro-batches and
+  updates the centres once per optimiser step, with the same result).
+  """
   config: ml_collections.ConfigDict
+  loss_state_rule: ClassVar[LossStateRule] = LossStateRule.MEAN
 
   def network(self, *, teacher: bool = False) -> IbotNet:
     c = self.config

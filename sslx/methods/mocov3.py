@@ -18,7 +18,7 @@ official linear evaluation uses the base encoder.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import ml_collections
 
 from sslx import errors
 from sslx.losses import mocov3 as moco_losses
+from sslx.methods.accumulation import LossStateRule
 from sslx.methods.dino import build_backbone, compute_dtype
 from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
@@ -43,8 +44,16 @@ class _Net:
 
 @dataclasses.dataclass(frozen=True)
 class MocoV3(TeacherClsMethod):
-  """MoCo v3 as the trainer sees it; `config` is the whole run config."""
+  """MoCo v3 as the trainer sees it; `config` is the whole run config.
+
+  Gradient accumulation is not the big-batch step: each micro-batch contrasts its queries
+  against its own keys (B/k negatives instead of B) and its projector/predictor BatchNorm uses
+  the micro-batch's statistics, as PyTorch-style accumulation gives (the official code has no
+  accumulation). The step's loss and gradient are the means over the micro-batches of the
+  micro-batch losses and gradients. There is no loss state (`LossStateRule.MEAN` of nothing).
+  """
   config: ml_collections.ConfigDict
+  loss_state_rule: ClassVar[LossStateRule] = LossStateRule.MEAN
 
   def _mlp(self, kind: str) -> heads.MocoMLP:
     hc = self.config.head

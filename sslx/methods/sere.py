@@ -25,6 +25,7 @@ import ml_collections
 
 from sslx import errors
 from sslx.losses import sere as sere_losses
+from sslx.methods.accumulation import LossStateRule
 from sslx.models import heads
 
 
@@ -86,7 +87,7 @@ def validate(config: ml_collections.ConfigDict, num_heads: int, embed_dim: int) 
     raise SereConfigError("config.sere.temps_on must be 'teacher' (released code) or 'student' (paper)")
 
 
-BASE_HOOKS = ("optimizer", "eval_params", "check_batch", "supports_accumulation")
+BASE_HOOKS = ("optimizer", "eval_params", "check_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +98,19 @@ class WithSere:
 
   def __getattr__(self, name: str) -> Any:
     # The trainer's optional hooks exist here exactly when the base method has them: SERE adds
-    # heads and loss terms but keeps the base's optimiser, evaluation parameters, batch checks and
-    # accumulation rule (dropping them would silently train another recipe).
+    # heads and loss terms but keeps the base's optimiser, evaluation parameters and batch checks
+    # (dropping them would silently train another recipe).
     if name in BASE_HOOKS:
       return getattr(self.base, name)
     raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+  @property
+  def loss_state_rule(self) -> LossStateRule:
+    """The base method's rule: SERE adds no loss state (its heads' BatchNorm keeps no running
+    statistics). Under gradient accumulation that BatchNorm normalises each micro-batch with its
+    own statistics, as the official trainer's `accum_iter` does, so DINO+SERE and iBOT+SERE
+    steps are not the big-batch step unless every micro-batch has the same statistics."""
+    return self.base.loss_state_rule
 
   def _dims(self) -> tuple[int, int]:
     backbone = self.base.network().backbone

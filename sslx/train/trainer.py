@@ -28,6 +28,7 @@ from sslx import errors, schedules
 from sslx.data import augment, device_crops, pipeline
 from sslx.eval import knn
 from sslx.methods import make_method
+from sslx.methods.accumulation import LossStateRule
 from sslx.train import checkpoint as ckpt_lib
 from sslx.train import faults, preemption
 from sslx.train import flops as flops_lib
@@ -84,7 +85,8 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
 
   With config.optim.accum_steps = k > 1 the augmented batch is split into k micro-batches
   whose gradients are averaged (`_accumulate`) before the ONE optimiser update and the ONE
-  EMA-teacher update of the step; k = 1 is the plain step.
+  EMA-teacher update of the step; the loss state combines by the method's `loss_state_rule`
+  (sslx/methods/accumulation.py). k = 1 is the plain step.
 
   `scheds` are the optimiser's (lr, weight_decay, momentum: functions of the step, logged
   and, for momentum, used by the EMA teacher); `method_scheds` the
@@ -111,7 +113,8 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
       (loss, (loss_state, metrics)), grads = grad_fn(state.params, state.loss_state, views, r_model)
     else:
       loss, loss_state, metrics, grads = _accumulate(grad_fn, state.params, state.loss_state,
-                                                     views, r_model, accum_steps)
+                                                     views, r_model, accum_steps,
+                                                     method.loss_state_rule)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = scheds["momentum"](state.step)
@@ -129,34 +132,41 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
 
 
 class AccumulationError(errors.UserError):
-  """config.optim.accum_steps cannot be used with this method or batch size."""
+  """config.optim.accum_steps cannot be used with this batch size."""
 
 
 def check_accumulation(config, method) -> int:
-  """config.optim.accum_steps (default 1), validated; raised before anything compiles."""
+  """config.optim.accum_steps (default 1), validated; raised before anything compiles.
+
+  Every method declares how its loss state combines over micro-batches (`loss_state_rule`, a
+  `LossStateRule`); one that does not is a programming error (TypeError), not a user's.
+  """
   k = int(config.optim.get("accum_steps", 1) or 1)
   if k == 1:
     return 1
   if k < 1 or config.batch_size % k:
     raise AccumulationError(f"config.optim.accum_steps={k} must be >= 1 and divide "
                             f"config.batch_size={config.batch_size}")
-  if not getattr(method, "supports_accumulation", False):
-    raise AccumulationError(
-        f"config.method={config.method!r} keeps a loss state that is not accumulation-safe "
-        "(e.g. DINO's centre would take k momentum updates per step); use "
-        "--config.optim.accum_steps=1")
+  rule = getattr(method, "loss_state_rule", None)
+  if not isinstance(rule, LossStateRule):
+    raise TypeError(f"{type(method).__name__} must declare loss_state_rule (a "
+                    "sslx.methods.accumulation.LossStateRule) to run with accum_steps > 1")
   return k
 
 
-def _accumulate(grad_fn, params, loss_state, views, rng, k: int):
+def _accumulate(grad_fn, params, loss_state, views, rng, k: int, rule: LossStateRule):
   """Mean loss, metrics and gradients over k micro-batches, scanned in order.
 
   Micro-batch j takes examples j, j + k, j + 2k, ... of every batch array, so each stays
-  sharded over the devices like the full batch. With per-example-mean losses the result
-  equals the big-batch step except for BatchNorm, whose statistics are per micro-batch.
-  The loss state is threaded through the micro-batches in order (BN running averages
-  take k updates, as in PyTorch); methods whose state is not safe under that are refused
-  by `check_accumulation`.
+  sharded over the devices like the full batch, and micro-batch j draws its randomness
+  (drop path) from fold_in(rng, j). With per-example-mean losses and no BatchNorm the result
+  equals the big-batch step; BatchNorm normalises each micro-batch with its own statistics,
+  and in-batch negatives (MoCo v3) come from the micro-batch.
+
+  The loss state follows `rule`: THREADED carries it through the micro-batches in order
+  (k updates); MEAN runs every micro-batch from the step's state and returns start + the mean
+  of the k increments (integer leaves: the mean increment rounded down). MEAN keeps a running
+  sum of increments the size of the loss state (a frozen tokenizer kept there included).
   """
   def split(x):
     if not hasattr(x, "ndim") or x.ndim == 0:
@@ -165,18 +175,42 @@ def _accumulate(grad_fn, params, loss_state, views, rng, k: int):
 
   micro = jax.tree.map(split, views)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
+  threaded = rule == LossStateRule.THREADED
+
+  def delta(new, old):
+    if not (jnp.issubdtype(old.dtype, jnp.floating) or jnp.issubdtype(old.dtype, jnp.integer)):
+      raise TypeError(f"LossStateRule.MEAN averages numbers; a loss state leaf is {old.dtype}")
+    acc = jnp.float32 if jnp.issubdtype(old.dtype, jnp.floating) else old.dtype
+    return new.astype(acc) - old.astype(acc)
 
   def body(carry, xs):
-    loss_state, grads, loss = carry
+    state_or_sum, grads, loss = carry
     j, mb = xs
-    (l, (loss_state, metrics)), g = grad_fn(params, loss_state, mb, jax.random.fold_in(rng, j))
+    start = state_or_sum if threaded else loss_state
+    (l, (new_state, metrics)), g = grad_fn(params, start, mb, jax.random.fold_in(rng, j))
+    if threaded:
+      state_or_sum = new_state
+    else:
+      state_or_sum = jax.tree.map(lambda s, n, o: s + delta(n, o), state_or_sum, new_state,
+                                  loss_state)
     grads = jax.tree.map(jnp.add, grads, g)
-    return (loss_state, grads, loss + l), metrics
+    return (state_or_sum, grads, loss + l), metrics
 
-  (loss_state, grads, loss), metrics = jax.lax.scan(
-      body, (loss_state, zero_grads, jnp.zeros([], jnp.float32)), (jnp.arange(k), micro))
+  if threaded:
+    init = loss_state
+  else:
+    init = jax.tree.map(lambda x: jnp.zeros_like(delta(x, x)), loss_state)
+  (state_or_sum, grads, loss), metrics = jax.lax.scan(
+      body, (init, zero_grads, jnp.zeros([], jnp.float32)), (jnp.arange(k), micro))
+  if threaded:
+    new_loss_state = state_or_sum
+  else:
+    def mean_update(old, total):
+      step = total / k if jnp.issubdtype(total.dtype, jnp.floating) else total // k
+      return (old.astype(total.dtype) + step).astype(old.dtype)
+    new_loss_state = jax.tree.map(mean_update, loss_state, state_or_sum)
   mean = lambda x: x / k  # noqa: E731
-  return mean(loss), loss_state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), \
+  return mean(loss), new_loss_state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), \
       jax.tree.map(mean, grads)
 
 
@@ -281,7 +315,7 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
                       loss_state=loss_state, rng=r_train)
 
   state_shape = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  state_sharding = sharding.param_sharding(mesh, state_shape)
+  state_sharding = sharding.param_sharding(mesh, state_shape, config.sharding.fsdp_min_size)
   method_scheds = method.schedules(steps_per_epoch, total_steps)
   train_step = jax.jit(make_train_step(config, method, tx, scheds, method_scheds),
                        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -455,6 +489,8 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
   name = config.method + ("+sere" if config.get("sere") and config.sere.enabled else "")
   logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", name,
                n_params / 1e6, total_steps, steps_per_epoch)
+  state_memory = sharding.state_memory(state_shape, state_sharding, config.sharding.fsdp_min_size)
+  logging.info("%s", state_memory.log_line())
   method = built.method
 
   # ---- Resume ------------------------------------------------------------------
@@ -540,6 +576,7 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
             scalars[name] = value
         memory = metrics_lib.device_memory(jax.local_devices())
         scalars.update(memory)
+        scalars.update(state_memory.metrics())
         writer.write_scalars(done, scalars)
         line = metrics_lib.format_progress(progress, {"loss": scalars["loss"], "lr": scalars["lr"]})
         if memory:

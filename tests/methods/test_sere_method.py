@@ -11,6 +11,7 @@ import pytest
 from sslx.config_check import load_config_file
 from sslx.data import augment, pipeline
 from sslx.methods import Dino, WithSere, make_method
+from sslx.methods.accumulation import LossStateRule
 from sslx.methods.sere import BASE_HOOKS, SereConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,13 +55,13 @@ def test_the_base_methods_optional_trainer_hooks_pass_through():
     assert getattr(plain, hook, None) is None, hook
 
   class WithHooks(Dino):
-    supports_accumulation = True
+    loss_state_rule = LossStateRule.THREADED
 
     def check_batch(self, batch):
       raise ValueError("checked")
 
   wrapped = WithSere(WithHooks(config), config)
-  assert wrapped.supports_accumulation is True
+  assert wrapped.loss_state_rule is LossStateRule.THREADED  # the base's rule, not a default
   with pytest.raises(ValueError, match="checked"):
     wrapped.check_batch({})
   assert getattr(wrapped, "optimizer", None) is None

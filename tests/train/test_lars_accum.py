@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from sslx.config_check import load_config_file
+from sslx.methods.accumulation import LossStateRule
 from sslx.methods.byol import Byol, decay_and_adapt_mask
 from sslx.train import trainer
 from sslx.train.state import TrainState
@@ -83,7 +84,7 @@ def test_byol_schedules():
 class LinearToy:
   """A BN-free method: a linear map of the mean view regressed onto the other view's mean."""
   config: ml_collections.ConfigDict
-  supports_accumulation = True
+  loss_state_rule = LossStateRule.THREADED
 
   def init(self, rng, image_shape):
     return {"w": jax.random.normal(rng, (3, 3)), "b": jnp.zeros(3)}, {"count": jnp.zeros([])}
@@ -136,6 +137,17 @@ def test_accumulating_4_micro_batches_equals_one_big_batch_step():
   assert float(acc.loss_state["count"]) == 4.0  # loss state threaded through 4 micro-batches
 
 
+def test_mean_rule_updates_the_loss_state_once():
+  @dataclasses.dataclass(frozen=True)
+  class MeanToy(LinearToy):
+    loss_state_rule = LossStateRule.MEAN
+
+  _, big, m_big = _toy_step(1, MeanToy)
+  _, acc, m_acc = _toy_step(4, MeanToy)
+  assert float(acc.loss_state["count"]) == 1.0  # each micro-batch counted from 0; mean of 1s
+  np.testing.assert_allclose(float(m_acc["loss"]), float(m_big["loss"]), rtol=1e-5)
+
+
 def test_ema_teacher_updates_once_per_optimizer_step():
   before, after, _ = _toy_step(4)
   expected = jax.tree.map(lambda t, s: 0.9 * t + 0.1 * s, before.teacher_params, after.params)
@@ -143,18 +155,19 @@ def test_ema_teacher_updates_once_per_optimizer_step():
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_accumulation_refused_for_unsafe_loss_state_and_bad_sizes():
+def test_accumulation_needs_a_rule_and_a_dividing_k():
   @dataclasses.dataclass(frozen=True)
-  class Unsafe(LinearToy):
-    supports_accumulation = False
+  class NoRule(LinearToy):
+    loss_state_rule = None
 
-  with pytest.raises(trainer.AccumulationError, match="accum_steps=1"):
-    _toy_step(2, Unsafe)
-  dino = load_config_file(os.path.join(ROOT, "configs/dino.py:smoke"))
-  with dino.unlocked():
-    dino.optim.accum_steps = 2
+  with pytest.raises(TypeError, match="loss_state_rule"):
+    _toy_step(2, NoRule)
   from sslx.methods import make_method
-  with pytest.raises(trainer.AccumulationError, match="'dino'"):
-    trainer.check_accumulation(dino, make_method(dino))
-  with pytest.raises(trainer.AccumulationError, match="divide"):
+  for name in ("dino", "ibot", "mocov3", "cae", "sere_dino", "sere_ibot", "sere_mocov3", "byol"):
+    config = load_config_file(os.path.join(ROOT, f"configs/{name}.py:smoke"))
+    with config.unlocked():
+      config.optim.accum_steps = 2 if config.batch_size % 2 == 0 else 1
+    assert trainer.check_accumulation(config, make_method(config)) == 2, name
+  with pytest.raises(trainer.AccumulationError, match="divide") as err:
     _toy_step(3)
+  assert "\n" not in str(err.value)  # main.py prints a UserError as one line
