@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
       grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0), solarize_probs=(0.0, 0.0, 0.0),
       blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
   c.sere = ml_collections.ConfigDict(dict(enabled=False))
+  c.koleo = ml_collections.ConfigDict(dict(enabled=False))
 
   config_blocks.checkpoint_and_eval(c)
   config_blocks.scale_out(c)

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sere = ml_collections.ConfigDict(dict(
       enabled=False, alpha=1.0, beta=1.0, spatial_temp=0.5, channel_temp=0.1, other_temp=1.0,
       temps_on="teacher", grid_gg=0, grid_lg=0, num_heads=0))
+  # KoLeo add-on (DINOv2's regulariser on the student's [CLS] of each global crop; weight 0.1
+  # as DINOv2's default): --config.koleo.enabled=True. Stacks with SERE.
+  c.koleo = ml_collections.ConfigDict(dict(enabled=False, weight=0.1))
 
   config_blocks.checkpoint_and_eval(c)
   config_blocks.scale_out(c)

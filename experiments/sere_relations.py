@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from sslx.data import augment, crops, overlap, sources  # noqa: E402
 from sslx.losses import sere as sere_losses  # noqa: E402
-from sslx.methods.dino import build_backbone  # noqa: E402
+from sslx.models.build import build_backbone  # noqa: E402
 from sslx.train.checkpoint import Checkpointer  # noqa: E402
 
 DEFINITIONS = {

@@ -111,7 +111,7 @@ def test_mocov3_default_is_the_official_vit_small():
   """moco-v3 vits.py / main_moco.py: ViT-S with 12 heads, its own init, bilinear crops."""
   sys.path.insert(0, ROOT)
   from sslx.config_check import load_config_file
-  from sslx.methods.dino import build_backbone
+  from sslx.models.build import build_backbone
   for name in ("mocov3.py", "mocov3.py:vit_base", "sere_mocov3.py"):
     c = load_config_file(os.path.join(ROOT, f"configs/{name}"))
     m = build_backbone(c.model)

@@ -104,8 +104,9 @@ class _Batch:
   Picklable for worker processes.
   """
 
-  def __init__(self, canvas_size: int):
+  def __init__(self, canvas_size: int, overlaps: bool = True):
     self.canvas_size = canvas_size
+    self.overlaps = overlaps
     self._shared_memory = False
 
   def enable_shared_memory_output(self) -> None:
@@ -130,7 +131,7 @@ class _Batch:
       batch['canvas'] = crops_lib.stack_canvases(
           [e['canvas'] for e in examples], size,
           out=self._empty((len(examples), size, size, 3), np.uint8))
-    return _add_overlaps(batch)
+    return _add_overlaps(batch) if self.overlaps else batch
 
 
 def _add_overlaps(batch: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +340,8 @@ class TrainIterator:
 
 
 def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1, patch_size: int = 16) -> TrainStream:
+                  process_count: int = 1, patch_size: int = 16,
+                  overlaps: bool = True) -> TrainStream:
   """The infinite, shuffled multi-crop training stream of this process.
 
   Args:
@@ -348,6 +350,8 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     batch_size: examples per batch on THIS process (the global batch is batch_size *
       process_count); process p gets rows [p * batch_size, (p + 1) * batch_size) of it.
     patch_size: the model's patch size; block masks live on the global crops' patch grid.
+    overlaps: add the SERE overlap rectangles (no random draws: leaving them out changes nothing
+      else in the batch).
   Returns:
     A ``TrainStream``; its iterator yields dicts: 'global_crops' uint8 [B, Ng, G, G, 3],
     'local_crops' uint8 [B, Nl, L, L, 3], 'global_boxes' float32 [B, Ng, 4] and 'local_boxes'
@@ -355,9 +359,10 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
     'local_flips' bool [B, Nl], 'image_size' int32 [B, 2] (original height, width), 'label' int32
     [B] (-1 unknown), 'skipped' int32 [B] (unreadable files passed over for the record),
     'bad_indices' int64 [B, sources.MAX_ATTEMPTS] (their source indices, -1 padded), 'index' int64
-    [B] (requested record index in the source), and the overlap of every (global, other) crop pair for SERE (sslx/data/overlap.py):
-    'gg_rects' float32 [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32
-    [B, Nl, Ng, 2, 4], 'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than
+    [B] (requested record index in the source), and, with ``overlaps``, the overlap of every
+    (global, other) crop pair for SERE (sslx/data/overlap.py): 'gg_rects' float32
+    [B, Ng, Ng, 2, 4], 'gg_valid' bool [B, Ng, Ng], 'lg_rects' float32 [B, Nl, Ng, 2, 4],
+    'lg_valid' bool [B, Nl, Ng]. With ``data_cfg.masks.scheme`` other than
     'none' (sslx/data/masks.py) also 'global_masks' bool [B, Ng, G/p, G/p] (True = masked patch;
     all False in epochs before ``data_cfg.masks.pred_start_epoch``, as iBOT's loader).
     With ``data_cfg.crops_on == 'device'`` there are no '*_crops' (``device_crops.canvas_crops``
@@ -393,7 +398,7 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
                           patch_size, canvas_size)
   masks_cfg = data_cfg.get('masks')
   masks_from = int(masks_cfg.get('pred_start_epoch', 0)) if masks_cfg is not None else 0
-  make = _TrainBatch(source, multi_crop, _Batch(canvas_size), seed=seed,
+  make = _TrainBatch(source, multi_crop, _Batch(canvas_size, overlaps), seed=seed,
                      global_batch_size=global_batch, process_index=process_index,
                      process_count=process_count, masks_from_epoch=masks_from)
   return TrainStream(make, data_cfg)

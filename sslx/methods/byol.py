@@ -41,7 +41,8 @@ from flax import linen as nn
 from sslx import schedules
 from sslx.losses import byol as byol_losses
 from sslx.methods.accumulation import LossStateRule
-from sslx.models import mlp, resnet
+from sslx.methods.base import Method
+from sslx.models import mlp, resnet, torch_layout
 
 
 def _dtype(name: str):
@@ -108,7 +109,7 @@ def lars_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> schedule
 
 
 @dataclasses.dataclass(frozen=True)
-class Byol:
+class Byol(Method):
   """BYOL as the trainer sees it; `config` is the whole run config."""
   config: ml_collections.ConfigDict
   loss_state_rule: ClassVar[LossStateRule] = LossStateRule.THREADED  # see the module docstring
@@ -236,3 +237,27 @@ class Byol:
                          "batch_stats": eval_params["batch_stats"]["encoder"]}, images,
                         train=False)
     return out["pooled"]
+
+  def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
+    """[B, 1 + h*w, C]: the pooled c5 feature, then c5 at each position (attentive probe)."""
+    encoder = build_resnet(self.config.model)
+    out = encoder.apply({"params": eval_params["params"]["encoder"],
+                         "batch_stats": eval_params["batch_stats"]["encoder"]}, images,
+                        train=False)
+    c5 = out["c5"]
+    return jnp.concatenate([out["pooled"][:, None], c5.reshape(c5.shape[0], -1, c5.shape[-1])],
+                           axis=1)
+
+  def export_backbone(self, params: Any, loss_state: Any,
+                      weights: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """torchvision ResNet names, with the BatchNorm statistics of the chosen network."""
+    stats = (loss_state["target_stats"] if weights == "teacher"
+             else loss_state["online_stats"]["net"])["encoder"]
+    sd = torch_layout.resnet_to_torch(params["encoder"], stats)
+    mc = self.config.model
+    meta = {"architecture": "resnet", "torchvision_model": f"resnet{mc.depth}"}
+    if mc.width != 64 or mc.stem != "imagenet":
+      # torchvision builds only the 64-wide ImageNet stem; the names still follow it.
+      meta["note"] = (f"width {mc.width}, stem {mc.stem!r}: torchvision's resnet{mc.depth} has "
+                      "width 64 and the ImageNet stem, so build a matching model to load this.")
+    return sd, meta

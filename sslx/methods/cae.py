@@ -22,8 +22,8 @@ normalisation only a per-channel scale differs); a batch whose masks miss the ex
 stops training with `MaskCountError`, checked on the host before the batch reaches the device
 (`check_batch`).
 
-There is no EMA teacher: config.teacher.momentum = 0 makes the trainer's teacher equal the student
-after every step, so kNN / probes read the current encoder. Optimiser (the `optimizer` hook):
+There is no EMA teacher (`has_teacher = False`): the state keeps no second copy of the parameters,
+and kNN / probes / export read the current encoder. Optimiser (the `optimizer` hook):
 AdamW with absolute lr (1.5e-3 for batch 2048, not rescaled), linear warm-up then cosine to
 min_lr, constant weight decay 0.05 on every tensor of rank >= 2 (cls and mask tokens included;
 biases, norms, layer scales exempt, as `furnace/optim_factory.py`), global-norm clipping 3.0.
@@ -32,6 +32,7 @@ biases, norms, layer scales exempt, as `furnace/optim_factory.py`), global-norm 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -43,9 +44,11 @@ import optax
 from sslx import errors
 from sslx.losses import cae as cae_losses
 from sslx.methods.accumulation import LossStateRule
-from sslx.methods.dino import compute_dtype
+from sslx.methods.base import Forward, Method
+from sslx.methods.teacher_cls import fixed_positions
+from sslx.models.build import compute_dtype
 from sslx.models import cae as cae_model
-from sslx.models import dalle, vit
+from sslx.models import beit, dalle, torch_layout, vit
 from sslx.schedules import cosine_schedule
 
 
@@ -69,7 +72,7 @@ def cae_decay_mask(params: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class Cae:
+class Cae(Method):
   """CAE; `config` is the whole run config (configs/cae.py).
 
   Gradient accumulation reproduces the big-batch step: every loss term is a mean over images of
@@ -79,6 +82,8 @@ class Cae:
   """
   config: ml_collections.ConfigDict
   loss_state_rule: ClassVar[LossStateRule] = LossStateRule.MEAN
+  # The alignment target is the current encoder under stop-gradient: no EMA copy to keep.
+  has_teacher: ClassVar[bool] = False
 
   def __post_init__(self):
     c = self.config
@@ -143,10 +148,6 @@ class Cae:
     if self.config.cae.target == "tokens":
       loss_state["tokenizer"] = self.tokenizer()[1]["params"]
     return params, loss_state
-
-  def teacher_params(self, params: Any) -> Any:
-    """All parameters: with momentum 0 the 'teacher' is the current student (kNN, probes, picture)."""
-    return params
 
   def schedules(self, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
     del steps_per_epoch, total_steps
@@ -233,14 +234,38 @@ class Cae:
     _check_counts(masks.reshape(masks.shape[0], -1).sum(axis=-1), self.num_masked)
 
   # ---- evaluation -------------------------------------------------------------
-  def tokens(self, teacher_params: Any, images: jax.Array) -> jax.Array:
+  def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """Encoder tokens [B, 1 + N, D] (CLS first) of all patches of normalised images."""
-    return self.network().apply({"params": teacher_params}, images, None, train=False,
+    return self.network().apply({"params": eval_params}, images, None, train=False,
                                 method=cae_model.CAE.encode)["tokens"]
 
-  def features(self, teacher_params: Any, images: jax.Array) -> jax.Array:
+  def features(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """Encoder CLS [B, D] of all patches (the kNN / linear-probe feature)."""
-    return self.tokens(teacher_params, images)[:, 0]
+    return self.tokens(eval_params, images)[:, 0]
+
+  def export_backbone(self, params: Any, loss_state: Any,
+                      weights: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The encoder in timm's names (LayerScale as ls1/ls2), sin-cos positions written out."""
+    del loss_state, weights
+    net = self.network()
+    grid = self.config.data.global_crops.size // net.patch_size
+    pos = fixed_positions(beit.sincos_pos_embed(grid, grid, net.embed_dim))
+    sd = torch_layout.vit_to_torch(params["encoder"], pos_embed=pos)
+    kwargs = dict(img_size=grid * net.patch_size, patch_size=net.patch_size,
+                  in_chans=int(sd["patch_embed.proj.weight"].shape[1]), embed_dim=net.embed_dim,
+                  depth=net.depth, num_heads=net.num_heads, mlp_ratio=net.mlp_ratio, qkv_bias=True,
+                  init_values=net.init_values, num_classes=0)
+    return sd, {"architecture": "vit", "timm_kwargs": json.dumps(kwargs)}
+
+  def attention(self) -> tuple[Forward, int]:
+    """The encoder on all patches; its blocks sow their attention weights."""
+    net = self.network()
+
+    def forward(params, images):
+      _, state = net.apply({"params": params}, images, None, train=False, method=net.encode,
+                           mutable=["intermediates"])
+      return state["intermediates"]["encoder"][f"block_{net.depth - 1}"]["attn"]["attention"][0]
+    return forward, net.patch_size
 
 
 def _check_counts(counts: np.ndarray, expected: int) -> None:

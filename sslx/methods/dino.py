@@ -24,16 +24,9 @@ from flax import linen as nn
 from sslx.losses import dino as dino_losses
 from sslx.methods.accumulation import LossStateRule
 from sslx.methods.teacher_cls import TeacherClsMethod
-from sslx.models import heads, vit
+from sslx.models import heads
+from sslx.models.build import build_backbone, compute_dtype
 from sslx.schedules import epoch_linspace_schedule
-
-
-def compute_dtype(name: str):
-  """'float32' | 'bfloat16' | 'float16' -> jnp dtype, with a clear error otherwise."""
-  table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-  if name not in table:
-    raise ValueError(f"config.model.dtype={name!r}; valid: {sorted(table)}")
-  return table[name]
 
 
 class BackboneWithHead(nn.Module):
@@ -44,34 +37,6 @@ class BackboneWithHead(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool) -> tuple[dict[str, jax.Array], jax.Array]:
     out = self.backbone(images, train=train)
     return out, self.head(out["cls"])
-
-
-def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = True,
-                   mask_token: bool = False) -> vit.ViT:
-  """The ViT described by `config.model` (variant, patch size, dtype...).
-
-  Args:
-    drop_path: False for teachers (no stochastic depth).
-    mask_token: give the ViT iBOT's learned mask token (students of masked methods).
-  """
-  if model_cfg.get("arch", "vit") != "vit":
-    raise ValueError(f"config.model.arch={model_cfg.arch!r}: only 'vit' backbones exist so far")
-  kwargs = dict(vit.vit_kwargs(model_cfg.variant))
-  for key in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
-    if model_cfg.get(key):
-      kwargs[key] = model_cfg[key]
-  return vit.ViT(
-      patch_size=model_cfg.patch_size,
-      drop_path_rate=model_cfg.drop_path_rate if drop_path else 0.0,
-      pos_grid=model_cfg.pos_grid,
-      dtype=compute_dtype(model_cfg.dtype),
-      scan_blocks=model_cfg.get("scan_blocks", False),
-      pos_embed=model_cfg.get("pos_embed", "learned"),
-      init_scheme=model_cfg.get("init_scheme", "dino"),
-      attention=model_cfg.get("attention", "auto"),
-      recompute_elementwise=model_cfg.get("recompute_elementwise", False),
-      use_mask_token=mask_token,
-      **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +117,9 @@ class Dino(TeacherClsMethod):
         "student_global": s_out_g, "student_local": s_out_l, "teacher_global": t_out_g,
     }
 
-  def loss_from_outputs(self, outputs: Mapping[str, Any], loss_state: Any,
-                        sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
+                 loss_state: Any, views: Mapping[str, jax.Array],
+                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
     lc = self.config.loss
     s, t = outputs["student_logits"], outputs["teacher_logits"]
     center = loss_state["center"]

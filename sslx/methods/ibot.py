@@ -26,7 +26,7 @@ from flax import linen as nn
 from sslx.losses import dino as dino_losses
 from sslx.losses import ibot as ibot_losses
 from sslx.methods.accumulation import LossStateRule
-from sslx.methods.dino import build_backbone, compute_dtype
+from sslx.models.build import build_backbone, compute_dtype
 from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
 from sslx.schedules import epoch_linspace_schedule
@@ -133,8 +133,9 @@ class Ibot(TeacherClsMethod):
         "student_global": s_out_g, "student_local": s_out_l, "teacher_global": t_out_g,
     }
 
-  def loss_from_outputs(self, outputs: Mapping[str, Any], loss_state: Any,
-                        sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
+                 loss_state: Any, views: Mapping[str, jax.Array],
+                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
     lc = self.config.loss
     t_cls, t_patch = outputs["teacher_logits"], outputs["teacher_patch"]
     l_cls = dino_losses.dino_loss(outputs["student_logits"], t_cls, loss_state["center"],

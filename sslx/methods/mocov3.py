@@ -27,7 +27,7 @@ import ml_collections
 from sslx import errors
 from sslx.losses import mocov3 as moco_losses
 from sslx.methods.accumulation import LossStateRule
-from sslx.methods.dino import build_backbone, compute_dtype
+from sslx.models.build import build_backbone, compute_dtype
 from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
 
@@ -116,8 +116,9 @@ class MocoV3(TeacherClsMethod):
         [self._project(teacher_params["projector"], t_cls[v], "projector") for v in range(ng)]))
     return {"q": q, "k": k, "student_global": s_out, "student_local": None, "teacher_global": t_out}
 
-  def loss_from_outputs(self, outputs: Mapping[str, Any], loss_state: Any,
-                        sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
+                 loss_state: Any, views: Mapping[str, jax.Array],
+                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
     del sched
     q, k = outputs["q"], outputs["k"]
     loss = moco_losses.mocov3_loss(q[0], q[1], k[0], k[1], self.config.loss.temperature)

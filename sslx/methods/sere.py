@@ -16,8 +16,7 @@ log S^2, as the release does) live in sslx/losses/sere.py.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +24,9 @@ import ml_collections
 
 from sslx import errors
 from sslx.losses import sere as sere_losses
-from sslx.methods.accumulation import LossStateRule
+from sslx.methods.base import OVERLAP_KEYS, AddOn, Method
 from sslx.models import heads
+from sslx.models.build import build_backbone
 
 
 class SereConfigError(errors.UserError):
@@ -87,56 +87,37 @@ def validate(config: ml_collections.ConfigDict, num_heads: int, embed_dim: int) 
     raise SereConfigError("config.sere.temps_on must be 'teacher' (released code) or 'student' (paper)")
 
 
-BASE_HOOKS = ("optimizer", "eval_params", "check_batch")
+class WithSere(AddOn):
+  """A base method plus the SERE losses (an add-on: sslx/methods/base.py).
 
+  SERE adds no loss state (its heads' BatchNorm keeps no running statistics), so the base's
+  accumulation rule stands. Under gradient accumulation that BatchNorm normalises each micro-batch
+  with its own statistics, as the official trainer's `accum_iter` does, so DINO+SERE and iBOT+SERE
+  steps are not the big-batch step unless every micro-batch has the same statistics.
+  """
 
-@dataclasses.dataclass(frozen=True)
-class WithSere:
-  """A base method plus the SERE losses; the trainer sees an ordinary method."""
-  base: Any
-  config: ml_collections.ConfigDict
+  name: ClassVar[str] = "sere"
+  key_salt: ClassVar[int] = 0x5E4E
+  extra_batch_keys: ClassVar[frozenset[str]] = OVERLAP_KEYS
 
-  def __getattr__(self, name: str) -> Any:
-    # The trainer's optional hooks exist here exactly when the base method has them: SERE adds
-    # heads and loss terms but keeps the base's optimiser, evaluation parameters and batch checks
-    # (dropping them would silently train another recipe).
-    if name in BASE_HOOKS:
-      return getattr(self.base, name)
-    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-  @property
-  def loss_state_rule(self) -> LossStateRule:
-    """The base method's rule: SERE adds no loss state (its heads' BatchNorm keeps no running
-    statistics). Under gradient accumulation that BatchNorm normalises each micro-batch with its
-    own statistics, as the official trainer's `accum_iter` does, so DINO+SERE and iBOT+SERE
-    steps are not the big-batch step unless every micro-batch has the same statistics."""
-    return self.base.loss_state_rule
+  def __init__(self, base: Method, config: ml_collections.ConfigDict):
+    check_backbone(config)
+    super().__init__(base, config)
 
   def _dims(self) -> tuple[int, int]:
-    backbone = self.base.network().backbone
+    backbone = build_backbone(self.config.model)
     return backbone.num_heads, backbone.embed_dim
 
-  def init(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> tuple[Any, Any]:
-    check_backbone(self.config)
+  def init_own(self, rng: jax.Array, base_params: Any) -> dict[str, Any]:
+    """The global- and local-crop projection/predictor heads."""
+    del base_params
     num_heads, dim = self._dims()
     validate(self.config, num_heads, dim)
-    r_base, r_global, r_local = jax.random.split(rng, 3)
-    params, loss_state = self.base.init(r_base, image_shape)
+    r_global, r_local = jax.random.split(rng)
     dummy = jnp.zeros((2, 4, dim), jnp.float32)
     hs = heads.SereHeads()
-    params = dict(params)
-    params["sere_global"] = hs.init({"params": r_global}, dummy, student=True)["params"]
-    params["sere_local"] = hs.init({"params": r_local}, dummy, student=True)["params"]
-    return params, loss_state
-
-  def teacher_params(self, params: Any) -> Any:
-    return self.base.teacher_params(params)
-
-  def schedules(self, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
-    return self.base.schedules(steps_per_epoch, total_steps)
-
-  def features(self, teacher_params: Any, images: jax.Array) -> jax.Array:
-    return self.base.features(teacher_params, images)
+    return {"sere_global": hs.init({"params": r_global}, dummy, student=True)["params"],
+            "sere_local": hs.init({"params": r_local}, dummy, student=True)["params"]}
 
   def _heads(self, params, tokens, views: int, *, student: bool):
     """Applies one crop kind's heads to [B*V, N, C] tokens -> two [V, B, N, C] arrays."""
@@ -144,13 +125,15 @@ class WithSere:
                                      mutable=["batch_stats"])
     return tuple(jnp.swapaxes(x.reshape(-1, views, *x.shape[1:]), 0, 1) for x in out)
 
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any, views: Mapping[str, jax.Array],
-           rng: jax.Array, sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
+                 loss_state: Any, views: Mapping[str, jax.Array],
+                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+    """L = L_base (4 - alpha - beta) / 2 + alpha L_spatial + beta L_channel."""
     sc = self.config.sere
     num_heads, _ = self._dims()
     grid_gg, grid_lg = resolve_grids(self.config)
-    outputs = self.base.forward(params, teacher_params, views, rng)
-    base_loss, (loss_state, metrics) = self.base.loss_from_outputs(outputs, loss_state, sched)
+    base_loss, (loss_state, metrics) = self.base.loss_terms(
+        params, teacher_params, outputs, loss_state, views, sched)
 
     ng, nl = views["global"].shape[1], views["local"].shape[1]
     tokens = lambda out: out["prenorm"][:, 1:]  # noqa: E731  (drop CLS)

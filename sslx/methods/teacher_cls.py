@@ -1,29 +1,72 @@
-"""What the ViT methods with an EMA teacher (DINO, iBOT, MoCo v3) share with the trainer.
+"""What the ViT methods with an EMA teacher (DINO, iBOT, MoCo v3) share.
 
-Each of them defines `network(teacher=...)` (an object with a `.backbone` ViT), `forward(params,
-teacher_params, views, rng)` and `loss_from_outputs(outputs, loss_state, sched)`; this mixin
-turns those into the trainer's `loss` and the kNN `features`. SERE (methods/sere.py) reuses
-`forward` and `loss_from_outputs` directly, which is why they stay separate from `loss`.
+Each defines `network(teacher=...)` (an object with a `.backbone` ViT), `forward` and
+`loss_terms` (sslx/methods/base.py); this base turns them into the interface's `loss`, and gives
+the evaluation pieces every such method has: the teacher backbone's [CLS] as the feature, its
+[CLS; patches] as tokens, the timm-layout export and the last block's attention.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import json
+from typing import Any, ClassVar, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslx.methods.base import Forward, Method
+from sslx.models import torch_layout, vit
 
 
-class TeacherClsMethod:
-  """`loss` = loss_from_outputs(forward(...)); `features` = the teacher backbone's [CLS]."""
+def fixed_positions(table: np.ndarray) -> np.ndarray:
+  """[N, D] patch positions -> timm's [1, 1 + N, D] table with the zero CLS position."""
+  return np.concatenate([np.zeros((1, table.shape[1]), np.float32), table])[None]
+
+
+class TeacherClsMethod(Method):
+  """`loss` = loss_terms(forward(...)); evaluation on the teacher's ViT backbone."""
+
+  supports_addons: ClassVar[bool] = True
 
   def loss(self, params: Any, teacher_params: Any, loss_state: Any,
            views: Mapping[str, jax.Array], rng: jax.Array,
            sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
     """Total loss of one batch; returns (loss, (new_loss_state, metrics))."""
-    return self.loss_from_outputs(self.forward(params, teacher_params, views, rng),
-                                  loss_state, sched)
+    outputs = self.forward(params, teacher_params, views, rng)
+    return self.loss_terms(params, teacher_params, outputs, loss_state, views, sched)
 
-  def features(self, teacher_params: Any, images: jax.Array) -> jax.Array:
+  def _backbone(self):
+    return self.network(teacher=True).backbone
+
+  def features(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """Teacher [CLS] features [B, D] of normalised float images (the DINO kNN protocol)."""
-    backbone = self.network(teacher=True).backbone
-    return backbone.apply({"params": teacher_params["backbone"]}, images, train=False)["cls"]
+    return self._backbone().apply({"params": eval_params["backbone"]}, images,
+                                  train=False)["cls"]
+
+  def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
+    """The teacher backbone's [CLS; patches] [B, 1 + N, D] (attentive probe)."""
+    out = self._backbone().apply({"params": eval_params["backbone"]}, images, train=False)
+    return jnp.concatenate([out["cls"][:, None], out["patch"]], axis=1)
+
+  def export_backbone(self, params: Any, loss_state: Any,
+                      weights: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """timm / DINO `VisionTransformer` names; fixed sin-cos positions written out."""
+    del loss_state, weights
+    m = self._backbone()
+    pos = (fixed_positions(vit.sincos_2d(m.pos_grid, m.pos_grid, m.embed_dim))
+           if m.pos_embed == "sincos" else None)
+    sd = torch_layout.vit_to_torch(params["backbone"], pos_embed=pos)
+    kwargs = dict(img_size=m.pos_grid * m.patch_size, patch_size=m.patch_size,
+                  in_chans=int(sd["patch_embed.proj.weight"].shape[1]), embed_dim=m.embed_dim,
+                  depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, qkv_bias=True,
+                  num_classes=0)
+    return sd, {"architecture": "vit", "timm_kwargs": json.dumps(kwargs)}
+
+  def attention(self) -> tuple[Forward, int]:
+    backbone = self._backbone()
+
+    def forward(params, images):
+      return backbone.apply({"params": params["backbone"]}, images, train=False,
+                            return_attention=True)["attention"]
+    return forward, backbone.patch_size

@@ -30,41 +30,9 @@ from sslx.errors import UserError
 from sslx.eval import attention as attention_lib
 from sslx.eval import knn
 from sslx.methods import make_method
-from sslx.methods.dino import build_backbone
 from sslx.train.probe_workdir import teacher_of
 
 Forward = Callable[[Any, jax.Array], jax.Array]
-
-
-def _vit(config: ml_collections.ConfigDict, method: Any) -> tuple[Forward, int]:
-  """The ViT under the teacher's params['backbone'] (DINO, iBOT, MoCo v3, SERE on any)."""
-  del method
-  backbone = build_backbone(config.model, drop_path=False)
-
-  def forward(params, images):
-    return backbone.apply({"params": params["backbone"]}, images, train=False,
-                          return_attention=True)["attention"]
-  return forward, backbone.patch_size
-
-
-def _cae(config: ml_collections.ConfigDict, method: Any) -> tuple[Forward, int]:
-  """CAE's encoder on all patches; its blocks sow their attention weights."""
-  del config
-  net = method.network()
-
-  def forward(params, images):
-    _, state = net.apply({"params": params}, images, None, train=False, method=net.encode,
-                         mutable=["intermediates"])
-    blocks = state["intermediates"]["encoder"]
-    return blocks[f"block_{net.depth - 1}"]["attn"]["attention"][0]
-  return forward, net.patch_size
-
-
-# config.method -> (config, method) -> ((teacher params, normalised images) -> last block's
-# attention [B, heads, 1 + N, 1 + N], patch size).
-ATTENTION: dict[str, Callable[..., tuple[Forward, int]]] = {
-    "dino": _vit, "ibot": _vit, "mocov3": _vit, "cae": _cae,
-}
 
 
 class AttentionError(UserError):
@@ -129,19 +97,15 @@ def write_attention(config: ml_collections.ConfigDict, workdir: str, *, num_imag
     AttentionError: a method without a ViT [CLS] teacher (BYOL, SaGe), bad ``keep``/``num_images``, unreadable
       images. FileNotFoundError: no checkpoint in ``workdir``.
   """
-  if config.method not in ATTENTION:
-    raise AttentionError(f"--mode=attention needs a ViT teacher with a [CLS] token "
-                         f"({', '.join(ATTENTION)}, with or without SERE); "
-                         f"config.method={config.method!r} has none")
   if num_images < 1:
     raise AttentionError(f"--num_images must be >= 1, got {num_images}")
   if not 0.0 < keep <= 1.0:
     raise AttentionError(f"--keep_mass must be in (0, 1], got {keep}")
   method = make_method(config)
+  attention_fn, patch_size = method.attention()  # UnsupportedMode (one line) for a ResNet
   step, teacher = teacher_of(config, workdir, method, random_init)
   views, names = load_images(config, num_images, images)
 
-  attention_fn, patch_size = ATTENTION[config.method](config, method)
   grid = (views.shape[1] // patch_size, views.shape[2] // patch_size)
   forward = knn.eval_forward(attention_fn, tuple(config.augment.mean), tuple(config.augment.std))
   att = np.asarray(jax.device_get(forward(teacher, views)))

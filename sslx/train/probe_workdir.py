@@ -3,10 +3,9 @@
 `main.py --mode=linear_probe|attentive_probe [--random_init]` lands here (and `--mode=knn
 --random_init`). Like `trainer.evaluate_workdir` it restores only the teacher parameters of the
 latest checkpoint; `random_init=True` evaluates the method's freshly initialised parameters
-instead (the baseline rows of RESULTS). Works for any method: the CLS feature is
-`method.features`; the tokens for attentive probing are `method.tokens` when the method defines
-it, else the ViT backbone's [CLS; patches] for methods whose teacher has a 'backbone' (DINO,
-SERE, ...). Single process (probes cache features on the host).
+instead (the baseline rows of RESULTS). Works for any method through its interface
+(sslx/methods/base.py): the feature is `method.features`, the attentive probe's tokens
+`method.tokens`, both on `evaluated_params`. Single process (probes cache features on the host).
 """
 
 from __future__ import annotations
@@ -22,26 +21,10 @@ from absl import logging
 from sslx.data import pipeline
 from sslx.eval import knn, probe
 from sslx.methods import make_method
-from sslx.methods.dino import build_backbone
+from sslx.methods.base import evaluated_params
 from sslx.train import checkpoint as ckpt_lib
 
 MODES = ("knn", "linear_probe", "attentive_probe")
-
-
-def token_fn_of(method: Any, config: ml_collections.ConfigDict) -> Callable[[Any, jax.Array], jax.Array]:
-  """(teacher_params, normalised images) -> tokens [B, T, D] for attentive probing."""
-  if hasattr(method, "tokens"):
-    return method.tokens
-
-  def vit_tokens(params, images):
-    if "backbone" not in params:
-      raise ValueError(f"method {config.method!r} has no tokens() and its teacher has no "
-                       "'backbone'; give the method a tokens(teacher_params, images) function.")
-    out = build_backbone(config.model, drop_path=False).apply(
-        {"params": params["backbone"]}, images, train=False)
-    return jnp.concatenate([out["cls"][:, None], out["patch"]], axis=1)
-
-  return vit_tokens
 
 
 def _on_uint8(fn: Callable, params: Any, config: ml_collections.ConfigDict) -> Callable:
@@ -51,22 +34,27 @@ def _on_uint8(fn: Callable, params: Any, config: ml_collections.ConfigDict) -> C
 
 def teacher_of(config: ml_collections.ConfigDict, workdir: str, method: Any,
                random_init: bool) -> tuple[int, Any]:
-  """(step, teacher params) of the latest checkpoint, or (0, fresh init) with random_init."""
+  """(step, what `method.features` takes) of the latest checkpoint, or (0, the same at init)
+  with random_init: the teacher's parameters (the student's for a method without a teacher)
+  through the method's `eval_params` (e.g. BatchNorm statistics)."""
   if random_init:
     size = config.data.global_crops.size
-    init = jax.jit(lambda r: method.init(r, (size, size, 3))[0])
     # The same draw as the trainer's step-0 state (trainer.build: split(seed) -> init key).
     r_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-    return 0, method.teacher_params(init(r_init))
+    params, loss_state = jax.jit(lambda r: method.init(r, (size, size, 3)))(r_init)
+    teacher = method.teacher_params(params) if method.has_teacher else None
+    return 0, evaluated_params(method, {"params": params, "teacher_params": teacher,
+                                        "loss_state": loss_state})
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   step = ckpt.latest_step()
   if step is None:
     ckpt.close()
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first with "
                             f"`python main.py --config=... --workdir={workdir}`")
-  teacher = ckpt.restore_teacher(step)
+  parts = ckpt.restore_parts(step, ("teacher_params" if method.has_teacher else "params",
+                                    "loss_state"))
   ckpt.close()
-  return step, teacher
+  return step, evaluated_params(method, parts)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, mode: str,
@@ -94,7 +82,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mode: str,
                              max_test=max_test)
   else:
     settings = probe.ProbeSettings.from_config(pc.get("attentive") if pc else None, seed)
-    tokens = _on_uint8(token_fn_of(method, config), teacher, config)
+    tokens = _on_uint8(method.tokens, teacher, config)
     res = probe.attentive_probe(tokens, batches(dc.eval_train_split), batches(dc.eval_test_split),
                                 num_classes=classes, settings=settings, max_train=max_train,
                              max_test=max_test)

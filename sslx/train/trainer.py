@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import logging as logging_std
 import os
@@ -27,7 +26,8 @@ from absl import logging
 from sslx import errors, schedules
 from sslx.data import augment, device_crops, pipeline
 from sslx.eval import knn
-from sslx.methods import make_method
+from sslx.methods import enabled_addons, make_method
+from sslx.methods.base import BASE_BATCH_KEYS, OVERLAP_KEYS, Method, evaluated_params
 from sslx.methods.accumulation import LossStateRule
 from sslx.train import checkpoint as ckpt_lib
 from sslx.train import faults, preemption
@@ -37,10 +37,10 @@ from sslx.train import optim, sharding
 from sslx.train.prefetch import DevicePrefetcher, union_across_processes
 from sslx.train.state import TrainState, ema_update, tree_l2
 
-DEVICE_KEYS = ("global_crops", "local_crops", "canvas", "canvas_extent", "canvas_scale",
-               "global_boxes", "global_flips",
-               "local_boxes", "local_flips", "image_size", "gg_rects", "gg_valid", "lg_rects",
-               "lg_valid", "global_masks", "local_masks")
+
+# Every batch entry some method's step may read (scripts and tests that build device batches by
+# hand use it; the trainer sends each method's own `batch_keys`).
+DEVICE_KEYS = tuple(sorted(BASE_BATCH_KEYS | OVERLAP_KEYS))
 
 
 class TrainingDiverged(FloatingPointError):
@@ -118,7 +118,8 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = scheds["momentum"](state.step)
-    teacher = ema_update(state.teacher_params, method.teacher_params(params), momentum)
+    teacher = (ema_update(state.teacher_params, method.teacher_params(params), momentum)
+               if method.has_teacher else None)
     metrics = dict(metrics)
     metrics.update(
         loss=loss, lr=scheds["lr"](state.step), weight_decay=scheds["weight_decay"](state.step),
@@ -147,7 +148,7 @@ def check_accumulation(config, method) -> int:
   if k < 1 or config.batch_size % k:
     raise AccumulationError(f"config.optim.accum_steps={k} must be >= 1 and divide "
                             f"config.batch_size={config.batch_size}")
-  rule = getattr(method, "loss_state_rule", None)
+  rule = method.loss_state_rule
   if not isinstance(rule, LossStateRule):
     raise TypeError(f"{type(method).__name__} must declare loss_state_rule (a "
                     "sslx.methods.accumulation.LossStateRule) to run with accum_steps > 1")
@@ -239,10 +240,8 @@ def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndar
 
 
 def eval_params_of(method, state) -> Any:
-  """What `method.features` takes: the teacher params, or `method.eval_params(teacher
-  params, loss state)` when the method defines it (e.g. BatchNorm running statistics)."""
-  hook = getattr(method, "eval_params", None)
-  return hook(state.teacher_params, state.loss_state) if hook else state.teacher_params
+  """What `method.features` takes, from a TrainState (sslx/methods/base.py, evaluated_params)."""
+  return evaluated_params(method, state)
 
 
 def evaluate_knn(config, feature_fn, params, num_classes: int | None = None) -> dict[str, float]:
@@ -290,19 +289,21 @@ class Built:
   init: Callable[[int], TrainState]  # seed -> sharded initial state
 
 
-def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
+def build(config, mesh, steps_per_epoch: int, total_steps: int,
+          method: Method | None = None) -> Built:
   """Method -> shapes (jax.eval_shape) -> shardings -> optimiser -> jitted step."""
   # Random bits that do not depend on how arrays are sharded: the same augmentation
   # on 1 or 8 devices.
   jax.config.update("jax_threefry_partitionable", True)
-  method = make_method(config)
+  method = method or make_method(config)
   gsize = config.data.global_crops.size
   image_shape = (gsize, gsize, 3)
   params_shape, _ = jax.eval_shape(lambda r: method.init(r, image_shape), jax.random.PRNGKey(0))
   # A method may bring its own optimiser (LARS, per-part optimisers...); the default is the
   # AdamW recipe of DINO/iBOT/SERE read from config.optim.
-  make_tx = getattr(method, "optimizer", None) or functools.partial(default_optimizer, config)
-  tx, scheds = make_tx(params_shape, steps_per_epoch, total_steps)
+  tx_and_scheds = method.optimizer(params_shape, steps_per_epoch, total_steps)
+  tx, scheds = tx_and_scheds or default_optimizer(config, params_shape, steps_per_epoch,
+                                                  total_steps)
   if config.get("skip_nonfinite_updates", 0):
     # Drops an update whose gradients are not finite (counted in the state), up to N in a row.
     tx = optax.apply_if_finite(tx, max_consecutive_errors=int(config.skip_nonfinite_updates))
@@ -311,7 +312,8 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int) -> Built:
     r_init, r_train = jax.random.split(rng)
     params, loss_state = method.init(r_init, image_shape)
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      teacher_params=method.teacher_params(params), opt_state=tx.init(params),
+                      teacher_params=method.teacher_params(params) if method.has_teacher else None,
+                      opt_state=tx.init(params),
                       loss_state=loss_state, rng=r_train)
 
   state_shape = jax.eval_shape(init_state, jax.random.PRNGKey(0))
@@ -468,25 +470,27 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
   ec = config.eval
   # Checked now: a kNN that cannot run should stop the run before it compiles, not hours in.
   eval_classes = pipeline.eval_num_classes(config.data) if ec.knn_every_steps else None
+  method = make_method(config)
   train_ds = pipeline.train_dataset(
       config.data, seed=config.seed, batch_size=per_process_batch,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      patch_size=config.model.patch_size)
+      patch_size=config.model.patch_size,
+      overlaps=bool(method.batch_keys & OVERLAP_KEYS))  # only an add-on such as SERE reads them
 
   # ---- Method, shapes, shardings, jit ----------------------------------------------
-  built = build(config, mesh, steps_per_epoch, total_steps)
+  built = build(config, mesh, steps_per_epoch, total_steps, method)
   # A method may check each host batch (e.g. CAE's exact mask counts) before it is sent.
-  check = getattr(built.method, "check_batch", None) or (lambda batch: None)
+  check = built.method.check_batch
 
   def put(batch):
     check(batch)
     return sharding.to_global(batch, batch_shard)
 
-  data_iter = DevicePrefetcher(iter(train_ds), put, DEVICE_KEYS,
+  data_iter = DevicePrefetcher(iter(train_ds), put, tuple(sorted(built.method.batch_keys)),
                                size=config.get("device_prefetch", 2))
   state_shape, state_sharding, train_step = built.state_shape, built.state_sharding, built.train_step
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
-  name = config.method + ("+sere" if config.get("sere") and config.sere.enabled else "")
+  name = "+".join([config.method, *enabled_addons(config)])
   logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", name,
                n_params / 1e6, total_steps, steps_per_epoch)
   state_memory = sharding.state_memory(state_shape, state_sharding, config.sharding.fsdp_min_size)
@@ -644,11 +648,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first with "
                             f"`python main.py --config=... --workdir={workdir}`")
-  if getattr(method, "eval_params", None):
-    parts = ckpt.restore_parts(step, ("teacher_params", "loss_state"))
-    params = method.eval_params(parts["teacher_params"], parts["loss_state"])
-  else:
-    params = ckpt.restore_teacher(step)
+  params = evaluated_params(method, ckpt.restore_parts(
+      step, ("teacher_params" if method.has_teacher else "params", "loss_state")))
   ckpt.close()
   res = evaluate_knn(config, make_feature_fn(method, mesh, config), params)
   logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%%", step, res["top1"], res["top5"])

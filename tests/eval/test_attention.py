@@ -10,6 +10,7 @@ from PIL import Image
 
 from sslx.config_check import load_config_file
 from sslx.eval import attention
+from sslx.methods.base import UnsupportedMode
 from sslx.train import attention_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -118,7 +119,7 @@ def test_write_attention_of_cae_reads_the_encoders_last_block(tmp_path):
 
 
 def test_attention_needs_a_vit_cls_teacher(tmp_path):
-  with pytest.raises(attention_workdir.AttentionError, match="config.method='byol'"):
+  with pytest.raises(UnsupportedMode, match="config.method='byol'"):
     attention_workdir.write_attention(_config("byol.py:smoke"), str(tmp_path), random_init=True)
 
 

@@ -12,7 +12,7 @@ from sslx.config_check import load_config_file
 from sslx.data import augment, pipeline
 from sslx.methods import Dino, WithSere, make_method
 from sslx.methods.accumulation import LossStateRule
-from sslx.methods.sere import BASE_HOOKS, SereConfigError
+from sslx.methods.sere import SereConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,11 +48,10 @@ def test_make_method_wraps_only_when_enabled():
   assert isinstance(make_method(_config(enabled=False)), Dino)
 
 
-def test_the_base_methods_optional_trainer_hooks_pass_through():
+def test_the_base_methods_interface_passes_through():
   config = _config()
-  plain = make_method(config)
-  for hook in BASE_HOOKS:  # DINO has none of them: the trainer's defaults apply
-    assert getattr(plain, hook, None) is None, hook
+  plain = make_method(_config(enabled=False))
+  assert isinstance(plain, Dino) and plain.optimizer(None, 1, 1) is None  # DINO keeps the trainer's AdamW recipe
 
   class WithHooks(Dino):
     loss_state_rule = LossStateRule.THREADED
@@ -64,9 +63,21 @@ def test_the_base_methods_optional_trainer_hooks_pass_through():
   assert wrapped.loss_state_rule is LossStateRule.THREADED  # the base's rule, not a default
   with pytest.raises(ValueError, match="checked"):
     wrapped.check_batch({})
-  assert getattr(wrapped, "optimizer", None) is None
-  with pytest.raises(AttributeError):
-    wrapped.not_a_hook  # noqa: B018
+  assert wrapped.optimizer(None, 1, 1) is None
+  # SERE asks for the overlap rectangles; plain DINO does not, so its pipeline skips them.
+  assert {"gg_rects", "lg_valid"} <= wrapped.batch_keys
+  assert not {"gg_rects", "lg_valid"} & plain.batch_keys
+
+
+def test_sere_never_changes_the_base_networks_initial_parameters():
+  """Same seed, same base network: DINO+SERE vs DINO is a fair A/B of the loss alone."""
+  key = jax.random.PRNGKey(7)
+  with_sere, _ = make_method(_config()).init(key, (28, 28, 3))
+  plain, _ = make_method(_config(enabled=False)).init(key, (28, 28, 3))
+  assert set(with_sere) == set(plain) | {"sere_global", "sere_local"}
+  for name in plain:
+    for a, b in zip(jax.tree.leaves(plain[name]), jax.tree.leaves(with_sere[name])):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_base_loss_is_untouched_and_the_mix_is_official(batch):

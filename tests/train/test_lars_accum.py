@@ -12,6 +12,7 @@ import pytest
 
 from sslx.config_check import load_config_file
 from sslx.methods.accumulation import LossStateRule
+from sslx.methods.base import Method
 from sslx.methods.byol import Byol, decay_and_adapt_mask
 from sslx.train import trainer
 from sslx.train.state import TrainState
@@ -81,10 +82,13 @@ def test_byol_schedules():
 # ---- gradient accumulation ---------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class LinearToy:
+class LinearToy(Method):
   """A BN-free method: a linear map of the mean view regressed onto the other view's mean."""
   config: ml_collections.ConfigDict
   loss_state_rule = LossStateRule.THREADED
+
+  def features(self, eval_params, images):
+    return images.mean(axis=(1, 2)) @ eval_params["w"]
 
   def init(self, rng, image_shape):
     return {"w": jax.random.normal(rng, (3, 3)), "b": jnp.zeros(3)}, {"count": jnp.zeros([])}
