@@ -9,7 +9,7 @@ DEMO_WORKDIR ?= runs/demo
 # compile once. 0 runs everything in this process.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test setup data bench clean
+.PHONY: demo test lint format setup data bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ data:
 
 test: setup data
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+
+# The one formatting and lint style (ruff.toml); `make format` rewrites files to it.
+lint: setup
+	$(VENV)/bin/ruff format --check --diff .
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 demo: setup data
 	$(PY) experiments/fashion_mnist/demo.py --workdir=$(DEMO_WORKDIR)

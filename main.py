@@ -24,26 +24,40 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally ':preset'.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file, optionally ':preset'.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-flags.DEFINE_enum("mode", "train",
-                  ["train", "knn", "linear_probe", "attentive_probe", "export", "attention"],
-                  "What to do with the workdir.")
-flags.DEFINE_enum("weights", "teacher", ["teacher", "student"],
-                  "--mode=export: the EMA teacher (what the kNN evaluates) or the student.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "knn", "linear_probe", "attentive_probe", "export", "attention"],
+  "What to do with the workdir.",
+)
+flags.DEFINE_enum(
+  "weights",
+  "teacher",
+  ["teacher", "student"],
+  "--mode=export: the EMA teacher (what the kNN evaluates) or the student.",
+)
 flags.DEFINE_bool("random_init", False, "Evaluate freshly initialised weights (eval modes only).")
 flags.DEFINE_integer("num_images", 8, "--mode=attention: how many images (rows).")
-flags.DEFINE_list("images", [], "--mode=attention: image files or folders (default: the first "
-                  "--num_images of the config's evaluation test split).")
-flags.DEFINE_float("keep_mass", 0.6, "--mode=attention: mass share of the thresholded mask "
-                   "(DINO's --threshold).")
+flags.DEFINE_list(
+  "images",
+  [],
+  "--mode=attention: image files or folders (default: the first "
+  "--num_images of the config's evaluation test split).",
+)
+flags.DEFINE_float(
+  "keep_mass", 0.6, "--mode=attention: mass share of the thresholded mask (DINO's --threshold)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _check_overrides(argv_all: list[str]) -> None:
   """Fails on --config.<key> overrides that name no key, listing the valid keys."""
   from sslx.config_check import unknown_override_message
+
   msg = unknown_override_message(argv_all)
   if msg:
     print(msg, file=sys.stderr)
@@ -57,27 +71,37 @@ def main(argv):
   # Imported after flag parsing so `python main.py --help` stays fast.
   from sslx import distributed
   from sslx.errors import UserError
+
   try:
     distributed.maybe_initialize()
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   from sslx.train import trainer
+
   try:
     if FLAGS.mode == "train":
       results = trainer.run(config, FLAGS.workdir)
     elif FLAGS.mode == "export":
       from sslx.train import export_workdir
+
       results = export_workdir.export(config, FLAGS.workdir, FLAGS.weights)
     elif FLAGS.mode == "attention":
       from sslx.train import attention_workdir
+
       results = attention_workdir.write_attention(
-          config, FLAGS.workdir, num_images=FLAGS.num_images, images=FLAGS.images,
-          keep=FLAGS.keep_mass, random_init=FLAGS.random_init)
+        config,
+        FLAGS.workdir,
+        num_images=FLAGS.num_images,
+        images=FLAGS.images,
+        keep=FLAGS.keep_mass,
+        random_init=FLAGS.random_init,
+      )
     elif FLAGS.mode == "knn" and not FLAGS.random_init:
       results = trainer.evaluate_workdir(config, FLAGS.workdir)
     else:
       from sslx.train import probe_workdir
+
       results = probe_workdir.evaluate(config, FLAGS.workdir, FLAGS.mode, FLAGS.random_init)
   except (UserError, trainer.TrainingDiverged, FileNotFoundError) as e:
     # Problems the user can fix: one clear message, not a traceback.
@@ -92,6 +116,7 @@ def main(argv):
   if isinstance(results, dict) and results.get("preempted"):
     # Stopped early by SIGTERM/SIGINT with a checkpoint: the same command resumes.
     from sslx.train import preemption
+
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 

@@ -45,23 +45,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
   # patch_size is unused by ResNets (no block masks); the data pipeline reads it.
-  c.model = ml_collections.ConfigDict(dict(
-      arch="resnet", depth=50, width=64, stem="imagenet", dtype="bfloat16", patch_size=32))
+  c.model = ml_collections.ConfigDict(
+    dict(arch="resnet", depth=50, width=64, stem="imagenet", dtype="bfloat16", patch_size=32)
+  )
   c.projector = ml_collections.ConfigDict(dict(hidden_dim=4096, out_dim=256))
   c.predictor = ml_collections.ConfigDict(dict(hidden_dim=4096))
   c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr_per_256=0.3, min_lr=0.0, warmup_epochs=10.0, warmup_start_ratio=0.0, lr_by_epoch=False,
-      weight_decay=1e-6, momentum=0.9, trust_coefficient=1e-3))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr_per_256=0.3,
+      min_lr=0.0,
+      warmup_epochs=10.0,
+      warmup_start_ratio=0.0,
+      lr_by_epoch=False,
+      weight_decay=1e-6,
+      momentum=0.9,
+      trust_coefficient=1e-3,
+    )
+  )
 
   c.data = config_blocks.imagenet_data(
-      global_crops=dict(number=2, size=224, scale=(0.08, 1.0)),
-      local_crops=dict(number=0, size=96, scale=(0.05, 0.4)))
+    global_crops=dict(number=2, size=224, scale=(0.08, 1.0)),
+    local_crops=dict(number=0, size=96, scale=(0.05, 0.4)),
+  )
   # Per view: (view 1, view 2, local views); BYOL's asymmetric blur and solarize.
-  c.augment = ml_collections.ConfigDict(dict(
-      color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-      grayscale_prob=0.2, blur_probs=(1.0, 0.1, 0.0), solarize_probs=(0.0, 0.2, 0.0),
-      blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
+  c.augment = ml_collections.ConfigDict(
+    dict(
+      color_jitter_prob=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_prob=0.2,
+      blur_probs=(1.0, 0.1, 0.0),
+      solarize_probs=(0.0, 0.2, 0.0),
+      blur_sigma=(0.1, 2.0),
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+    )
+  )
   c.sere = ml_collections.ConfigDict(dict(enabled=False))
   c.koleo = ml_collections.ConfigDict(dict(enabled=False))
 
@@ -91,8 +113,7 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # solo-learn's CIFAR BYOL LARS (lr 1.0 per 256, eta 0.02, wd 1e-5): with the ImageNet
   # eta 1e-3 a step moves each kernel by at most lr * 1e-3 = 0.05% of its norm, too slow
   # for one epoch (the 200-step run with it ended below random features).
-  c.optim.update(lr_per_256=1.0, warmup_epochs=0.05, trust_coefficient=0.02,
-                 weight_decay=1e-5)
+  c.optim.update(lr_per_256=1.0, warmup_epochs=0.05, trust_coefficient=0.02, weight_decay=1e-5)
   config_blocks.use_fashion_mnist(c, size=32)
   c.data.global_crops.update(number=2, size=32, scale=(0.2, 1.0))
   c.data.local_crops.update(number=0, size=16)
@@ -115,8 +136,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "fashion_mnist": fashion_mnist,
-           "smoke": smoke}
+PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "fashion_mnist": fashion_mnist, "smoke": smoke}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -29,7 +29,7 @@ decoder 768 wide with 12 heads, behind a 384 -> 768 Linear + LN), 'fashion_mnist
 import ml_collections
 
 from sslx import config_blocks
-from sslx.config_blocks import IMAGENET_MEAN, IMAGENET_STD, FMNIST_MEAN, FMNIST_STD
+from sslx.config_blocks import FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,29 +44,75 @@ def base_config() -> ml_collections.ConfigDict:
   c.device_prefetch = 2
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
-  c.model = ml_collections.ConfigDict(dict(
-      arch="vit", variant="base", patch_size=16, pos_grid=14, drop_path_rate=0.1,
-      dtype="bfloat16", scan_blocks=False, embed_dim=0, depth=0, num_heads=0, mlp_ratio=0.0,
-      init_values=0.1, decoder_embed_dim=0, decoder_num_heads=0, regressor_depth=4,
-      decoder_depth=4))
-  c.cae = ml_collections.ConfigDict(dict(
-      target="pixels", align_weight=2.0, tokenizer_path="", vocab_size=8192, tokenizer_size=112))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      arch="vit",
+      variant="base",
+      patch_size=16,
+      pos_grid=14,
+      drop_path_rate=0.1,
+      dtype="bfloat16",
+      scan_blocks=False,
+      embed_dim=0,
+      depth=0,
+      num_heads=0,
+      mlp_ratio=0.0,
+      init_values=0.1,
+      decoder_embed_dim=0,
+      decoder_num_heads=0,
+      regressor_depth=4,
+      decoder_depth=4,
+    )
+  )
+  c.cae = ml_collections.ConfigDict(
+    dict(target="pixels", align_weight=2.0, tokenizer_path="", vocab_size=8192, tokenizer_size=112)
+  )
   # No EMA teacher: momentum 0 makes the trainer's teacher the current student.
   c.teacher = ml_collections.ConfigDict(dict(momentum=0.0, momentum_end=0.0))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1.5e-3, min_lr=1e-5, warmup_epochs=10.0, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
-      clip_grad=3.0))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=1.5e-3,
+      min_lr=1e-5,
+      warmup_epochs=10.0,
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      clip_grad=3.0,
+    )
+  )
 
   c.data = config_blocks.imagenet_data(
-      global_crops=dict(number=1, size=224, scale=(0.08, 1.0)),
-      local_crops=dict(number=0, size=96, scale=(0.05, 0.4)),
-      masks=dict(scheme="beit", ratios=(0.0,), ratio_vars=(0.0,), num_masked=98, min_area=16,
-                 max_area=0, aspect=0.3, exact=True, pred_start_epoch=0))
+    global_crops=dict(number=1, size=224, scale=(0.08, 1.0)),
+    local_crops=dict(number=0, size=96, scale=(0.05, 0.4)),
+    masks=dict(
+      scheme="beit",
+      ratios=(0.0,),
+      ratio_vars=(0.0,),
+      num_masked=98,
+      min_area=16,
+      max_area=0,
+      aspect=0.3,
+      exact=True,
+      pred_start_epoch=0,
+    ),
+  )
   # CAE uses flip + crop only (colour jitter 0): every photometric probability is 0.
-  c.augment = ml_collections.ConfigDict(dict(
-      color_jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
-      grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0), solarize_probs=(0.0, 0.0, 0.0),
-      blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
+  c.augment = ml_collections.ConfigDict(
+    dict(
+      color_jitter_prob=0.0,
+      brightness=0.0,
+      contrast=0.0,
+      saturation=0.0,
+      hue=0.0,
+      grayscale_prob=0.0,
+      blur_probs=(0.0, 0.0, 0.0),
+      solarize_probs=(0.0, 0.0, 0.0),
+      blur_sigma=(0.1, 2.0),
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+    )
+  )
   c.sere = ml_collections.ConfigDict(dict(enabled=False))
   c.koleo = ml_collections.ConfigDict(dict(enabled=False))
 
@@ -75,11 +121,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Probes (sslx/eval/probe.py; paper §5.2): linear = BN(no affine) + Linear on the CLS,
   # LARS lr 6.4 at batch 16384; attentive = cross-attention from a learned query over all tokens,
   # BN(no affine), Linear, SGD momentum 0.9 lr 0.4 at batch 8192; 90 epochs, 10 warm-up, no wd.
-  c.probe = ml_collections.ConfigDict(dict(
+  c.probe = ml_collections.ConfigDict(
+    dict(
       linear=dict(optimizer="lars", lr=6.4, batch_size=16384, epochs=90, warmup_epochs=10.0),
-      attentive=dict(optimizer="sgd", lr=0.4, batch_size=8192, epochs=90, warmup_epochs=10.0,
-                     num_heads=0),
-      max_train=0, max_test=0, seed=0))
+      attentive=dict(
+        optimizer="sgd", lr=0.4, batch_size=8192, epochs=90, warmup_epochs=10.0, num_heads=0
+      ),
+      max_train=0,
+      max_test=0,
+      seed=0,
+    )
+  )
   return c
 
 
@@ -100,8 +152,18 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.total_epochs = 1
   c.log_every_steps = 50
-  c.model.update(variant="tiny", patch_size=4, pos_grid=7, drop_path_rate=0.0, dtype="float32",
-                 embed_dim=64, depth=4, num_heads=2, regressor_depth=2, decoder_depth=2)
+  c.model.update(
+    variant="tiny",
+    patch_size=4,
+    pos_grid=7,
+    drop_path_rate=0.0,
+    dtype="float32",
+    embed_dim=64,
+    depth=4,
+    num_heads=2,
+    regressor_depth=2,
+    decoder_depth=2,
+  )
   c.optim.update(lr=1e-3, warmup_epochs=0.05, min_lr=1e-5)
   config_blocks.use_fashion_mnist(c, size=28)
   c.data.global_crops.update(number=1, size=28, scale=(0.3, 1.0))
@@ -129,8 +191,13 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "vit_small": vit_small,
-           "fashion_mnist": fashion_mnist, "smoke": smoke}
+PRESETS = {
+  "": lambda c: c,
+  "imagenet": lambda c: c,
+  "vit_small": vit_small,
+  "fashion_mnist": fashion_mnist,
+  "smoke": smoke,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ Presets: '' (ImageNet ViT-S/16), 'vit_base' (ImageNet ViT-B/16, batch 512 lr
 import ml_collections
 
 from sslx import config_blocks
-from sslx.config_blocks import IMAGENET_MEAN, IMAGENET_STD, FMNIST_MEAN, FMNIST_STD
+from sslx.config_blocks import FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,40 +46,94 @@ def base_config() -> ml_collections.ConfigDict:
   c.device_prefetch = 2
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
-  c.model = ml_collections.ConfigDict(dict(
-      arch="vit", variant="small", patch_size=16, pos_grid=14, drop_path_rate=0.1, dtype="bfloat16",
+  c.model = ml_collections.ConfigDict(
+    dict(
+      arch="vit",
+      variant="small",
+      patch_size=16,
+      pos_grid=14,
+      drop_path_rate=0.1,
+      dtype="bfloat16",
       # 'auto': cuDNN's fused attention on GPUs, explicit elsewhere (models/vit.py).
-      scan_blocks=False, attention="auto",
+      scan_blocks=False,
+      attention="auto",
       # 'learned' positions (DINO) or fixed 'sincos' (MoCo v3); parameter init 'dino' or 'mocov3'.
-      pos_embed="learned", init_scheme="dino",
+      pos_embed="learned",
+      init_scheme="dino",
       # True: backward recomputes LayerNorm/GELU from their inputs (less activation memory).
       recompute_elementwise=False,
       # 0 = take it from the variant; set to override (e.g. a custom small ViT).
-      embed_dim=0, depth=0, num_heads=0, mlp_ratio=0.0))
-  c.head = ml_collections.ConfigDict(dict(
-      out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True, use_bn=False))
-  c.loss = ml_collections.ConfigDict(dict(
-      student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04,
-      warmup_teacher_temp_epochs=30, center_momentum=0.9))
+      embed_dim=0,
+      depth=0,
+      num_heads=0,
+      mlp_ratio=0.0,
+    )
+  )
+  c.head = ml_collections.ConfigDict(
+    dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True, use_bn=False)
+  )
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      student_temp=0.1,
+      teacher_temp=0.04,
+      warmup_teacher_temp=0.04,
+      warmup_teacher_temp_epochs=30,
+      center_momentum=0.9,
+    )
+  )
   c.teacher = ml_collections.ConfigDict(dict(momentum=0.996, momentum_end=1.0))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr_per_256=5e-4, min_lr=1e-6, warmup_epochs=10.0, weight_decay=0.04,
-      weight_decay_end=0.4, b1=0.9, b2=0.999, eps=1e-8, clip_grad=3.0,
-      freeze_last_layer_epochs=1.0, decay_biases=False))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr_per_256=5e-4,
+      min_lr=1e-6,
+      warmup_epochs=10.0,
+      weight_decay=0.04,
+      weight_decay_end=0.4,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      clip_grad=3.0,
+      freeze_last_layer_epochs=1.0,
+      decay_biases=False,
+    )
+  )
 
   c.data = config_blocks.imagenet_data(
-      global_crops=dict(number=2, size=224, scale=(0.4, 1.0)),
-      local_crops=dict(number=8, size=96, scale=(0.05, 0.4)))
-  c.augment = ml_collections.ConfigDict(dict(
-      color_jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-      grayscale_prob=0.2, blur_probs=(1.0, 0.1, 0.5), solarize_probs=(0.0, 0.2, 0.0),
-      blur_sigma=(0.1, 2.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    global_crops=dict(number=2, size=224, scale=(0.4, 1.0)),
+    local_crops=dict(number=8, size=96, scale=(0.05, 0.4)),
+  )
+  c.augment = ml_collections.ConfigDict(
+    dict(
+      color_jitter_prob=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_prob=0.2,
+      blur_probs=(1.0, 0.1, 0.5),
+      solarize_probs=(0.0, 0.2, 0.0),
+      blur_sigma=(0.1, 2.0),
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+    )
+  )
 
   # SERE add-on (configs/sere_dino.py switches it on): spatial/channel self-relation
   # losses; grids 0 = derived from the token grids (13 and 6 at 224/96 px, patch 16).
-  c.sere = ml_collections.ConfigDict(dict(
-      enabled=False, alpha=1.0, beta=1.0, spatial_temp=0.5, channel_temp=0.1, other_temp=1.0,
-      temps_on="teacher", grid_gg=0, grid_lg=0, num_heads=0))
+  c.sere = ml_collections.ConfigDict(
+    dict(
+      enabled=False,
+      alpha=1.0,
+      beta=1.0,
+      spatial_temp=0.5,
+      channel_temp=0.1,
+      other_temp=1.0,
+      temps_on="teacher",
+      grid_gg=0,
+      grid_lg=0,
+      num_heads=0,
+    )
+  )
   # KoLeo add-on (DINOv2's regulariser on the student's [CLS] of each global crop; weight 0.1
   # as DINOv2's default): --config.koleo.enabled=True. Stacks with SERE.
   c.koleo = ml_collections.ConfigDict(dict(enabled=False, weight=0.1))
@@ -101,8 +155,17 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   # recompute_elementwise: same maths, about 10% faster steps and 29% less XLA temp memory on
   # the 2-core CPU (experiments/bench/RESULTS.md).
-  c.model.update(variant="tiny", patch_size=4, pos_grid=7, drop_path_rate=0.0, dtype="float32",
-                 embed_dim=64, depth=4, num_heads=2, recompute_elementwise=True)
+  c.model.update(
+    variant="tiny",
+    patch_size=4,
+    pos_grid=7,
+    drop_path_rate=0.0,
+    dtype="float32",
+    embed_dim=64,
+    depth=4,
+    num_heads=2,
+    recompute_elementwise=True,
+  )
   c.head.update(out_dim=1024, hidden_dim=512, bottleneck_dim=128)
   c.loss.update(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
   c.teacher.update(momentum=0.95)
@@ -110,8 +173,7 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config_blocks.use_fashion_mnist(c, size=28)
   c.data.global_crops.update(number=2, size=28, scale=(0.4, 1.0))
   c.data.local_crops.update(number=6, size=12, scale=(0.1, 0.4))
-  c.augment.update(blur_sigma=(0.1, 0.5), hue=0.0, saturation=0.0, mean=FMNIST_MEAN,
-                   std=FMNIST_STD)
+  c.augment.update(blur_sigma=(0.1, 0.5), hue=0.0, saturation=0.0, mean=FMNIST_MEAN, std=FMNIST_STD)
   c.checkpoint.update(every_steps=500, max_to_keep=2)
   return c
 
@@ -136,8 +198,13 @@ def vit_base(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-PRESETS = {"": lambda c: c, "imagenet": lambda c: c, "vit_base": vit_base,
-           "fashion_mnist": fashion_mnist, "smoke": smoke}
+PRESETS = {
+  "": lambda c: c,
+  "imagenet": lambda c: c,
+  "vit_base": vit_base,
+  "fashion_mnist": fashion_mnist,
+  "smoke": smoke,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

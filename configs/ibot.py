@@ -37,12 +37,19 @@ def ibot_on(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict
     small = arg not in ("", "imagenet", "vit_base")
     out_dim = c.head.out_dim if small else 8192  # small presets keep DINO's preset head size
     c.head.update(out_dim=out_dim, patch_out_dim=out_dim, shared_head=True, norm_last_layer=False)
-    c.loss.update(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
-                  teacher_patch_temp=0.07, warmup_teacher_patch_temp=0.04, lambda1=1.0,
-                  lambda2=1.0, center_momentum_patch=0.9,
-                  # Epochs before the patch temperature's warm-up starts; iBOT's scripts set it
-                  # equal to data.masks.pred_start_epoch (e.g. 50 for Swin), 0 by default.
-                  mim_start_epoch=0)
+    c.loss.update(
+      teacher_temp=0.07,
+      warmup_teacher_temp=0.04,
+      warmup_teacher_temp_epochs=30,
+      teacher_patch_temp=0.07,
+      warmup_teacher_patch_temp=0.04,
+      lambda1=1.0,
+      lambda2=1.0,
+      center_momentum_patch=0.9,
+      # Epochs before the patch temperature's warm-up starts; iBOT's scripts set it
+      # equal to data.masks.pred_start_epoch (e.g. 50 for Swin), 0 by default.
+      mim_start_epoch=0,
+    )
     c.data.masks.update(scheme="ibot", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), aspect=0.3)
     if not small:
       c.batch_size = 1024
@@ -50,8 +57,12 @@ def ibot_on(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict
       c.data.global_crops.update(number=2, size=224, scale=(0.25, 1.0))
       c.data.local_crops.update(number=10, size=96, scale=(0.05, 0.25))
     else:  # fashion_mnist, smoke: DINO's preset budget and crops, iBOT's head and losses
-      c.loss.update(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
-                    warmup_teacher_patch_temp=0.07)
+      c.loss.update(
+        teacher_temp=0.04,
+        warmup_teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0,
+        warmup_teacher_patch_temp=0.07,
+      )
   return c
 
 

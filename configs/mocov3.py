@@ -30,14 +30,22 @@ def mocov3_on(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDi
   """Turns DINO's preset `arg` into MoCo v3 (used by sere_mocov3.py too)."""
   with c.unlocked():
     c.method = "mocov3"
-    c.head = ml_collections.ConfigDict(dict(
-        hidden_dim=4096, out_dim=256, projector_layers=3, predictor_layers=2))
+    c.head = ml_collections.ConfigDict(
+      dict(hidden_dim=4096, out_dim=256, projector_layers=3, predictor_layers=2)
+    )
     c.loss = ml_collections.ConfigDict(dict(temperature=0.2))
     c.teacher.update(momentum=0.99, momentum_end=1.0)
     c.model.update(pos_embed="sincos", init_scheme="mocov3", drop_path_rate=0.0)
-    c.optim.update(weight_decay=0.1, weight_decay_end=0.1, clip_grad=0.0, min_lr=0.0,
-                   freeze_last_layer_epochs=0.0, decay_biases=True, decay_norms=True,
-                   frozen="^backbone/patch_embed/")
+    c.optim.update(
+      weight_decay=0.1,
+      weight_decay_end=0.1,
+      clip_grad=0.0,
+      min_lr=0.0,
+      freeze_last_layer_epochs=0.0,
+      decay_biases=True,
+      decay_norms=True,
+      frozen="^backbone/patch_embed/",
+    )
     c.data.local_crops.number = 0
     if arg in ("", "imagenet", "vit_base"):
       c.batch_size = 4096 if arg == "vit_base" else 1024

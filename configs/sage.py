@@ -45,16 +45,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.method = "sage"
     c.augment.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     c.optim.update(warmup_start_ratio=1e-4, lr_by_epoch=True)
-    c.decoder = ml_collections.ConfigDict(dict(
-        bottleneck_dim=512, stem_channels=256, up_channels=(512, 256, 128, 64, 32),
-        lr=0.048, b1=0.9, b2=0.999))
-    c.sage = ml_collections.ConfigDict(dict(
+    c.decoder = ml_collections.ConfigDict(
+      dict(
+        bottleneck_dim=512,
+        stem_channels=256,
+        up_channels=(512, 256, 128, 64, 32),
+        lr=0.048,
+        b1=0.9,
+        b2=0.999,
+      )
+    )
+    c.sage = ml_collections.ConfigDict(
+      dict(
         # An sslx BYOL workdir whose latest checkpoint's EMA target is the evaluator.
         evaluator_path="",
         ablation="none",  # none | no_mse | mse_only | random_evaluator
         weight=1.0,  # lambda on the whole generation loss
         weights=dict(pixel=0.1, proj=0.1, c5=1 / 30, c4=1 / 30, c3=1 / 30),
-        detach_decoder_input=False))
+        detach_decoder_input=False,
+      )
+    )
     if arg == "fashion_mnist":
       # c5 is 4x4x64 at 32 px: 3 up-blocks; widths scaled down with the encoder.
       c.decoder.update(bottleneck_dim=128, stem_channels=64, up_channels=(64, 32, 16), lr=0.01)

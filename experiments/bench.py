@@ -22,38 +22,56 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/dino.py", "Config to benchmark.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", "configs/dino.py", "Config to benchmark.", lock_config=True
+)
 flags.DEFINE_enum("what", "step", ["step", "pipeline", "both"], "What to measure.")
 flags.DEFINE_integer("steps", 10, "Timed train steps.")
 flags.DEFINE_integer("batches", 20, "Timed pipeline batches.")
 flags.DEFINE_integer("workers", -1, "Pipeline worker processes (-1: config.data.workers).")
-flags.DEFINE_string("make_jpegs", "", "If set, first write ImageNet-sized JPEGs (scikit-image "
-                    "sample photos, random 500x375-ish crops) into this folder and read from it.")
+flags.DEFINE_string(
+  "make_jpegs",
+  "",
+  "If set, first write ImageNet-sized JPEGs (scikit-image "
+  "sample photos, random 500x375-ish crops) into this folder and read from it.",
+)
 flags.DEFINE_integer("num_jpegs", 256, "How many JPEGs --make_jpegs writes.")
-flags.DEFINE_bool("compile_only", False, "Step: report compile time, FLOPs and XLA's memory "
-                  "figures without running (e.g. to compare model variants on a CPU).")
-flags.DEFINE_string("profile_dir", "", "If set, trace 3 more train steps with jax.profiler into this "
-                    "folder (with a Perfetto JSON that experiments/bench/trace_summary.py reads).")
+flags.DEFINE_bool(
+  "compile_only",
+  False,
+  "Step: report compile time, FLOPs and XLA's memory "
+  "figures without running (e.g. to compare model variants on a CPU).",
+)
+flags.DEFINE_string(
+  "profile_dir",
+  "",
+  "If set, trace 3 more train steps with jax.profiler into this "
+  "folder (with a Perfetto JSON that experiments/bench/trace_summary.py reads).",
+)
 
 
 def synthetic_batch(config, per_process_batch: int):
   import numpy as np
+
   rng = np.random.default_rng(0)
   g, l = config.data.global_crops, config.data.local_crops
   b = per_process_batch
   from sslx.data import overlap, pipeline
+
   batch = {
-      "global_crops": rng.integers(0, 256, (b, g.number, g.size, g.size, 3), dtype=np.uint8),
-      "local_crops": rng.integers(0, 256, (b, l.number, l.size, l.size, 3), dtype=np.uint8),
-      "global_boxes": np.tile(np.float32([0, 0, 256, 256]), (b, g.number, 1)),
-      "global_flips": np.zeros((b, g.number), bool),
-      "local_boxes": np.tile(np.float32([64, 64, 96, 96]), (b, l.number, 1)),
-      "local_flips": np.zeros((b, l.number), bool),
-      "image_size": np.full((b, 2), 256, np.int32),
+    "global_crops": rng.integers(0, 256, (b, g.number, g.size, g.size, 3), dtype=np.uint8),
+    "local_crops": rng.integers(0, 256, (b, l.number, l.size, l.size, 3), dtype=np.uint8),
+    "global_boxes": np.tile(np.float32([0, 0, 256, 256]), (b, g.number, 1)),
+    "global_flips": np.zeros((b, g.number), bool),
+    "local_boxes": np.tile(np.float32([64, 64, 96, 96]), (b, l.number, 1)),
+    "local_flips": np.zeros((b, l.number), bool),
+    "image_size": np.full((b, 2), 256, np.int32),
   }
-  batch.update(overlap.batch_overlaps(batch["global_boxes"], batch["global_flips"],
-                                      batch["local_boxes"], batch["local_flips"]))
+  batch.update(
+    overlap.batch_overlaps(
+      batch["global_boxes"], batch["global_flips"], batch["local_boxes"], batch["local_flips"]
+    )
+  )
   c = pipeline.canvas_size_of(config.data)
   if c:  # crops_on='device': the step resamples the crops from a canvas (a 375 x 500 photo)
     del batch["global_crops"], batch["local_crops"]
@@ -75,7 +93,8 @@ def _xla_memory(compiled, images_per_device: float) -> dict:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     out["xla_mb_accessed_per_image"] = round(
-        float(analysis["bytes accessed"]) / images_per_device / 2**20, 1)
+      float(analysis["bytes accessed"]) / images_per_device / 2**20, 1
+    )
   except Exception:  # pylint: disable=broad-except
     pass
   return out
@@ -83,8 +102,10 @@ def _xla_memory(compiled, images_per_device: float) -> dict:
 
 def bench_step(config) -> dict:
   import jax
+
   from sslx.data import device_crops, pipeline
   from sslx.train import metrics, sharding, trainer
+
   mesh = sharding.make_mesh(config.mesh)
   per_process = sharding.check_batch(config.batch_size, mesh)
   built = trainer.build(config, mesh, steps_per_epoch=1000, total_steps=100_000)
@@ -99,9 +120,14 @@ def bench_step(config) -> dict:
   xla_flops = metrics.step_flops(compiled)
   memory = _xla_memory(compiled, config.batch_size / mesh.devices.size)
   if FLAGS.compile_only:
-    return {"compile_s": round(compile_s, 1), "batch": config.batch_size,
-            "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1)
-            if flops else None, **memory}
+    return {
+      "compile_s": round(compile_s, 1),
+      "batch": config.batch_size,
+      "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1)
+      if flops
+      else None,
+      **memory,
+    }
   state, m = compiled(state, batch)  # the first step is slower; not timed
   jax.block_until_ready(m)
   t0 = time.time()
@@ -120,25 +146,29 @@ def bench_step(config) -> dict:
   dev = jax.devices()[0]
   peak = metrics.peak_flops_per_device(dev)
   out = {
-      "device": f"{mesh.devices.size} x {dev.device_kind}",
-      "batch": config.batch_size,
-      "compile_s": round(compile_s, 1),
-      "step_s": round(step_s, 4),
-      "img_per_s": round(config.batch_size / step_s, 1),
-      "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1) if flops else None,
-      "xla_gflop_per_image": (round(xla_flops * mesh.devices.size / config.batch_size / 1e9, 1)
-                              if xla_flops else None),
-      "mfu": round(flops / step_s / peak, 4) if (flops and peak) else None,
-      # The last step's loss on the fixed synthetic batch: variants of one config (attention
-      # kernel, crop path) should agree to bfloat16 noise.
-      "loss": round(float(m["loss"]), 4) if "loss" in m else None,
-      **memory,
+    "device": f"{mesh.devices.size} x {dev.device_kind}",
+    "batch": config.batch_size,
+    "compile_s": round(compile_s, 1),
+    "step_s": round(step_s, 4),
+    "img_per_s": round(config.batch_size / step_s, 1),
+    "gflop_per_image": round(flops * mesh.devices.size / config.batch_size / 1e9, 1)
+    if flops
+    else None,
+    "xla_gflop_per_image": (
+      round(xla_flops * mesh.devices.size / config.batch_size / 1e9, 1) if xla_flops else None
+    ),
+    "mfu": round(flops / step_s / peak, 4) if (flops and peak) else None,
+    # The last step's loss on the fixed synthetic batch: variants of one config (attention
+    # kernel, crop path) should agree to bfloat16 noise.
+    "loss": round(float(m["loss"]), 4) if "loss" in m else None,
+    **memory,
   }
   canvas = pipeline.canvas_size_of(config.data)
   if canvas:  # the share of the step's FLOPs that resamples the crops (device_crops.py)
     g, l = config.data.global_crops, config.data.local_crops
-    out["crop_gflop_per_image"] = round(device_crops.flops_per_image(
-        canvas, [(g.number, g.size), (l.number, l.size)]) / 1e9, 2)
+    out["crop_gflop_per_image"] = round(
+      device_crops.flops_per_image(canvas, [(g.number, g.size), (l.number, l.size)]) / 1e9, 2
+    )
   stats = getattr(dev, "memory_stats", lambda: None)()
   if stats and "peak_bytes_in_use" in stats:
     out["peak_mem_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
@@ -150,8 +180,15 @@ def make_jpegs(folder: str, n: int) -> None:
   import numpy as np
   from PIL import Image
   from skimage import data as skdata
-  photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(),
-            skdata.immunohistochemistry(), skdata.hubble_deep_field()]
+
+  photos = [
+    skdata.astronaut(),
+    skdata.chelsea(),
+    skdata.coffee(),
+    skdata.rocket(),
+    skdata.immunohistochemistry(),
+    skdata.hubble_deep_field(),
+  ]
   rng = np.random.default_rng(0)
   os.makedirs(os.path.join(folder, "photos"), exist_ok=True)
   for i in range(n):
@@ -163,12 +200,16 @@ def make_jpegs(folder: str, n: int) -> None:
 
 def bench_pipeline(config) -> dict:
   from sslx.data import pipeline
+
   workers = config.data.workers if FLAGS.workers < 0 else FLAGS.workers
   with config.unlocked():
     config.data.workers = workers
   per_process = config.batch_size
-  it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process,
-                                   patch_size=config.model.patch_size))
+  it = iter(
+    pipeline.train_dataset(
+      config.data, seed=0, batch_size=per_process, patch_size=config.model.patch_size
+    )
+  )
   # Start-up (file listing, and each worker process's spawn and imports) is excluded: with
   # workers, batches come round-robin from them, so wait until each has delivered two.
   for _ in range(1 + 2 * workers):
@@ -182,9 +223,13 @@ def bench_pipeline(config) -> dict:
     close()
   n = FLAGS.batches * per_process
   cores = os.cpu_count() or 1  # threads and workers share all of this machine's cores
-  out = {"workers": workers, "crops_on": config.data.get("crops_on", "host"),
-         "img_per_s": round(n / dt, 1), "img_per_s_per_core": round(n / dt / cores, 1),
-         "crops_per_image": config.data.global_crops.number + config.data.local_crops.number}
+  out = {
+    "workers": workers,
+    "crops_on": config.data.get("crops_on", "host"),
+    "img_per_s": round(n / dt, 1),
+    "img_per_s_per_core": round(n / dt / cores, 1),
+    "crops_per_image": config.data.global_crops.number + config.data.local_crops.number,
+  }
   if cpu0 is not None and cpu1 is not None:
     # Images per CPU-second of this process (all its threads) and its worker processes: the
     # per-core rate even when other jobs share the machine.
@@ -197,6 +242,7 @@ def _cpu_seconds() -> float | None:
   None where /proc cannot be read (not Linux)."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
   from worker_cost import children_stats  # pylint: disable=g-import-not-at-top
+
   try:
     children = children_stats()
   except OSError:

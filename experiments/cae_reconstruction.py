@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--config", required=True, help="configs/cae.py[:preset]")
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--out", required=True, help="PNG path")
@@ -51,8 +53,9 @@ def main(argv=None) -> dict:
     sys.exit("error: the picture needs a CAE run with config.cae.target='pixels'")
   method = make_method(config)
   step, params = teacher_of(config, args.workdir, method, args.random_init)
-  batch = next(iter(pipeline.eval_dataset(config.data, config.data.eval_test_split,
-                                          batch_size=args.num)))
+  batch = next(
+    iter(pipeline.eval_dataset(config.data, config.data.eval_test_split, batch_size=args.num))
+  )
   raw = np.asarray(batch["image"], np.float32) / 255.0
   mean, std = np.asarray(config.augment.mean), np.asarray(config.augment.std)
   x = jnp.asarray((raw - mean) / std, jnp.float32)
@@ -86,8 +89,13 @@ def main(argv=None) -> dict:
   filled = patches.copy()
   np.put_along_axis(filled, msk_np[..., None], take(mu) + pred_masked * take(sd), axis=1)
   means_only = np.broadcast_to(mu, patches.shape)  # what a zero prediction would show
-  columns = [raw, to_image(masked_in), to_image(filled), to_image(mu + pred_all * sd),
-             to_image(means_only)]
+  columns = [
+    raw,
+    to_image(masked_in),
+    to_image(filled),
+    to_image(mu + pred_all * sd),
+    to_image(means_only),
+  ]
   pad = np.ones((args.num, raw.shape[1], 2, 3))
   grid = np.concatenate([np.concatenate([c, pad], axis=2) for c in columns], axis=2)
   grid = grid.reshape(-1, grid.shape[2], 3)
@@ -95,10 +103,15 @@ def main(argv=None) -> dict:
   img = img.resize((img.width * args.scale, img.height * args.scale), Image.NEAREST)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   img.save(args.out)
-  result = {"step": step, "random_init": args.random_init, "images": args.num,
-            "mse_all_patches_normalised": mse_all, "mse_masked_from_visible_normalised": mse_masked,
-            "columns": "original | masked input | prediction from visible | all patches, no "
-                       "regressor | patch means only (zero prediction)"}
+  result = {
+    "step": step,
+    "random_init": args.random_init,
+    "images": args.num,
+    "mse_all_patches_normalised": mse_all,
+    "mse_masked_from_visible_normalised": mse_masked,
+    "columns": "original | masked input | prediction from visible | all patches, no "
+    "regressor | patch means only (zero prediction)",
+  }
   with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result, indent=2))

@@ -56,13 +56,17 @@ def main(argv):
   from sslx.methods.byol import build_resnet
   from sslx.train import checkpoint as ckpt_lib
 
-  config = load_config_file(os.path.join(ROOT, FLAGS.config) if not os.path.isabs(
-      FLAGS.config.split(":")[0]) else FLAGS.config)
+  config = load_config_file(
+    os.path.join(ROOT, FLAGS.config)
+    if not os.path.isabs(FLAGS.config.split(":")[0])
+    else FLAGS.config
+  )
   size = config.data.global_crops.size
 
   def prepare(images):  # uint8 [N, 28, 28] -> float [N, S, S, 3] in [-1, 1]
-    out = np.stack([crops.resize_center_crop(np.repeat(im[..., None], 3, -1), size, size)
-                    for im in images])
+    out = np.stack(
+      [crops.resize_center_crop(np.repeat(im[..., None], 3, -1), size, size) for im in images]
+    )
     return out.astype(np.float32) / 127.5 - 1.0
 
   class Classifier(nn.Module):
@@ -73,8 +77,8 @@ def main(argv):
   model = Classifier()
   train_x, train_y = sources.load_fashion_mnist(config.data.path, "train")
   test_x, test_y = sources.load_fashion_mnist(config.data.path, "test")
-  test_views = prepare(test_x[:FLAGS.num_test])
-  test_labels = test_y[:FLAGS.num_test]
+  test_views = prepare(test_x[: FLAGS.num_test])
+  test_labels = test_y[: FLAGS.num_test]
 
   # ---- 1. supervised classifier ---------------------------------------------------------
   if os.path.exists(FLAGS.classifier_path):
@@ -89,13 +93,24 @@ def main(argv):
     @jax.jit
     def step(variables, opt_state, x, y):
       def loss_fn(params):
-        logits, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                  train=True, mutable=["batch_stats"])
+        logits, upd = model.apply(
+          {"params": params, "batch_stats": variables["batch_stats"]},
+          x,
+          train=True,
+          mutable=["batch_stats"],
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
       (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
       updates, opt_state = tx.update(grads, opt_state)
-      return {"params": optax.apply_updates(variables["params"], updates),
-              "batch_stats": upd["batch_stats"]}, opt_state, loss
+      return (
+        {
+          "params": optax.apply_updates(variables["params"], updates),
+          "batch_stats": upd["batch_stats"],
+        },
+        opt_state,
+        loss,
+      )
 
     rng = np.random.default_rng(0)
     all_train = prepare(train_x)
@@ -115,10 +130,12 @@ def main(argv):
   classify = jax.jit(lambda x: model.apply(variables, x, train=False))
 
   def topk(x, labels):
-    logits = np.concatenate([np.asarray(classify(x[i:i + 500])) for i in range(0, len(x), 500)])
+    logits = np.concatenate([np.asarray(classify(x[i : i + 500])) for i in range(0, len(x), 500)])
     order = np.argsort(-logits, axis=-1)
-    return (100 * float(np.mean(order[:, 0] == labels)),
-            100 * float(np.mean(np.any(order[:, :5] == labels[:, None], axis=-1))))
+    return (
+      100 * float(np.mean(order[:, 0] == labels)),
+      100 * float(np.mean(np.any(order[:, :5] == labels[:, None], axis=-1))),
+    )
 
   # ---- 2. reconstructions -----------------------------------------------------------------
   with config.unlocked():
@@ -135,24 +152,34 @@ def main(argv):
 
   @jax.jit
   def reconstruct(x):
-    c5 = encoder.apply({"params": params["encoder"],
-                        "batch_stats": loss_state["online_stats"]["net"]["encoder"]}, x,
-                       train=False)["c5"]
+    c5 = encoder.apply(
+      {"params": params["encoder"], "batch_stats": loss_state["online_stats"]["net"]["encoder"]},
+      x,
+      train=False,
+    )["c5"]
     return method.reconstruct(params, loss_state["decoder_stats"], c5, train=False)[0]
 
-  recon = np.concatenate([np.asarray(reconstruct(test_views[i:i + 500]))
-                          for i in range(0, len(test_views), 500)])
+  recon = np.concatenate(
+    [np.asarray(reconstruct(test_views[i : i + 500])) for i in range(0, len(test_views), 500)]
+  )
   real1, real5 = topk(test_views, test_labels)
   rec1, rec5 = topk(recon, test_labels)
-  result = {"workdir": FLAGS.workdir, "step": step_, "num_test": FLAGS.num_test,
-            "real_top1": real1, "real_top5": real5, "recon_top1": rec1, "recon_top5": rec5,
-            "pixel_mse": float(np.mean((recon - test_views) ** 2))}
+  result = {
+    "workdir": FLAGS.workdir,
+    "step": step_,
+    "num_test": FLAGS.num_test,
+    "real_top1": real1,
+    "real_top5": real5,
+    "recon_top1": rec1,
+    "recon_top5": rec5,
+    "pixel_mse": float(np.mean((recon - test_views) ** 2)),
+  }
 
   # ---- 3. PNG grid -----------------------------------------------------------------------
   n = 12
   to_uint8 = lambda x: np.clip((x + 1) * 127.5, 0, 255).astype(np.uint8)  # noqa: E731
-  rows = [np.concatenate(list(to_uint8(test_views[r * n:(r + 1) * n])), axis=1) for r in range(2)]
-  rows_rec = [np.concatenate(list(to_uint8(recon[r * n:(r + 1) * n])), axis=1) for r in range(2)]
+  rows = [np.concatenate(list(to_uint8(test_views[r * n : (r + 1) * n])), axis=1) for r in range(2)]
+  rows_rec = [np.concatenate(list(to_uint8(recon[r * n : (r + 1) * n])), axis=1) for r in range(2)]
   grid = np.concatenate([rows[0], rows_rec[0], rows[1], rows_rec[1]], axis=0)
   png = os.path.join(ROOT, FLAGS.png) if not os.path.isabs(FLAGS.png) else FLAGS.png
   os.makedirs(os.path.dirname(png), exist_ok=True)

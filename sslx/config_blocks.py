@@ -7,7 +7,7 @@ its own config file, next to the recipe it cites.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 
@@ -18,24 +18,49 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FMNIST_STD = (0.3530, 0.3530, 0.3530)
 # pred_start_epoch: no masks before this epoch (iBOT's loader); crops are drawn the same anyway.
-NO_MASKS = dict(scheme="none", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), num_masked=75,
-                min_area=16, max_area=0, aspect=0.3, exact=False, pred_start_epoch=0)
+NO_MASKS = dict(
+  scheme="none",
+  ratios=(0.0, 0.3),
+  ratio_vars=(0.0, 0.2),
+  num_masked=75,
+  min_area=16,
+  max_area=0,
+  aspect=0.3,
+  exact=False,
+  pred_start_epoch=0,
+)
 
 
-def imagenet_data(*, global_crops: dict, local_crops: dict,
-                  masks: dict | None = None) -> ml_collections.ConfigDict:
+def imagenet_data(
+  *, global_crops: dict, local_crops: dict, masks: dict | None = None
+) -> ml_collections.ConfigDict:
   """config.data for ImageNet-1k from TFDS with multi-crop views (sslx/data/pipeline.py)."""
-  return ml_collections.ConfigDict(dict(
-      source="tfds", tfds_name="imagenet2012", tfds_data_dir="", path="",
-      train_split="train", eval_train_split="train", eval_test_split="validation",
-      global_crops=global_crops, local_crops=local_crops,
-      crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", eval_resize=256, eval_size=224,
-      workers=8, read_threads=4, prefetch_buffer=4,
+  return ml_collections.ConfigDict(
+    dict(
+      source="tfds",
+      tfds_name="imagenet2012",
+      tfds_data_dir="",
+      path="",
+      train_split="train",
+      eval_train_split="train",
+      eval_test_split="validation",
+      global_crops=global_crops,
+      local_crops=local_crops,
+      crop_ratio=(3 / 4, 4 / 3),
+      interpolation="bicubic",
+      eval_resize=256,
+      eval_size=224,
+      workers=8,
+      read_threads=4,
+      prefetch_buffer=4,
       # 'device': the host decodes into a 512 canvas and the step resamples the crops
       # (sslx/data/device_crops.py), since PIL resampling 12 crops starves a GPU; 'host': PIL.
-      crops_on="device", canvas_size=512,
+      crops_on="device",
+      canvas_size=512,
       # Block masks on the global crops' patch grid (sslx/data/masks.py).
-      masks=dict(masks or NO_MASKS)))
+      masks=dict(masks or NO_MASKS),
+    )
+  )
 
 
 def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
@@ -46,8 +71,9 @@ def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
   # gradients are not finite is skipped (optax.apply_if_finite; counted as optim/skipped_updates),
   # and the run stops only after N such updates in a row.
   c.skip_nonfinite_updates = 0
-  c.eval = ml_collections.ConfigDict(dict(
-      knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512))
+  c.eval = ml_collections.ConfigDict(
+    dict(knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512)
+  )
 
 
 def scale_out(c: ml_collections.ConfigDict) -> None:
@@ -78,9 +104,17 @@ def use_fashion_mnist(c: ml_collections.ConfigDict, size: int) -> None:
   "Fashion-MNIST host pipeline"). The kNN runs at the start (the random-init baseline) and at
   the end.
   """
-  c.data.update(source="fashion_mnist", path=FASHION_MNIST_PATH, eval_test_split="test",
-                eval_resize=size, eval_size=size, workers=0, read_threads=0, prefetch_buffer=4,
-                crops_on="host")
+  c.data.update(
+    source="fashion_mnist",
+    path=FASHION_MNIST_PATH,
+    eval_test_split="test",
+    eval_resize=size,
+    eval_size=size,
+    workers=0,
+    read_threads=0,
+    prefetch_buffer=4,
+    crops_on="host",
+  )
   # Batch 250: the CPU feature forward is 30% faster than at 1000, whose block activations
   # outgrow the caches (experiments/bench/RESULTS.md, evaluation batch size).
   c.eval.update(knn_every_steps=10**9, knn_at_start=True, batch_size=250)
@@ -92,15 +126,18 @@ def smoke_run(c: ml_collections.ConfigDict, checkpoint_every: int) -> None:
   c.eval.update(knn_every_steps=0, knn_at_start=False, batch_size=500)
 
 
-def select_preset(presets: dict[str, Callable[[ml_collections.ConfigDict],
-                                              ml_collections.ConfigDict]],
-                  base: Callable[[], ml_collections.ConfigDict], arg: str | None,
-                  file_name: str) -> ml_collections.ConfigDict:
+def select_preset(
+  presets: dict[str, Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]],
+  base: Callable[[], ml_collections.ConfigDict],
+  arg: str | None,
+  file_name: str,
+) -> ml_collections.ConfigDict:
   """presets[arg](base()), locked so that unknown override keys fail instead of being added."""
   arg = (arg or "").strip()
   if arg not in presets:
-    raise ValueError(f"unknown preset {arg!r} for {file_name}; valid: "
-                     f"{sorted(k for k in presets if k)}")
+    raise ValueError(
+      f"unknown preset {arg!r} for {file_name}; valid: {sorted(k for k in presets if k)}"
+    )
   c = presets[arg](base())
   c.lock()
   return c

@@ -41,7 +41,7 @@ def unknown_override_message(argv: list[str]) -> str | None:
     elif a == "--config" and i + 1 < len(argv):
       spec = argv[i + 1]
     elif a.startswith("--config."):
-      overrides.append(a[len("--config."):].split("=", 1)[0])
+      overrides.append(a[len("--config.") :].split("=", 1)[0])
   if spec is None:
     return None
   try:
@@ -54,6 +54,8 @@ def unknown_override_message(argv: list[str]) -> str | None:
       parent = key.rpartition(".")[0]
       siblings = sorted(k for k in valid if k.rpartition(".")[0] == parent)
       where = f"under '{parent}'" if parent else "at the top level"
-      return (f"error: unknown config key '{key}' in --config.{key}=...; valid keys {where}: "
-              + ", ".join(siblings))
+      return (
+        f"error: unknown config key '{key}' in --config.{key}=...; valid keys {where}: "
+        + ", ".join(siblings)
+      )
   return None

@@ -23,7 +23,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 from absl import logging
 
@@ -53,18 +53,23 @@ def explicit_arguments(env: Mapping[str, str] = os.environ) -> dict | None:
   present = [v for v in EXPLICIT_VARS if env.get(v, "").strip()]
   if not present:
     if env.get("JAX_LOCAL_DEVICE_IDS", "").strip():
-      raise LaunchError("JAX_LOCAL_DEVICE_IDS is set but JAX_COORDINATOR_ADDRESS, "
-                        "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not; set all three")
+      raise LaunchError(
+        "JAX_LOCAL_DEVICE_IDS is set but JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not; set all three"
+      )
     return None
   missing = [v for v in EXPLICIT_VARS if v not in present]
   if missing:
-    raise LaunchError(f"{', '.join(present)} set but {' and '.join(missing)} missing: a "
-                      f"multi-process launch needs all of {', '.join(EXPLICIT_VARS)}")
+    raise LaunchError(
+      f"{', '.join(present)} set but {' and '.join(missing)} missing: a "
+      f"multi-process launch needs all of {', '.join(EXPLICIT_VARS)}"
+    )
   address = env["JAX_COORDINATOR_ADDRESS"].strip()
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
-    raise LaunchError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port of process 0 "
-                      "(e.g. 10.0.0.1:1234)")
+    raise LaunchError(
+      f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port of process 0 (e.g. 10.0.0.1:1234)"
+    )
   count = _int_var(env, "JAX_NUM_PROCESSES")
   index = _int_var(env, "JAX_PROCESS_ID")
   if count < 1:
@@ -120,13 +125,17 @@ def _reachable(address: str, seconds: float = 1.0) -> bool:
 def _timeout_message(kwargs: dict, timeout: int) -> str:
   """Why the other processes were not met within `timeout` seconds, as precisely as we can."""
   if kwargs and kwargs["process_id"] != 0 and not _reachable(kwargs["coordinator_address"]):
-    return (f"the coordinator JAX_COORDINATOR_ADDRESS={kwargs['coordinator_address']} was not "
-            f"reachable within {timeout} s: start process 0 there (it listens on that port), or "
-            "fix the address or the firewall (SSLX_INIT_TIMEOUT sets the wait)")
+    return (
+      f"the coordinator JAX_COORDINATOR_ADDRESS={kwargs['coordinator_address']} was not "
+      f"reachable within {timeout} s: start process 0 there (it listens on that port), or "
+      "fix the address or the firewall (SSLX_INIT_TIMEOUT sets the wait)"
+    )
   count = kwargs.get("num_processes", "all")
-  return (f"not all {count} processes joined within {timeout} s: start every process with the "
-          "same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES and a distinct JAX_PROCESS_ID "
-          "(SSLX_INIT_TIMEOUT sets the wait)")
+  return (
+    f"not all {count} processes joined within {timeout} s: start every process with the "
+    "same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES and a distinct JAX_PROCESS_ID "
+    "(SSLX_INIT_TIMEOUT sets the wait)"
+  )
 
 
 def maybe_initialize(env: Mapping[str, str] = os.environ) -> None:
@@ -147,8 +156,13 @@ def maybe_initialize(env: Mapping[str, str] = os.environ) -> None:
   if timeout < 1:
     raise LaunchError(f"SSLX_INIT_TIMEOUT={timeout} must be >= 1 (seconds)")
   import jax  # pylint: disable=g-import-not-at-top
-  where = (f"coordinator {kwargs['coordinator_address']}, process {kwargs['process_id']} of "
-           f"{kwargs['num_processes']}" if kwargs else "cluster detected by JAX")
+
+  where = (
+    f"coordinator {kwargs['coordinator_address']}, process {kwargs['process_id']} of "
+    f"{kwargs['num_processes']}"
+    if kwargs
+    else "cluster detected by JAX"
+  )
   joined = threading.Event()
 
   def watchdog():
@@ -164,6 +178,11 @@ def maybe_initialize(env: Mapping[str, str] = os.environ) -> None:
     raise LaunchError(f"jax.distributed.initialize failed ({where}): {first[:300]}") from None
   finally:
     joined.set()
-  logging.info("jax.distributed: process %d of %d (%s), %d local device(s), %d in all",
-               jax.process_index(), jax.process_count(), where, jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    "jax.distributed: process %d of %d (%s), %d local device(s), %d in all",
+    jax.process_index(),
+    jax.process_count(),
+    where,
+    jax.local_device_count(),
+    jax.device_count(),
+  )

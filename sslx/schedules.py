@@ -8,7 +8,7 @@ batch / 256.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,9 @@ import optax
 Schedule = Callable[[jax.Array | int], jax.Array]
 
 
-def cosine_schedule(base: float, final: float, total_steps: int,
-                    warmup_steps: int = 0, warmup_start: float = 0.0) -> Schedule:
+def cosine_schedule(
+  base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> Schedule:
   """DINO's `cosine_scheduler`, built from optax pieces.
 
   Args:
@@ -47,8 +48,9 @@ def cosine_schedule(base: float, final: float, total_steps: int,
   return optax.join_schedules([warmup, cosine], boundaries=[warmup_steps])
 
 
-def epoch_linspace_schedule(warmup_value: float, value: float, warmup_epochs: int,
-                            steps_per_epoch: int, start_epoch: int = 0) -> Schedule:
+def epoch_linspace_schedule(
+  warmup_value: float, value: float, warmup_epochs: int, steps_per_epoch: int, start_epoch: int = 0
+) -> Schedule:
   """Per-epoch linear warm-up then constant (DINO/iBOT teacher temperatures).
 
   Epochs before `start_epoch` hold `warmup_value`; epoch start_epoch + e, e < warmup_epochs, gets

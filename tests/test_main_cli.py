@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(*args):
-  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
 
 
 def test_unknown_override_lists_valid_keys(tmp_path):
@@ -36,6 +37,7 @@ VIT_CONFIGS = ["dino", "sere_dino", "ibot", "sere_ibot", "mocov3", "sere_mocov3"
 def test_every_config_preset_loads(name):
   sys.path.insert(0, ROOT)
   from sslx.config_check import load_config_file
+
   for preset in ("", "fashion_mnist", "smoke", "vit_base"):
     path = os.path.join(ROOT, f"configs/{name}.py")
     c = load_config_file(f"{path}:{preset}" if preset else path)
@@ -51,11 +53,17 @@ def test_every_config_preset_loads(name):
 def test_sere_ibot_default_is_the_readme_recipe():
   sys.path.insert(0, ROOT)
   from sslx.config_check import load_config_file
+
   c = load_config_file(os.path.join(ROOT, "configs/sere_ibot.py"))
   assert c.batch_size == 1024 and c.total_epochs == 100
   assert (c.data.local_crops.number, tuple(c.data.local_crops.scale)) == (10, (0.05, 0.4))
   assert tuple(c.data.global_crops.scale) == (0.4, 1.0)
-  assert (c.sere.alpha, c.sere.beta, c.optim.clip_grad, c.loss.teacher_temp) == (0.2, 0.5, 0.3, 0.07)
+  assert (c.sere.alpha, c.sere.beta, c.optim.clip_grad, c.loss.teacher_temp) == (
+    0.2,
+    0.5,
+    0.3,
+    0.07,
+  )
   assert c.head.shared_head and c.head.out_dim == c.head.patch_out_dim == 8192
   assert not c.head.norm_last_layer and c.optim.decay_biases
   assert c.data.masks.scheme == "ibot" and tuple(c.data.masks.ratios) == (0.0, 0.3)
@@ -67,39 +75,56 @@ def test_sere_ibot_default_is_the_readme_recipe():
 def test_sere_dino_default_is_the_paper_recipe():
   sys.path.insert(0, ROOT)
   from sslx.config_check import load_config_file
+
   c = load_config_file(os.path.join(ROOT, "configs/sere_dino.py"))
   assert (c.data.global_crops.number, c.data.global_crops.size) == (2, 224)
   assert tuple(c.data.global_crops.scale) == (0.35, 1.0)
   assert (c.data.local_crops.number, c.data.local_crops.size) == (4, 96)
   assert tuple(c.data.local_crops.scale) == (0.05, 0.35)
-  assert (c.sere.alpha, c.sere.beta, c.sere.spatial_temp, c.sere.channel_temp) == (1.0, 1.0, 0.5, 0.1)
+  assert (c.sere.alpha, c.sere.beta, c.sere.spatial_temp, c.sere.channel_temp) == (
+    1.0,
+    1.0,
+    0.5,
+    0.1,
+  )
   assert c.optim.lr_per_256 == 5e-4 and c.batch_size == 512 and c.total_epochs == 100
 
 
 @pytest.mark.parametrize("config", [f"configs/{n}.py" for n in VIT_CONFIGS])
 def test_imagenet_default_without_tfds_stops_at_once_with_the_recipe(tmp_path, config):
-  r = _main(f"--config={config}", f"--workdir={tmp_path / 'w'}",
-            f"--config.data.tfds_data_dir={tmp_path / 'tfds'}")
+  r = _main(
+    f"--config={config}",
+    f"--workdir={tmp_path / 'w'}",
+    f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+  )
   assert r.returncode == 1, r.stderr[-2000:]
   assert "downloads/manual" in r.stderr and "tfds build imagenet2012" in r.stderr
   assert "Traceback" not in r.stderr
 
 
 def test_missing_fashion_mnist_names_the_package(tmp_path):
-  r = _main("--config=configs/dino.py:smoke", f"--workdir={tmp_path / 'w'}",
-            f"--config.data.path={tmp_path / 'nowhere'}")
+  r = _main(
+    "--config=configs/dino.py:smoke",
+    f"--workdir={tmp_path / 'w'}",
+    f"--config.data.path={tmp_path / 'nowhere'}",
+  )
   assert r.returncode == 1
   assert "apt-get install dataset-fashion-mnist" in r.stderr
   assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     # A method's config error (MocoConfigError) is a UserError: one line, no traceback.
-    (("--config=configs/mocov3.py:smoke", "--config.data.local_crops.number=2"),
-     "data.local_crops.number=0"),
+    (
+      ("--config=configs/mocov3.py:smoke", "--config.data.local_crops.number=2"),
+      "data.local_crops.number=0",
+    ),
     # A bad choice for the new device-crop switch names the valid values.
     (("--config=configs/dino.py:smoke", "--config.data.crops_on=gpu"), "'host', 'device'"),
-])
+  ],
+)
 def test_config_errors_found_while_building_are_one_line(tmp_path, args, message):
   r = _main(*args, f"--workdir={tmp_path / 'w'}")
   assert r.returncode == 1, r.stderr[-2000:]
@@ -112,6 +137,7 @@ def test_mocov3_default_is_the_official_vit_small():
   sys.path.insert(0, ROOT)
   from sslx.config_check import load_config_file
   from sslx.models.build import build_backbone
+
   for name in ("mocov3.py", "mocov3.py:vit_base", "sere_mocov3.py"):
     c = load_config_file(os.path.join(ROOT, f"configs/{name}"))
     m = build_backbone(c.model)

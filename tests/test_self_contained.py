@@ -38,5 +38,7 @@ def test_no_references_outside_the_repository():
     for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
       if OUTSIDE.search(line):
         hits.append(f"{path}:{number}: {line.strip()[:120]}")
-  assert not hits, ("references to notes outside the repository; write the reason here instead "
-                    "(docs/fidelity.md):\n" + "\n".join(hits))
+  assert not hits, (
+    "references to notes outside the repository; write the reason here instead "
+    "(docs/fidelity.md):\n" + "\n".join(hits)
+  )

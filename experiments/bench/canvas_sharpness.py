@@ -34,11 +34,17 @@ def high_frequency(image: np.ndarray) -> float:
   """Mean squared 4-neighbour Laplacian of the grey image."""
   g = image.astype(np.float64).mean(-1)
   lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-  return float((lap ** 2).mean())
+  return float((lap**2).mean())
 
 
-def compare(photo: Image.Image, canvas: int, scale: tuple[float, float], size: int, boxes: int,
-            rng: np.random.Generator) -> tuple[float, float]:
+def compare(
+  photo: Image.Image,
+  canvas: int,
+  scale: tuple[float, float],
+  size: int,
+  boxes: int,
+  rng: np.random.Generator,
+) -> tuple[float, float]:
   """(mean HF ratio canvas/direct, mean |difference| in grey levels) over ``boxes`` crops."""
   width, height = photo.size
   fitted, (sy, sx) = crops.fit_image(photo, canvas, "bicubic")
@@ -54,7 +60,9 @@ def compare(photo: Image.Image, canvas: int, scale: tuple[float, float], size: i
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--canvas", default="512,768,1024")
   ap.add_argument("--boxes", type=int, default=30)
   args = ap.parse_args()
@@ -65,7 +73,9 @@ def main() -> None:
     arr = np.stack([arr] * 3, -1) if arr.ndim == 2 else arr[..., :3]
     photos[name] = Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8)))
   print("photos (h x w):", ", ".join(f"{n} {p.size[1]}x{p.size[0]}" for n, p in photos.items()))
-  print("| canvas | crop scale | out px | HF energy kept (mean over photos) | mean abs diff (grey levels) |")
+  print(
+    "| canvas | crop scale | out px | HF energy kept (mean over photos) | mean abs diff (grey levels) |"
+  )
   print("|---|---|---|---|---|")
   for canvas in canvases:
     for scale in SCALES:

@@ -16,28 +16,33 @@ import os
 import sys
 
 DEVICES = 8
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={DEVICES}")
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_list("configs", ["configs/dino.py", "configs/dino.py:vit_base"],
-                  "config[:preset] files to measure.")
+flags.DEFINE_list(
+  "configs", ["configs/dino.py", "configs/dino.py:vit_base"], "config[:preset] files to measure."
+)
 flags.DEFINE_list("layouts", ["1x1", "8x1", "8x8"], "devices x fsdp pairs.")
 FLAGS = flags.FLAGS
 
 
 def main(_):
   import jax
+
   from sslx.config_check import load_config_file
   from sslx.train import sharding, trainer
 
   mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
-  print("| config | devices | fsdp | params | teacher | opt | total state | of unsharded | "
-        "replicated bytes |")
+  print(
+    "| config | devices | fsdp | params | teacher | opt | total state | of unsharded | "
+    "replicated bytes |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for spec in FLAGS.configs:
     for layout in FLAGS.layouts:
@@ -48,12 +53,15 @@ def main(_):
       mesh = sharding.make_mesh(config.mesh, jax.devices()[:n])
       # build() traces the method and the optimiser with jax.eval_shape; its jit is never called.
       built = trainer.build(config, mesh, steps_per_epoch=1000, total_steps=100_000)
-      m = sharding.state_memory(built.state_shape, built.state_sharding,
-                                config.sharding.fsdp_min_size)
+      m = sharding.state_memory(
+        built.state_shape, built.state_sharding, config.sharding.fsdp_min_size
+      )
       pd = m.per_device
-      print(f"| {spec.replace('configs/', '')} | {n} | {fsdp} | {mib(pd['params'])} | "
-            f"{mib(pd['teacher_params'])} | {mib(pd['opt_state'])} | {mib(pd['total'])} | "
-            f"{mib(m.full['total'])} | {100 * m.replicated_bytes_fraction:.2f}% |")
+      print(
+        f"| {spec.replace('configs/', '')} | {n} | {fsdp} | {mib(pd['params'])} | "
+        f"{mib(pd['teacher_params'])} | {mib(pd['opt_state'])} | {mib(pd['total'])} | "
+        f"{mib(m.full['total'])} | {100 * m.replicated_bytes_fraction:.2f}% |"
+      )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ import pstats
 import sys
 import time
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -36,16 +35,22 @@ def main(argv):
   del argv
   config = dino.get_config(None)
   with config.unlocked():
-    config.data.update(source="image_folder", path=FLAGS.folder, crops_on="device",
-                       canvas_size=FLAGS.canvas)
+    config.data.update(
+      source="image_folder", path=FLAGS.folder, crops_on="device", canvas_size=FLAGS.canvas
+    )
     config.data.local_crops.number = 10
     config.data.masks.scheme = "ibot"
   data = config.data
   source = pipeline.train_source(data)
   multi_crop = pipeline._MultiCrop(  # pylint: disable=protected-access
-      pipeline._crop_spec(data.global_crops), pipeline._crop_spec(data.local_crops),  # pylint: disable=protected-access
-      data.interpolation, (3 / 4, 4 / 3), masks_lib.MaskSpec.from_config(data.masks), 16,
-      FLAGS.canvas)
+    pipeline._crop_spec(data.global_crops),
+    pipeline._crop_spec(data.local_crops),  # pylint: disable=protected-access
+    data.interpolation,
+    (3 / 4, 4 / 3),
+    masks_lib.MaskSpec.from_config(data.masks),
+    16,
+    FLAGS.canvas,
+  )
   batch_fn = pipeline._Batch(FLAGS.canvas)  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   size = 32
@@ -62,8 +67,10 @@ def main(argv):
   run(FLAGS.batches)
   profile.disable()
   n = FLAGS.batches * size
-  print(f"{(time.process_time() - start) / n * 1e3:.2f} ms of CPU per image (profiled), "
-        f"canvas {FLAGS.canvas}, {n} images")
+  print(
+    f"{(time.process_time() - start) / n * 1e3:.2f} ms of CPU per image (profiled), "
+    f"canvas {FLAGS.canvas}, {n} images"
+  )
   pstats.Stats(profile).sort_stats("tottime").print_stats(FLAGS.top)
 
 

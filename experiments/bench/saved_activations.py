@@ -31,9 +31,14 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--recompute_elementwise", action="store_true")
   args = parser.parse_args()
-  model = vit.ViT(patch_size=args.patch, drop_path_rate=0.1, dtype=jnp.dtype(args.dtype),
-                  attention="xla", recompute_elementwise=args.recompute_elementwise,
-                  **vit.vit_kwargs(args.variant))
+  model = vit.ViT(
+    patch_size=args.patch,
+    drop_path_rate=0.1,
+    dtype=jnp.dtype(args.dtype),
+    attention="xla",
+    recompute_elementwise=args.recompute_elementwise,
+    **vit.vit_kwargs(args.variant),
+  )
   for size in (int(s) for s in args.sizes.split(",")):
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
@@ -51,9 +56,11 @@ def main() -> None:
           scores += aval.size * aval.dtype.itemsize
     total = sum(by_dtype.values())
     parts = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in sorted(by_dtype.items()))
-    print(f"{size}px, recompute_elementwise={args.recompute_elementwise}: "
-          f"{total / 2**20:.2f} MiB per image ({parts}); "
-          f"without the [T, T] attention scores {(total - scores) / 2**20:.2f} MiB")
+    print(
+      f"{size}px, recompute_elementwise={args.recompute_elementwise}: "
+      f"{total / 2**20:.2f} MiB per image ({parts}); "
+      f"without the [T, T] attention scores {(total - scores) / 2**20:.2f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -48,12 +48,18 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=24)
   args = parser.parse_args()
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   flags.FLAGS(["worker_cost"])  # grain reads absl flags in its worker processes
   from configs import dino  # pylint: disable=g-import-not-at-top
   from sslx.data import pipeline  # pylint: disable=g-import-not-at-top
+
   data = dino.get_config("").data
-  data.source, data.path, data.crops_on, data.canvas_size = ("image_folder", args.folder, "device",
-                                                             args.canvas)
+  data.source, data.path, data.crops_on, data.canvas_size = (
+    "image_folder",
+    args.folder,
+    "device",
+    args.canvas,
+  )
   data.local_crops.number, data.masks.scheme = 10, "ibot"
   data.workers, data.read_threads = args.workers, args.threads
   it = iter(pipeline.train_dataset(data, seed=0, batch_size=args.batch, patch_size=16))
@@ -65,14 +71,21 @@ def main() -> None:
   main1, kids1, wall = _self(), children_stats(), time.time() - t0
   images = args.batches * args.batch
   rows = [("main", main1[0] - main0[0], main1[1] - main0[1], main1[2] - main0[2])]
-  rows += [(f"worker {pid}", *(b - a for a, b in zip(kids0[pid], kids1[pid])))
-           for pid in kids1 if pid in kids0]
+  rows += [
+    (f"worker {pid}", *(b - a for a, b in zip(kids0[pid], kids1[pid])))
+    for pid in kids1
+    if pid in kids0
+  ]
   total = sum(r[1] + r[2] for r in rows)
-  print(f"{images} images in {wall:.2f} s: {images / wall:.1f} img/s, {images / total:.1f} img/CPU-s "
-        f"(workers={args.workers}, threads={args.threads}, canvas={args.canvas})")
+  print(
+    f"{images} images in {wall:.2f} s: {images / wall:.1f} img/s, {images / total:.1f} img/CPU-s "
+    f"(workers={args.workers}, threads={args.threads}, canvas={args.canvas})"
+  )
   for name, user, system, faults in rows:
-    print(f"  {name:>14}: user {user:.2f} s, system {system:.2f} s, minor faults {faults:,} "
-          f"({faults / images:.0f} per image)")
+    print(
+      f"  {name:>14}: user {user:.2f} s, system {system:.2f} s, minor faults {faults:,} "
+      f"({faults / images:.0f} per image)"
+    )
   close = getattr(it, "close", None)
   if close:
     close()

@@ -17,13 +17,15 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/sere_dino.py:fashion_mnist", "Config.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", "configs/sere_dino.py:fashion_mnist", "Config.", lock_config=True
+)
 flags.DEFINE_string("workdir", "runs/demo", "Work directory (emptied first).")
 
 
 def raw_pixel_knn(config) -> float:
   import numpy as np
+
   from sslx.data import pipeline
   from sslx.eval import knn
 
@@ -38,24 +40,37 @@ def raw_pixel_knn(config) -> float:
   xte, yte = arrays(config.data.eval_test_split)
   # Fashion-MNIST arrives as three equal channels: one gives the same cosines, 3x faster.
   xtr, xte = knn.one_channel_if_grey(xtr, xte)
-  res = knn.knn_classify(knn.raw_pixel_features(xtr), ytr, knn.raw_pixel_features(xte), yte,
-                         num_classes=pipeline.num_classes(config.data),
-                         k=config.eval.knn_k, temperature=config.eval.knn_temperature)
+  res = knn.knn_classify(
+    knn.raw_pixel_features(xtr),
+    ytr,
+    knn.raw_pixel_features(xte),
+    yte,
+    num_classes=pipeline.num_classes(config.data),
+    k=config.eval.knn_k,
+    temperature=config.eval.knn_temperature,
+  )
   return res["top1"]
 
 
 def main(argv):
   del argv
   from sslx.train import trainer
+
   if os.path.exists(FLAGS.workdir):
     shutil.rmtree(FLAGS.workdir)
   t0 = time.time()
   results = trainer.run(FLAGS.config, FLAGS.workdir)
   raw = raw_pixel_knn(FLAGS.config)
-  logging.info("demo finished in %.1f min; TensorBoard: tensorboard --logdir=%s",
-               (time.time() - t0) / 60, FLAGS.workdir)
-  print(f"kNN top-1: pretrained {results['knn']['top1']:.2f}% | "
-        f"random init {results['knn_init']['top1']:.2f}% | raw pixels {raw:.2f}%", flush=True)
+  logging.info(
+    "demo finished in %.1f min; TensorBoard: tensorboard --logdir=%s",
+    (time.time() - t0) / 60,
+    FLAGS.workdir,
+  )
+  print(
+    f"kNN top-1: pretrained {results['knn']['top1']:.2f}% | "
+    f"random init {results['knn_init']['top1']:.2f}% | raw pixels {raw:.2f}%",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

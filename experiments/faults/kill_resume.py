@@ -74,16 +74,27 @@ def _tmp_dirs(workdir: str) -> list[str]:
 
 
 def _command(args, workdir: str) -> list[str]:
-  return [sys.executable, "main.py", f"--config={args.config}", f"--workdir={workdir}",
-          "--config.log_every_steps=1", f"--config.total_steps={args.total_steps}",
-          f"--config.checkpoint.every_steps={args.every}", "--config.checkpoint.async_save=True",
-          f"--config.data.workers={args.workers}"]
+  return [
+    sys.executable,
+    "main.py",
+    f"--config={args.config}",
+    f"--workdir={workdir}",
+    "--config.log_every_steps=1",
+    f"--config.total_steps={args.total_steps}",
+    f"--config.checkpoint.every_steps={args.every}",
+    "--config.checkpoint.async_save=True",
+    f"--config.data.workers={args.workers}",
+  ]
 
 
 def _env(args) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=args.cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=args.cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _last_step(log_path: str) -> int:
@@ -98,8 +109,9 @@ def one_round(args, workdir: str, mode: str, target: int, log_path: str) -> dict
   """Runs main.py until `mode`'s moment, SIGKILLs it; returns what was found after."""
   before = (_steps(workdir) or [0])[-1]
   log = open(log_path, "w")
-  proc = subprocess.Popen(_command(args, workdir), cwd=ROOT, env=_env(args), stdout=log,
-                          stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    _command(args, workdir), cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT
+  )
   killed_at, workers = None, []
   t0 = time.time()
   while proc.poll() is None and time.time() - t0 < args.round_timeout:
@@ -116,9 +128,17 @@ def one_round(args, workdir: str, mode: str, target: int, log_path: str) -> dict
   rc = proc.wait()
   log.close()
   time.sleep(3.0)  # workers poll for their parent every second
-  return {"mode": mode, "start": before, "target": target, "killed": killed_at or "not killed (run ended)",
-          "rc": rc, "latest": (_steps(workdir) or [None])[-1], "tmp_left": len(_tmp_dirs(workdir)),
-          "workers": len(workers), "workers_alive": sum(_alive(p) for p in workers)}
+  return {
+    "mode": mode,
+    "start": before,
+    "target": target,
+    "killed": killed_at or "not killed (run ended)",
+    "rc": rc,
+    "latest": (_steps(workdir) or [None])[-1],
+    "tmp_left": len(_tmp_dirs(workdir)),
+    "workers": len(workers),
+    "workers_alive": sum(_alive(p) for p in workers),
+  }
 
 
 def main():
@@ -143,36 +163,55 @@ def main():
     # 'step': a random step up to three checkpoint periods past the one resumed from; 'save': the
     # first save after a random step.
     target = min(args.total_steps - 1, (_steps(run) or [0])[-1] + rng.randint(1, 3 * args.every))
-    rounds.append(one_round(args, run, mode, target,
-                            os.path.join(args.workdir, f"round{i + 1}.log")))
+    rounds.append(
+      one_round(args, run, mode, target, os.path.join(args.workdir, f"round{i + 1}.log"))
+    )
     print(f"round {i + 1}: {rounds[-1]}", flush=True)
   log = open(os.path.join(args.workdir, "final.log"), "w")
   t0 = time.time()
-  final = subprocess.run(_command(args, run), cwd=ROOT, env=_env(args), stdout=log,
-                         stderr=subprocess.STDOUT)
-  ref_run = subprocess.run(_command(args, ref), cwd=ROOT, env=_env(args), stdout=log,
-                           stderr=subprocess.STDOUT)
+  final = subprocess.run(
+    _command(args, run), cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT
+  )
+  ref_run = subprocess.run(
+    _command(args, ref), cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT
+  )
   got, want = _rows(run), _rows(ref)
   steps = [r["step"] for r in got if "loss" in r]
   a = {r["step"]: r["loss"] for r in got if "loss" in r}
   b = {r["step"]: r["loss"] for r in want if "loss" in r}
   diffs = [abs(a[s] - b[s]) / max(abs(b[s]), 1e-12) for s in b if s in a]
-  print("\n| round | kill | resumed from checkpoint | target step | killed | exit | latest checkpoint "
-        "after | tmp folders left | worker processes alive after 3 s |")
+  print(
+    "\n| round | kill | resumed from checkpoint | target step | killed | exit | latest checkpoint "
+    "after | tmp folders left | worker processes alive after 3 s |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for i, r in enumerate(rounds):
-    print(f"| {i + 1} | {r['mode']} | {r['start']} | {r['target']} | {r['killed']} | {r['rc']} | {r['latest']} | "
-          f"{r['tmp_left']} | {r['workers_alive']} of {r['workers']} |")
-  print(f"\nfinal run: exit {final.returncode}; reference: exit {ref_run.returncode} "
-        f"({time.time() - t0:.0f} s for both)")
-  print(f"steps logged in the killed run's metrics.jsonl: {len(steps)} rows, "
-        f"{len(set(steps))} distinct, expected {args.total_steps}; duplicates: "
-        f"{len(steps) - len(set(steps))}")
-  print(f"per-step loss vs the uninterrupted run: {len(diffs)} steps compared, max relative "
-        f"difference {max(diffs) if diffs else float('nan'):.3g}")
-  print(f"damaged checkpoints set aside: {os.listdir(os.path.join(run, 'checkpoints_damaged')) if os.path.isdir(os.path.join(run, 'checkpoints_damaged')) else 'none'}")
-  ok = (final.returncode == 0 and sorted(steps) == list(range(1, args.total_steps + 1))
-        and len(diffs) == args.total_steps and max(diffs) < 1e-5)
+    print(
+      f"| {i + 1} | {r['mode']} | {r['start']} | {r['target']} | {r['killed']} | {r['rc']} | {r['latest']} | "
+      f"{r['tmp_left']} | {r['workers_alive']} of {r['workers']} |"
+    )
+  print(
+    f"\nfinal run: exit {final.returncode}; reference: exit {ref_run.returncode} "
+    f"({time.time() - t0:.0f} s for both)"
+  )
+  print(
+    f"steps logged in the killed run's metrics.jsonl: {len(steps)} rows, "
+    f"{len(set(steps))} distinct, expected {args.total_steps}; duplicates: "
+    f"{len(steps) - len(set(steps))}"
+  )
+  print(
+    f"per-step loss vs the uninterrupted run: {len(diffs)} steps compared, max relative "
+    f"difference {max(diffs) if diffs else float('nan'):.3g}"
+  )
+  print(
+    f"damaged checkpoints set aside: {os.listdir(os.path.join(run, 'checkpoints_damaged')) if os.path.isdir(os.path.join(run, 'checkpoints_damaged')) else 'none'}"
+  )
+  ok = (
+    final.returncode == 0
+    and sorted(steps) == list(range(1, args.total_steps + 1))
+    and len(diffs) == args.total_steps
+    and max(diffs) < 1e-5
+  )
   print("RESULT:", "PASS" if ok else "FAIL")
   sys.exit(0 if ok else 1)
 

@@ -25,7 +25,8 @@ Choices, so they can be compared with torchvision/PIL:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,14 +104,20 @@ def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
 
 
-def _color_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: float,
-                  saturation: float, hue: float) -> jax.Array:
+def _color_jitter(
+  key: jax.Array, x: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
+) -> jax.Array:
   # Like torchvision, a strength of 0 drops that step (and spares an HSV round trip for hue=0).
-  steps = [(op, lo, hi) for op, lo, hi, strength in (
+  steps = [
+    (op, lo, hi)
+    for op, lo, hi, strength in (
       (adjust_brightness, max(0.0, 1.0 - brightness), 1.0 + brightness, brightness),
       (adjust_contrast, max(0.0, 1.0 - contrast), 1.0 + contrast, contrast),
       (adjust_saturation, max(0.0, 1.0 - saturation), 1.0 + saturation, saturation),
-      (adjust_hue, -hue, hue, hue)) if strength > 0]
+      (adjust_hue, -hue, hue, hue),
+    )
+    if strength > 0
+  ]
   if not steps:
     return x
   ops = tuple(op for op, _, _ in steps)
@@ -190,11 +197,20 @@ def _is_zero(p: Any) -> bool:
   return isinstance(p, (int, float)) and p <= 0
 
 
-def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Array,
-                solarize_prob: float | jax.Array, color_jitter_prob: float = 0.8,
-                brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
-                hue: float = 0.1, grayscale_prob: float = 0.2,
-                blur_sigma: Sequence[float] = (0.1, 2.0)) -> jax.Array:
+def photometric(
+  rng: jax.Array,
+  images: jax.Array,
+  *,
+  blur_prob: float | jax.Array,
+  solarize_prob: float | jax.Array,
+  color_jitter_prob: float = 0.8,
+  brightness: float = 0.4,
+  contrast: float = 0.4,
+  saturation: float = 0.2,
+  hue: float = 0.1,
+  grayscale_prob: float = 0.2,
+  blur_sigma: Sequence[float] = (0.1, 2.0),
+) -> jax.Array:
   """Random colour jitter, grayscale, Gaussian blur and solarize, independently per image.
 
   Args:
@@ -220,10 +236,16 @@ def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Arr
     return x
 
   n = images.shape[0]
-  blur_p = blur_prob if _is_zero(blur_prob) else jnp.broadcast_to(
-      jnp.asarray(blur_prob, jnp.float32), (n,))
-  solarize_p = solarize_prob if _is_zero(solarize_prob) else jnp.broadcast_to(
-      jnp.asarray(solarize_prob, jnp.float32), (n,))
+  blur_p = (
+    blur_prob
+    if _is_zero(blur_prob)
+    else jnp.broadcast_to(jnp.asarray(blur_prob, jnp.float32), (n,))
+  )
+  solarize_p = (
+    solarize_prob
+    if _is_zero(solarize_prob)
+    else jnp.broadcast_to(jnp.asarray(solarize_prob, jnp.float32), (n,))
+  )
 
   def one(key: jax.Array, img: jax.Array, blur_prob: Any, solarize_prob: Any) -> jax.Array:
     keys = jax.random.split(key, 7)
@@ -235,8 +257,9 @@ def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Arr
       img = jnp.where(jax.random.bernoulli(keys[2], grayscale_prob), grey, img)
     if not _is_zero(blur_prob):
       sigma = jax.random.uniform(keys[3], (), minval=sigma_lo, maxval=sigma_hi)
-      img = jnp.where(jax.random.bernoulli(keys[4], blur_prob),
-                      _gaussian_blur(img, sigma, reach), img)
+      img = jnp.where(
+        jax.random.bernoulli(keys[4], blur_prob), _gaussian_blur(img, sigma, reach), img
+      )
     if not _is_zero(solarize_prob):
       solarized = jnp.where(img >= SOLARIZE_THRESHOLD, 1.0 - img, img)
       img = jnp.where(jax.random.bernoulli(keys[5], solarize_prob), solarized, img)
@@ -246,8 +269,9 @@ def photometric(rng: jax.Array, images: jax.Array, *, blur_prob: float | jax.Arr
   return jax.vmap(one, in_axes=axes)(jax.random.split(rng, n), x, blur_p, solarize_p)
 
 
-def normalize(x: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+def normalize(
+  x: jax.Array, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> jax.Array:
   """(x - mean) / std over the last (channel) axis, float32."""
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
@@ -263,8 +287,9 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
   return getattr(cfg, key, default)
 
 
-def augment_multicrop(rng: jax.Array, global_crops: jax.Array, local_crops: jax.Array,
-                      cfg: Any = None) -> tuple[jax.Array, jax.Array]:
+def augment_multicrop(
+  rng: jax.Array, global_crops: jax.Array, local_crops: jax.Array, cfg: Any = None
+) -> tuple[jax.Array, jax.Array]:
   """DINO per-view photometric augmentation and normalisation of a multi-crop batch.
 
   Global view 0 uses (blur_probs[0], solarize_probs[0]), every further global view uses index 1,
@@ -285,19 +310,21 @@ def augment_multicrop(rng: jax.Array, global_crops: jax.Array, local_crops: jax.
     if crops.ndim != 5 or crops.shape[-1] != 3:
       raise ValueError(f'{name} must be [B, N, S, S, 3], got shape {crops.shape}.')
   common = dict(
-      color_jitter_prob=_get(cfg, 'color_jitter_prob', 0.8),
-      brightness=float(_get(cfg, 'brightness', 0.4)),
-      contrast=float(_get(cfg, 'contrast', 0.4)),
-      saturation=float(_get(cfg, 'saturation', 0.2)),
-      hue=float(_get(cfg, 'hue', 0.1)),
-      grayscale_prob=_get(cfg, 'grayscale_prob', 0.2),
-      blur_sigma=tuple(_get(cfg, 'blur_sigma', (0.1, 2.0))),
+    color_jitter_prob=_get(cfg, 'color_jitter_prob', 0.8),
+    brightness=float(_get(cfg, 'brightness', 0.4)),
+    contrast=float(_get(cfg, 'contrast', 0.4)),
+    saturation=float(_get(cfg, 'saturation', 0.2)),
+    hue=float(_get(cfg, 'hue', 0.1)),
+    grayscale_prob=_get(cfg, 'grayscale_prob', 0.2),
+    blur_sigma=tuple(_get(cfg, 'blur_sigma', (0.1, 2.0))),
   )
   blur_probs = tuple(_get(cfg, 'blur_probs', (1.0, 0.1, 0.5)))
   solarize_probs = tuple(_get(cfg, 'solarize_probs', (0.0, 0.2, 0.0)))
   if len(blur_probs) != 3 or len(solarize_probs) != 3:
-    raise ValueError('config.augment.blur_probs and solarize_probs need 3 entries '
-                     '(global view 1, global view 2, local views).')
+    raise ValueError(
+      'config.augment.blur_probs and solarize_probs need 3 entries '
+      '(global view 1, global view 2, local views).'
+    )
   mean = tuple(_get(cfg, 'mean', IMAGENET_MEAN))
   std = tuple(_get(cfg, 'std', IMAGENET_STD))
 
@@ -307,14 +334,17 @@ def augment_multicrop(rng: jax.Array, global_crops: jax.Array, local_crops: jax.
   view_row = jnp.minimum(jnp.arange(ng), 1)
   per_view = lambda probs: jnp.repeat(jnp.asarray(probs[:2], jnp.float32)[view_row], b)
   flat = jnp.swapaxes(global_crops, 0, 1).reshape((ng * b,) + global_crops.shape[2:])
-  globals_flat = photometric(k_global, flat, blur_prob=per_view(blur_probs),
-                             solarize_prob=per_view(solarize_probs), **common)
+  globals_flat = photometric(
+    k_global, flat, blur_prob=per_view(blur_probs), solarize_prob=per_view(solarize_probs), **common
+  )
   globals_out = jnp.swapaxes(
-      normalize(globals_flat, mean, std).reshape((ng, b) + global_crops.shape[2:]), 0, 1)
+    normalize(globals_flat, mean, std).reshape((ng, b) + global_crops.shape[2:]), 0, 1
+  )
 
   b, nl = local_crops.shape[:2]
   flat = local_crops.reshape((b * nl,) + local_crops.shape[2:])
-  locals_flat = photometric(k_local, flat, blur_prob=blur_probs[2],
-                            solarize_prob=solarize_probs[2], **common)
+  locals_flat = photometric(
+    k_local, flat, blur_prob=blur_probs[2], solarize_prob=solarize_probs[2], **common
+  )
   locals_out = normalize(locals_flat, mean, std).reshape(local_crops.shape)
   return globals_out, locals_out

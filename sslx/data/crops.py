@@ -17,18 +17,19 @@ from PIL import Image
 
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _RESAMPLE = {
-    'nearest': Image.Resampling.NEAREST,
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'lanczos': Image.Resampling.LANCZOS,
-    'box': Image.Resampling.BOX,
-    'hamming': Image.Resampling.HAMMING,
+  'nearest': Image.Resampling.NEAREST,
+  'bilinear': Image.Resampling.BILINEAR,
+  'bicubic': Image.Resampling.BICUBIC,
+  'lanczos': Image.Resampling.LANCZOS,
+  'box': Image.Resampling.BOX,
+  'hamming': Image.Resampling.HAMMING,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class CropSpec:
   """One kind of crop: how many, output side in pixels, and the area-fraction range."""
+
   number: int
   size: int
   scale: tuple[float, float]
@@ -46,14 +47,19 @@ def resample_filter(interpolation: str) -> Image.Resampling:
   try:
     return _RESAMPLE[interpolation.lower()]
   except KeyError:
-    raise ValueError(f'Unknown interpolation {interpolation!r}; set config.data.interpolation to '
-                     f'one of {sorted(_RESAMPLE)}.') from None
+    raise ValueError(
+      f'Unknown interpolation {interpolation!r}; set config.data.interpolation to '
+      f'one of {sorted(_RESAMPLE)}.'
+    ) from None
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
-                            scale: tuple[float, float],
-                            ratio: tuple[float, float] = DEFAULT_RATIO,
-                            ) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  scale: tuple[float, float],
+  ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> tuple[int, int, int, int]:
   """Samples a RandomResizedCrop box (torchvision semantics).
 
   Up to 10 tries draw an area fraction ~ U(scale) and an aspect w/h log-uniform in ``ratio``; the
@@ -87,8 +93,13 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def resize_box(image: Image.Image, box: tuple[float, float, float, float], size: int,
-               interpolation: str = 'bicubic', decode_scale: float = 1.0) -> np.ndarray:
+def resize_box(
+  image: Image.Image,
+  box: tuple[float, float, float, float],
+  size: int,
+  interpolation: str = 'bicubic',
+  decode_scale: float = 1.0,
+) -> np.ndarray:
   """Cuts ``box`` (original pixels) out of ``image`` and resizes it to ``size`` x ``size``.
 
   Args:
@@ -104,8 +115,13 @@ def resize_box(image: Image.Image, box: tuple[float, float, float, float], size:
   return np.asarray(out, dtype=np.uint8)
 
 
-def sample_boxes(rng: np.random.Generator, height: int, width: int, spec: CropSpec,
-                 ratio: tuple[float, float] = DEFAULT_RATIO) -> tuple[np.ndarray, np.ndarray]:
+def sample_boxes(
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  spec: CropSpec,
+  ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> tuple[np.ndarray, np.ndarray]:
   """The boxes and flips of ``spec.number`` crops; draws per crop: box, then flip (p = 0.5).
 
   Returns:
@@ -119,9 +135,14 @@ def sample_boxes(rng: np.random.Generator, height: int, width: int, spec: CropSp
   return boxes, flips
 
 
-def multi_crop_boxes(rng: np.random.Generator, image_size: tuple[int, int] | Any,
-                     global_spec: CropSpec, local_spec: CropSpec, *,
-                     ratio: tuple[float, float] = DEFAULT_RATIO) -> dict[str, np.ndarray]:
+def multi_crop_boxes(
+  rng: np.random.Generator,
+  image_size: tuple[int, int] | Any,
+  global_spec: CropSpec,
+  local_spec: CropSpec,
+  *,
+  ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> dict[str, np.ndarray]:
   """The geometry of ``multi_crop`` without the pixels (for crops resampled on the device).
 
   Draws exactly what ``multi_crop`` draws, so both give the same boxes and flips for one seed.
@@ -136,10 +157,17 @@ def multi_crop_boxes(rng: np.random.Generator, image_size: tuple[int, int] | Any
   return out
 
 
-def multi_crop(rng: np.random.Generator, image: np.ndarray, image_size: tuple[int, int] | Any,
-               global_spec: CropSpec, local_spec: CropSpec, *, interpolation: str = 'bicubic',
-               ratio: tuple[float, float] = DEFAULT_RATIO, decode_scale: float = 1.0,
-               ) -> dict[str, np.ndarray]:
+def multi_crop(
+  rng: np.random.Generator,
+  image: np.ndarray,
+  image_size: tuple[int, int] | Any,
+  global_spec: CropSpec,
+  local_spec: CropSpec,
+  *,
+  interpolation: str = 'bicubic',
+  ratio: tuple[float, float] = DEFAULT_RATIO,
+  decode_scale: float = 1.0,
+) -> dict[str, np.ndarray]:
   """Global then local RandomResizedCrop + horizontal flip (p = 0.5) views of one image.
 
   Args:
@@ -165,8 +193,12 @@ def multi_crop(rng: np.random.Generator, image: np.ndarray, image_size: tuple[in
   return out
 
 
-def resize_center_crop(image: np.ndarray, resize: int, size: int, interpolation: str = 'bicubic',
-                       ) -> np.ndarray:
+def resize_center_crop(
+  image: np.ndarray,
+  resize: int,
+  size: int,
+  interpolation: str = 'bicubic',
+) -> np.ndarray:
   """Evaluation view: shorter side to ``resize`` (aspect kept), then the centred ``size`` square.
 
   Args:
@@ -175,23 +207,32 @@ def resize_center_crop(image: np.ndarray, resize: int, size: int, interpolation:
     uint8 [size, size, 3].
   """
   if size > resize:
-    raise ValueError(f'eval_size {size} > eval_resize {resize}: set config.data.eval_resize >= '
-                     'config.data.eval_size.')
+    raise ValueError(
+      f'eval_size {size} > eval_resize {resize}: set config.data.eval_resize >= '
+      'config.data.eval_size.'
+    )
   h, w = image.shape[:2]
   if h <= w:
     new_h, new_w = resize, max(size, int(resize * w / h))
   else:
     new_h, new_w = max(size, int(resize * h / w)), resize
   if (new_h, new_w) != (h, w):
-    image = np.asarray(Image.fromarray(np.ascontiguousarray(image), 'RGB').resize(
-        (new_w, new_h), resample_filter(interpolation)), dtype=np.uint8)
+    image = np.asarray(
+      Image.fromarray(np.ascontiguousarray(image), 'RGB').resize(
+        (new_w, new_h), resample_filter(interpolation)
+      ),
+      dtype=np.uint8,
+    )
   top = int(round((new_h - size) / 2.0))
   left = int(round((new_w - size) / 2.0))
-  return np.ascontiguousarray(image[top:top + size, left:left + size])
+  return np.ascontiguousarray(image[top : top + size, left : left + size])
 
 
-def fit_image(image: Image.Image | np.ndarray, canvas_size: int, interpolation: str = 'bicubic',
-              ) -> tuple[np.ndarray, tuple[float, float]]:
+def fit_image(
+  image: Image.Image | np.ndarray,
+  canvas_size: int,
+  interpolation: str = 'bicubic',
+) -> tuple[np.ndarray, tuple[float, float]]:
   """Host side of ``crops_on='device'``: an image that fits a ``canvas_size`` square.
 
   An image larger than the canvas on either side is shrunk (aspect kept) with PIL; most ImageNet
@@ -217,8 +258,11 @@ def fit_image(image: Image.Image | np.ndarray, canvas_size: int, interpolation: 
   return np.asarray(image, dtype=np.uint8), (nh / h, nw / w)
 
 
-def stack_canvases(images: list[np.ndarray], canvas_size: int, out: np.ndarray | None = None,
-                   ) -> np.ndarray:
+def stack_canvases(
+  images: list[np.ndarray],
+  canvas_size: int,
+  out: np.ndarray | None = None,
+) -> np.ndarray:
   """uint8 [B, C, C, 3]: each fitted image at the top left of its zero canvas. Written straight
   into the batch (a canvas per image, then stacking, would copy every pixel twice).
 
@@ -238,8 +282,11 @@ def stack_canvases(images: list[np.ndarray], canvas_size: int, out: np.ndarray |
   return out
 
 
-def canvas_of(image: Image.Image | np.ndarray, canvas_size: int, interpolation: str = 'bicubic',
-              ) -> tuple[np.ndarray, tuple[int, int], tuple[float, float]]:
+def canvas_of(
+  image: Image.Image | np.ndarray,
+  canvas_size: int,
+  interpolation: str = 'bicubic',
+) -> tuple[np.ndarray, tuple[int, int], tuple[float, float]]:
   """One image's canvas: ``fit_image``, then zero-padded to [C, C, 3].
 
   Returns:

@@ -15,13 +15,10 @@ most one grey level (tests/data/test_device_crops.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from sslx.data import crops as crops_lib
 
 Array = jax.Array
 
@@ -53,21 +50,28 @@ def _lanczos(x: Array) -> Array:
   def sinc(v):
     pv = jnp.pi * jnp.where(v == 0.0, 1.0, v)
     return jnp.where(v == 0.0, 1.0, jnp.sin(pv) / pv)
+
   return jnp.where(jnp.abs(x) < 3.0, sinc(x) * sinc(x / 3.0), 0.0)
 
 
 # name -> (kernel, support in output pixels at scale 1), as PIL defines them.
 FILTERS: dict[str, tuple[Callable[[Array], Array], float]] = {
-    'bicubic': (_bicubic, 2.0),
-    'bilinear': (_bilinear, 1.0),
-    'box': (_box, 0.5),
-    'hamming': (_hamming, 1.0),
-    'lanczos': (_lanczos, 3.0),
+  'bicubic': (_bicubic, 2.0),
+  'bilinear': (_bilinear, 1.0),
+  'box': (_box, 0.5),
+  'hamming': (_hamming, 1.0),
+  'lanczos': (_lanczos, 3.0),
 }
 
 
-def resample_weights(start: Array, length: Array, extent: Array, out_size: int, in_size: int,
-                     interpolation: str = 'bicubic') -> Array:
+def resample_weights(
+  start: Array,
+  length: Array,
+  extent: Array,
+  out_size: int,
+  in_size: int,
+  interpolation: str = 'bicubic',
+) -> Array:
   """Dense 1-D resampling matrices, PIL's coefficients.
 
   Args:
@@ -89,8 +93,11 @@ def resample_weights(start: Array, length: Array, extent: Array, out_size: int, 
   w = kernel(offset / stretch)
   # PIL's tap window [round(centre - support), round(centre + support)), clipped to the image.
   reach = support * stretch
-  inside = ((j >= jnp.floor(centre - reach + 0.5)) & (j < jnp.floor(centre + reach + 0.5))
-            & (j < extent[..., None, None]))
+  inside = (
+    (j >= jnp.floor(centre - reach + 0.5))
+    & (j < jnp.floor(centre + reach + 0.5))
+    & (j < extent[..., None, None])
+  )
   w = jnp.where(inside, w, 0.0)
   total = jnp.sum(w, axis=-1, keepdims=True)
   return w / jnp.where(total == 0.0, 1.0, total)
@@ -118,8 +125,14 @@ def _round_half_up(x: Array) -> Array:
   return jnp.floor(x + 0.5)  # PIL's fixed-point rounding; jnp.round would round half to even
 
 
-def crop_resize(canvas: Array, extent: Array, boxes: Array, flips: Array, size: int,
-                interpolation: str = 'bicubic') -> Array:
+def crop_resize(
+  canvas: Array,
+  extent: Array,
+  boxes: Array,
+  flips: Array,
+  size: int,
+  interpolation: str = 'bicubic',
+) -> Array:
   """Crops and resizes boxes of canvases, then mirrors the flipped ones.
 
   Args:
@@ -142,8 +155,9 @@ def crop_resize(canvas: Array, extent: Array, boxes: Array, flips: Array, size: 
   return jnp.clip(_round_half_up(out), 0, 255).astype(jnp.uint8)
 
 
-def canvas_crops(batch: dict[str, Array], global_size: int, local_size: int,
-                 interpolation: str = 'bicubic') -> dict[str, Array]:
+def canvas_crops(
+  batch: dict[str, Array], global_size: int, local_size: int, interpolation: str = 'bicubic'
+) -> dict[str, Array]:
   """'global_crops' and 'local_crops' of a device-mode batch (see ``pipeline.train_dataset``).
 
   Args:
@@ -162,10 +176,12 @@ def canvas_crops(batch: dict[str, Array], global_size: int, local_size: int,
       b = boxes.shape[0]
       out[f'{prefix}_crops'] = jnp.zeros((b, 0, size, size, 3), jnp.uint8)
       continue
-    scaled = jnp.stack([boxes[..., 0] * sx, boxes[..., 1] * sy, boxes[..., 2] * sx,
-                        boxes[..., 3] * sy], axis=-1)
-    out[f'{prefix}_crops'] = crop_resize(batch['canvas'], batch['canvas_extent'], scaled,
-                                         batch[f'{prefix}_flips'], size, interpolation)
+    scaled = jnp.stack(
+      [boxes[..., 0] * sx, boxes[..., 1] * sy, boxes[..., 2] * sx, boxes[..., 3] * sy], axis=-1
+    )
+    out[f'{prefix}_crops'] = crop_resize(
+      batch['canvas'], batch['canvas_extent'], scaled, batch[f'{prefix}_flips'], size, interpolation
+    )
   return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,10 +31,18 @@ def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
   return lo + (hi - lo) * rng.random()
 
 
-def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masked: float, *,
-               scheme: str = "beit", min_area: int = 16, max_area: int | None = None,
-               aspect: float = 0.3, exact: bool = False,
-               max_rounds: int = 10_000) -> np.ndarray:
+def block_mask(
+  rng: np.random.Generator,
+  grid: tuple[int, int],
+  num_masked: float,
+  *,
+  scheme: str = "beit",
+  min_area: int = 16,
+  max_area: int | None = None,
+  aspect: float = 0.3,
+  exact: bool = False,
+  max_rounds: int = 10_000,
+) -> np.ndarray:
   """A boolean [H, W] mask with about `num_masked` cells set, in rectangular blocks.
 
   Args:
@@ -78,7 +86,7 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masked: floa
       if h < h_grid and w < w_grid:
         top = int(rng.integers(0, h_grid - h + 1))
         left = int(rng.integers(0, w_grid - w + 1))
-        box = mask[top:top + h, left:left + w]
+        box = mask[top : top + h, left : left + w]
         new = h * w - int(box.sum())
         if 0 < new <= budget:
           box[...] = True
@@ -89,13 +97,16 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masked: floa
     if added == 0 and not exact:
       break
     if rounds >= max_rounds:
-      raise RuntimeError(f"block_mask: no exact {int(target)}-cell mask found on {grid} after "
-                         f"{max_rounds} rounds; lower min_area or the count")
+      raise RuntimeError(
+        f"block_mask: no exact {int(target)}-cell mask found on {grid} after "
+        f"{max_rounds} rounds; lower min_area or the count"
+      )
   return mask
 
 
-def ibot_mask_ratio(rng: np.random.Generator, ratios: Sequence[float],
-                    ratio_vars: Sequence[float]) -> float:
+def ibot_mask_ratio(
+  rng: np.random.Generator, ratios: Sequence[float], ratio_vars: Sequence[float]
+) -> float:
   """iBOT's per-crop mask ratio: one candidate per (ratio, var) entry, one picked uniformly.
 
   A candidate is U(ratio - var, ratio + var) when var > 0, else ratio. With the SERE/iBOT
@@ -103,8 +114,9 @@ def ibot_mask_ratio(rng: np.random.Generator, ratios: Sequence[float],
   get a ratio ~U(0.1, 0.5).
   """
   if len(ratios) != len(ratio_vars):
-    raise ValueError(f"mask ratios {tuple(ratios)} and ratio_vars {tuple(ratio_vars)} must have "
-                     "the same length")
+    raise ValueError(
+      f"mask ratios {tuple(ratios)} and ratio_vars {tuple(ratio_vars)} must have the same length"
+    )
   candidates = []
   for r, v in zip(ratios, ratio_vars):
     if v > r:
@@ -120,6 +132,7 @@ class MaskSpec:
   scheme: 'none' | 'ibot' | 'beit'. For 'ibot', ratios/ratio_vars give the per-crop
   ratio; for 'beit', num_masked cells per crop (exact=True: CAE's exact count).
   """
+
   scheme: str = "none"
   ratios: tuple[float, ...] = (0.0, 0.3)
   ratio_vars: tuple[float, ...] = (0.0, 0.2)
@@ -130,13 +143,19 @@ class MaskSpec:
   exact: bool = False
 
   @classmethod
-  def from_config(cls, cfg) -> "MaskSpec":
+  def from_config(cls, cfg) -> MaskSpec:
     if cfg is None:
       return cls()
-    spec = cls(scheme=str(cfg.scheme), ratios=tuple(float(x) for x in cfg.ratios),
-               ratio_vars=tuple(float(x) for x in cfg.ratio_vars),
-               num_masked=int(cfg.num_masked), min_area=int(cfg.min_area),
-               max_area=int(cfg.max_area), aspect=float(cfg.aspect), exact=bool(cfg.exact))
+    spec = cls(
+      scheme=str(cfg.scheme),
+      ratios=tuple(float(x) for x in cfg.ratios),
+      ratio_vars=tuple(float(x) for x in cfg.ratio_vars),
+      num_masked=int(cfg.num_masked),
+      min_area=int(cfg.min_area),
+      max_area=int(cfg.max_area),
+      aspect=float(cfg.aspect),
+      exact=bool(cfg.exact),
+    )
     if spec.scheme not in ("none", "ibot", "beit"):
       raise ValueError(f"config.data.masks.scheme={spec.scheme!r}; valid: 'none', 'ibot', 'beit'")
     return spec
@@ -148,5 +167,13 @@ class MaskSpec:
     if self.scheme == "ibot":
       ratio = ibot_mask_ratio(rng, self.ratios, self.ratio_vars)
       return block_mask(rng, grid, ratio * grid[0] * grid[1], scheme="ibot", aspect=self.aspect)
-    return block_mask(rng, grid, self.num_masked, scheme="beit", min_area=self.min_area,
-                      max_area=self.max_area or None, aspect=self.aspect, exact=self.exact)
+    return block_mask(
+      rng,
+      grid,
+      self.num_masked,
+      scheme="beit",
+      min_area=self.min_area,
+      max_area=self.max_area or None,
+      aspect=self.aspect,
+      exact=self.exact,
+    )

@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def _check_boxes(boxes: np.ndarray, flips: np.ndarray, name: str) -> None:
   if boxes.shape[-1:] != (4,) or boxes.shape[:-1] != flips.shape:
-    raise ValueError(f'{name}_boxes must be [..., 4] (x0, y0, w, h) and {name}_flips the matching [...], '
-                     f'got {boxes.shape} and {flips.shape}; pass the batch keys {name}_boxes / '
-                     f'{name}_flips unchanged.')
+    raise ValueError(
+      f'{name}_boxes must be [..., 4] (x0, y0, w, h) and {name}_flips the matching [...], '
+      f'got {boxes.shape} and {flips.shape}; pass the batch keys {name}_boxes / '
+      f'{name}_flips unchanged.'
+    )
   if not np.all(np.isfinite(boxes)) or np.any(boxes[..., 2:] <= 0):
-    raise ValueError(f'{name}_boxes need finite values and w, h > 0 (x0, y0, w, h in original pixels); '
-                     'got a degenerate box. Check the crop sampler output.')
+    raise ValueError(
+      f'{name}_boxes need finite values and w, h > 0 (x0, y0, w, h in original pixels); '
+      'got a degenerate box. Check the crop sampler output.'
+    )
 
 
 def _relative_rects(overlap: np.ndarray, box: np.ndarray, flip: np.ndarray) -> np.ndarray:
@@ -43,8 +48,9 @@ def _relative_rects(overlap: np.ndarray, box: np.ndarray, flip: np.ndarray) -> n
   return np.stack([x_start, oy, x_end, oy_end], axis=-1)
 
 
-def _pairwise(box_a: np.ndarray, flip_a: np.ndarray, box_b: np.ndarray, flip_b: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pairwise(
+  box_a: np.ndarray, flip_a: np.ndarray, box_b: np.ndarray, flip_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Broadcasting core: boxes float64 [..., 4], flips bool [...] -> rect_a, rect_b float32 [..., 4], valid."""
   a_end = box_a[..., :2] + box_a[..., 2:]
   b_end = box_b[..., :2] + box_b[..., 2:]
@@ -55,8 +61,11 @@ def _pairwise(box_a: np.ndarray, flip_a: np.ndarray, box_b: np.ndarray, flip_b: 
   rect_a = _relative_rects(overlap, box_a, flip_a)
   rect_b = _relative_rects(overlap, box_b, flip_b)
   keep = valid[..., None]
-  return (np.where(keep, rect_a, 0.0).astype(np.float32), np.where(keep, rect_b, 0.0).astype(np.float32),
-          valid)
+  return (
+    np.where(keep, rect_a, 0.0).astype(np.float32),
+    np.where(keep, rect_b, 0.0).astype(np.float32),
+    valid,
+  )
 
 
 def overlap_rects(box_q, flip_q, box_k, flip_k) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -78,14 +87,20 @@ def overlap_rects(box_q, flip_q, box_k, flip_k) -> tuple[np.ndarray, np.ndarray,
   _check_boxes(bq, fq, 'q')
   _check_boxes(bk, fk, 'k')
   if bq.shape != (4,) or bk.shape != (4,):
-    raise ValueError(f'overlap_rects takes one box per crop, got {bq.shape} and {bk.shape}; use '
-                     'batch_overlaps for arrays of crops.')
+    raise ValueError(
+      f'overlap_rects takes one box per crop, got {bq.shape} and {bk.shape}; use '
+      'batch_overlaps for arrays of crops.'
+    )
   rect_q, rect_k, valid = _pairwise(bq, fq, bk, fk)
   return rect_q, rect_k, bool(valid)
 
 
-def batch_overlaps(global_boxes: np.ndarray, global_flips: np.ndarray, local_boxes: np.ndarray | None = None,
-                   local_flips: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def batch_overlaps(
+  global_boxes: np.ndarray,
+  global_flips: np.ndarray,
+  local_boxes: np.ndarray | None = None,
+  local_flips: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
   """All global-global and local-global overlap rects of a batch (or of one record).
 
   Leading dims ``...`` are free: [B] for a batch, [] for a single record.
@@ -121,14 +136,20 @@ def batch_overlaps(global_boxes: np.ndarray, global_flips: np.ndarray, local_box
     lf = np.asarray(local_flips, bool)
     _check_boxes(lb, lf, 'local')
     if lb.ndim != gb.ndim or lb.shape[:-2] != gb.shape[:-2]:
-      raise ValueError(f'local_boxes {lb.shape} and global_boxes {gb.shape} must share leading (batch) dims.')
+      raise ValueError(
+        f'local_boxes {lb.shape} and global_boxes {gb.shape} must share leading (batch) dims.'
+      )
 
   # Axis -2 of the first operand pairs with axis -3 of the second: result [..., N_first, Ng].
-  gq, gk, gg_valid = _pairwise(gb[..., :, None, :], gf[..., :, None], gb[..., None, :, :], gf[..., None, :])
-  lq, lk, lg_valid = _pairwise(lb[..., :, None, :], lf[..., :, None], gb[..., None, :, :], gf[..., None, :])
+  gq, gk, gg_valid = _pairwise(
+    gb[..., :, None, :], gf[..., :, None], gb[..., None, :, :], gf[..., None, :]
+  )
+  lq, lk, lg_valid = _pairwise(
+    lb[..., :, None, :], lf[..., :, None], gb[..., None, :, :], gf[..., None, :]
+  )
   return {
-      'gg_rects': np.stack([gq, gk], axis=-2),
-      'gg_valid': gg_valid,
-      'lg_rects': np.stack([lq, lk], axis=-2),
-      'lg_valid': lg_valid,
+    'gg_rects': np.stack([gq, gk], axis=-2),
+    'gg_valid': gg_valid,
+    'lg_rects': np.stack([lq, lk], axis=-2),
+    'lg_valid': lg_valid,
   }

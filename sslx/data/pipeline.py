@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sslx.data import crops as crops_lib
-from sslx.data import device_crops
+from sslx.data import device_crops, sources, worker_guard
 from sslx.data import masks as masks_lib
 from sslx.data import overlap as overlap_lib
-from sslx.data import sources
-from sslx.data import worker_guard
 
 if TYPE_CHECKING:
   import grain
@@ -53,10 +51,16 @@ def _train_min_side(global_spec: crops_lib.CropSpec, local_spec: crops_lib.CropS
 class _MultiCrop:
   """Record -> multi-crop training example (picklable for worker processes)."""
 
-  def __init__(self, global_spec: crops_lib.CropSpec, local_spec: crops_lib.CropSpec,
-               interpolation: str, ratio: tuple[float, float],
-               mask_spec: masks_lib.MaskSpec = masks_lib.MaskSpec(), patch_size: int = 16,
-               canvas_size: int = 0):
+  def __init__(
+    self,
+    global_spec: crops_lib.CropSpec,
+    local_spec: crops_lib.CropSpec,
+    interpolation: str,
+    ratio: tuple[float, float],
+    mask_spec: masks_lib.MaskSpec = masks_lib.MaskSpec(),
+    patch_size: int = 16,
+    canvas_size: int = 0,
+  ):
     self.global_spec = global_spec
     self.local_spec = local_spec
     self.interpolation = interpolation
@@ -65,28 +69,40 @@ class _MultiCrop:
     self.patch_size = patch_size
     self.canvas_size = canvas_size  # > 0: crops are resampled on the device (device_crops.py)
 
-  def __call__(self, element: dict[str, Any], rng: np.random.Generator, *,
-               masks_on: bool = True) -> dict[str, Any]:
+  def __call__(
+    self, element: dict[str, Any], rng: np.random.Generator, *, masks_on: bool = True
+  ) -> dict[str, Any]:
     """One record's crops (and masks: all False when not `masks_on`, drawn after the crops)."""
     if self.canvas_size:
-      out = crops_lib.multi_crop_boxes(rng, element['image_size'], self.global_spec,
-                                       self.local_spec, ratio=self.ratio)
+      out = crops_lib.multi_crop_boxes(
+        rng, element['image_size'], self.global_spec, self.local_spec, ratio=self.ratio
+      )
       # The source already fitted the image to the canvas (train_source); _Batch pads it.
       d = float(element['decode_scale'])
-      out.update(canvas=element['image'],
-                 canvas_extent=np.asarray(element['image'].shape[:2], np.int32),
-                 canvas_scale=(element['canvas_scale'] * d).astype(np.float32))
+      out.update(
+        canvas=element['image'],
+        canvas_extent=np.asarray(element['image'].shape[:2], np.int32),
+        canvas_scale=(element['canvas_scale'] * d).astype(np.float32),
+      )
     else:
-      out = crops_lib.multi_crop(rng, element['image'], element['image_size'], self.global_spec,
-                                 self.local_spec, interpolation=self.interpolation,
-                                 ratio=self.ratio, decode_scale=float(element['decode_scale']))
+      out = crops_lib.multi_crop(
+        rng,
+        element['image'],
+        element['image_size'],
+        self.global_spec,
+        self.local_spec,
+        interpolation=self.interpolation,
+        ratio=self.ratio,
+        decode_scale=float(element['decode_scale']),
+      )
     out['image_size'] = np.asarray(element['image_size'], np.int32)
     if self.mask_spec.scheme != 'none':
       # Drawn after all crops, from the same record generator: masks never change the crops.
       side = self.global_spec.size // self.patch_size
       if masks_on:
         out['global_masks'] = np.stack(
-            [self.mask_spec.draw(rng, (side, side)) for _ in range(self.global_spec.number)])
+          [self.mask_spec.draw(rng, (side, side)) for _ in range(self.global_spec.number)]
+        )
       else:
         out['global_masks'] = np.zeros((self.global_spec.number, side, side), bool)
     for key in ('label', 'skipped', 'bad_indices', 'index'):
@@ -115,6 +131,7 @@ class _Batch:
   def _empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if self._shared_memory:
       import grain.multiprocessing  # pylint: disable=g-import-not-at-top
+
       return grain.multiprocessing.SharedMemoryArray(shape, dtype)
     return np.empty(shape, dtype)
 
@@ -124,38 +141,52 @@ class _Batch:
       if key == 'canvas':
         continue
       first = np.asarray(examples[0][key])
-      batch[key] = np.stack([e[key] for e in examples],
-                            out=self._empty((len(examples),) + first.shape, first.dtype))
+      batch[key] = np.stack(
+        [e[key] for e in examples], out=self._empty((len(examples),) + first.shape, first.dtype)
+      )
     if 'canvas' in examples[0]:
       size = self.canvas_size
       batch['canvas'] = crops_lib.stack_canvases(
-          [e['canvas'] for e in examples], size,
-          out=self._empty((len(examples), size, size, 3), np.uint8))
+        [e['canvas'] for e in examples],
+        size,
+        out=self._empty((len(examples), size, size, 3), np.uint8),
+      )
     return _add_overlaps(batch) if self.overlaps else batch
 
 
 def _add_overlaps(batch: dict[str, Any]) -> dict[str, Any]:
   """Adds the SERE overlap rectangles of every (global, other) crop pair (overlap.py)."""
-  batch.update(overlap_lib.batch_overlaps(batch['global_boxes'], batch['global_flips'],
-                                          batch['local_boxes'], batch['local_flips']))
+  batch.update(
+    overlap_lib.batch_overlaps(
+      batch['global_boxes'], batch['global_flips'], batch['local_boxes'], batch['local_flips']
+    )
+  )
   return batch
 
 
-def _read_options(data_cfg: Any, *, min_buffer: int = 16, per_thread: int = 4,
-                  ) -> 'grain.ReadOptions':
+def _read_options(
+  data_cfg: Any,
+  *,
+  min_buffer: int = 16,
+  per_thread: int = 4,
+) -> grain.ReadOptions:
   import grain  # pylint: disable=g-import-not-at-top
+
   threads = int(data_cfg.get('read_threads', 4))
-  return grain.ReadOptions(num_threads=threads,
-                           prefetch_buffer_size=max(min_buffer, per_thread * threads))
+  return grain.ReadOptions(
+    num_threads=threads, prefetch_buffer_size=max(min_buffer, per_thread * threads)
+  )
 
 
-def _add_prefetch(ds: 'grain.IterDataset', data_cfg: Any) -> 'grain.IterDataset':
+def _add_prefetch(ds: grain.IterDataset, data_cfg: Any) -> grain.IterDataset:
   import grain  # pylint: disable=g-import-not-at-top
+
   workers = int(data_cfg.get('workers', 0))
   if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=2),
-                        worker_init_fn=worker_guard.init_worker)  # exit with the parent
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+      worker_init_fn=worker_guard.init_worker,
+    )  # exit with the parent
   buffer = int(data_cfg.get('prefetch_buffer', 0))
   if buffer > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=buffer)
@@ -164,8 +195,9 @@ def _add_prefetch(ds: 'grain.IterDataset', data_cfg: Any) -> 'grain.IterDataset'
 
 def _check_shard(process_index: int, process_count: int) -> None:
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f'Need 0 <= process_index < process_count, got {process_index}, '
-                     f'{process_count}.')
+    raise ValueError(
+      f'Need 0 <= process_index < process_count, got {process_index}, {process_count}.'
+    )
 
 
 def canvas_size_of(data_cfg: Any) -> int:
@@ -202,10 +234,20 @@ class _TrainBatch:
   with the same crops in every step.
   """
 
-  def __init__(self, source: Any, multi_crop: _MultiCrop, batch_fn: _Batch, *, seed: int,
-               global_batch_size: int, process_index: int, process_count: int,
-               masks_from_epoch: int = 0):
+  def __init__(
+    self,
+    source: Any,
+    multi_crop: _MultiCrop,
+    batch_fn: _Batch,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    masks_from_epoch: int = 0,
+  ):
     import grain  # pylint: disable=g-import-not-at-top
+
     self.source = source
     self.multi_crop = multi_crop
     self.batch_fn = batch_fn
@@ -218,8 +260,9 @@ class _TrainBatch:
     self.masks_from_epoch = int(masks_from_epoch)
     # grain's random-access shuffle: a fresh permutation of all records every epoch (the index
     # past the first epoch selects the epoch's seed), computed per index, never materialised.
-    self.order = grain.MapDataset.range(self.records).shuffle(
-        seed=_derive_seed(seed, 0) % 2**31).repeat(None)
+    self.order = (
+      grain.MapDataset.range(self.records).shuffle(seed=_derive_seed(seed, 0) % 2**31).repeat(None)
+    )
 
   def record_index(self, step: int, position: int) -> int:
     """The source index of row `position` of step `step`'s global batch."""
@@ -232,19 +275,19 @@ class _TrainBatch:
     examples = []
     for j in range(self.first, self.first + self.batch_size):
       rng = np.random.default_rng([self.seed, 1, step, j])
-      examples.append(self.multi_crop(self.source[self.record_index(step, j)], rng,
-                                      masks_on=masks_on))
+      examples.append(
+        self.multi_crop(self.source[self.record_index(step, j)], rng, masks_on=masks_on)
+      )
     return self.batch_fn(examples)
 
 
-def _shared_memory_batches(ds: 'grain.IterDataset', batch_fn: _Batch) -> 'grain.IterDataset':
+def _shared_memory_batches(ds: grain.IterDataset, batch_fn: _Batch) -> grain.IterDataset:
   """`ds` marked as able to write its batches into shared memory: grain's ``mp_prefetch`` calls
   ``enable_shared_memory_output`` on the dataset it hands to worker processes, and the batch
   function then stacks every array straight into a shared segment (no copy on the way back)."""
   import grain  # pylint: disable=g-import-not-at-top
 
   class SharedMemoryBatches(grain.IterDataset):
-
     def enable_shared_memory_output(self) -> None:
       batch_fn.enable_shared_memory_output()
 
@@ -273,25 +316,30 @@ class TrainStream:
   @property
   def identity(self) -> dict[str, int]:
     """What fixes the data order besides the step; a resume must match it."""
-    return {'seed': self.make.seed, 'global_batch_size': self.make.global_batch_size,
-            'records': self.make.records}
+    return {
+      'seed': self.make.seed,
+      'global_batch_size': self.make.global_batch_size,
+      'records': self.make.records,
+    }
 
-  def dataset(self, start_step: int) -> 'grain.IterDataset':
+  def dataset(self, start_step: int) -> grain.IterDataset:
     """grain dataset of this process's batches for steps start_step, start_step + 1, ..."""
     import grain  # pylint: disable=g-import-not-at-top
+
     threads = int(self.data_cfg.get('read_threads', 4))
     # One element per batch: worker processes and reader threads then share out whole batches
     # and hand them back in order, so their number cannot change what a batch holds.
     ds = grain.MapDataset.range(int(start_step), _NO_END).map(self.make)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                              prefetch_buffer_size=max(1, threads)))
+    ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads))
+    )
     return _add_prefetch(_shared_memory_batches(ds, self.make.batch_fn), self.data_cfg)
 
   def enable_shared_memory_output(self) -> None:
     """What grain's worker processes ask of their dataset (exposed for tests)."""
     self.make.batch_fn.enable_shared_memory_output()
 
-  def __iter__(self) -> 'TrainIterator':
+  def __iter__(self) -> TrainIterator:
     return TrainIterator(self)
 
 
@@ -303,7 +351,7 @@ class TrainIterator:
     self.step = int(step)
     self._it = None
 
-  def __iter__(self) -> 'TrainIterator':
+  def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, Any]:
@@ -326,8 +374,10 @@ class TrainIterator:
     diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
     if diff:
       said = ', '.join(f'{k} {old} (checkpoint) vs {new} (now)' for k, (old, new) in diff.items())
-      raise DataError(f'the checkpoint\'s data position belongs to another data order ({said}); '
-                      'resume with the config it was written with, or start a new workdir')
+      raise DataError(
+        f'the checkpoint\'s data position belongs to another data order ({said}); '
+        'resume with the config it was written with, or start a new workdir'
+      )
     self.close()
     self.step = int(state['step'])
 
@@ -339,9 +389,16 @@ class TrainIterator:
       self._it = None
 
 
-def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1, patch_size: int = 16,
-                  overlaps: bool = True) -> TrainStream:
+def train_dataset(
+  data_cfg: Any,
+  *,
+  seed: int,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  patch_size: int = 16,
+  overlaps: bool = True,
+) -> TrainStream:
   """The infinite, shuffled multi-crop training stream of this process.
 
   Args:
@@ -381,26 +438,40 @@ def train_dataset(data_cfg: Any, *, seed: int, batch_size: int, process_index: i
   crops_lib.resample_filter(data_cfg.interpolation)  # fail early on a bad name
   canvas_size = canvas_size_of(data_cfg)
   if canvas_size and data_cfg.interpolation.lower() not in device_crops.FILTERS:
-    raise DataError(f"config.data.interpolation={data_cfg.interpolation!r} is not available with "
-                    f"config.data.crops_on='device'; use one of {sorted(device_crops.FILTERS)} "
-                    "or crops_on='host'.")
+    raise DataError(
+      f"config.data.interpolation={data_cfg.interpolation!r} is not available with "
+      f"config.data.crops_on='device'; use one of {sorted(device_crops.FILTERS)} "
+      "or crops_on='host'."
+    )
   ratio = tuple(float(r) for r in data_cfg.get('crop_ratio', crops_lib.DEFAULT_RATIO))
   source = train_source(data_cfg)
   global_batch = batch_size * process_count
   if len(source) < global_batch:
-    raise DataError(f'{source!r} has only {len(source)} records, fewer than one global batch of '
-                    f'{global_batch}; lower the batch size.')
+    raise DataError(
+      f'{source!r} has only {len(source)} records, fewer than one global batch of '
+      f'{global_batch}; lower the batch size.'
+    )
   mask_spec = masks_lib.MaskSpec.from_config(data_cfg.get('masks'))
   if mask_spec.scheme != 'none' and global_spec.size % patch_size:
-    raise DataError(f'global crops of {global_spec.size} px do not tile into {patch_size}-px '
-                    'patches; masks need whole patches (change data.global_crops.size)')
-  multi_crop = _MultiCrop(global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec,
-                          patch_size, canvas_size)
+    raise DataError(
+      f'global crops of {global_spec.size} px do not tile into {patch_size}-px '
+      'patches; masks need whole patches (change data.global_crops.size)'
+    )
+  multi_crop = _MultiCrop(
+    global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec, patch_size, canvas_size
+  )
   masks_cfg = data_cfg.get('masks')
   masks_from = int(masks_cfg.get('pred_start_epoch', 0)) if masks_cfg is not None else 0
-  make = _TrainBatch(source, multi_crop, _Batch(canvas_size, overlaps), seed=seed,
-                     global_batch_size=global_batch, process_index=process_index,
-                     process_count=process_count, masks_from_epoch=masks_from)
+  make = _TrainBatch(
+    source,
+    multi_crop,
+    _Batch(canvas_size, overlaps),
+    seed=seed,
+    global_batch_size=global_batch,
+    process_index=process_index,
+    process_count=process_count,
+    masks_from_epoch=masks_from,
+  )
   return TrainStream(make, data_cfg)
 
 
@@ -412,8 +483,10 @@ def steps_per_epoch(data_cfg: Any, global_batch_size: int) -> int:
   """
   n = len(train_source(data_cfg))
   if n < global_batch_size:
-    raise DataError(f'The training split has {n} records, fewer than one global batch of '
-                    f'{global_batch_size}; lower the batch size.')
+    raise DataError(
+      f'The training split has {n} records, fewer than one global batch of '
+      f'{global_batch_size}; lower the batch size.'
+    )
   return n // global_batch_size
 
 
@@ -441,17 +514,26 @@ def eval_num_classes(data_cfg: Any) -> int:
       raise DataError(f'{e} ({off}).') from e
     classes[split] = sources.source_num_classes(source)
     if classes[split] is None:
-      raise DataError(f'the evaluation split {split!r} ({source!r}) has no labels: the kNN and '
-                      'the probes need labelled images (for an image folder, '
-                      f'<path>/{split}/<class>/... sub-folders), {off}.')
+      raise DataError(
+        f'the evaluation split {split!r} ({source!r}) has no labels: the kNN and '
+        'the probes need labelled images (for an image folder, '
+        f'<path>/{split}/<class>/... sub-folders), {off}.'
+      )
   return max(classes.values())
 
 
 class _EvalRecord:
   """Padded position -> evaluation example; positions past this process's records are padding."""
 
-  def __init__(self, source: Any, process_index: int, process_count: int, resize: int, size: int,
-               interpolation: str):
+  def __init__(
+    self,
+    source: Any,
+    process_index: int,
+    process_count: int,
+    resize: int,
+    size: int,
+    interpolation: str,
+  ):
     self.source = source
     self.process_index = process_index
     self.process_count = process_count
@@ -462,11 +544,15 @@ class _EvalRecord:
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     index = self.process_index + int(position) * self.process_count
     if index >= len(self.source):
-      return {'image': np.zeros((self.size, self.size, 3), np.uint8), 'label': np.int32(-1),
-              'mask': np.bool_(False)}
+      return {
+        'image': np.zeros((self.size, self.size, 3), np.uint8),
+        'label': np.int32(-1),
+        'mask': np.bool_(False),
+      }
     record = self.source[index]
-    image = crops_lib.resize_center_crop(record['image'], self.resize, self.size,
-                                         self.interpolation)
+    image = crops_lib.resize_center_crop(
+      record['image'], self.resize, self.size, self.interpolation
+    )
     return {'image': image, 'label': np.int32(record['label']), 'mask': np.bool_(True)}
 
 
@@ -483,8 +569,9 @@ class _EvalBatch:
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-def eval_dataset(data_cfg: Any, split: str, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> 'grain.IterDataset':
+def eval_dataset(
+  data_cfg: Any, split: str, *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
   """One ordered pass over a labelled split for k-NN, sharded over processes.
 
   Process p takes records p, p + P, p + 2P, ...; every process yields the same number of batches
@@ -496,13 +583,15 @@ def eval_dataset(data_cfg: Any, split: str, *, batch_size: int, process_index: i
     (False on padding), b = batch_size.
   """
   import grain  # pylint: disable=g-import-not-at-top
+
   _check_shard(process_index, process_count)
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
   resize, size = int(data_cfg.eval_resize), int(data_cfg.eval_size)
   if size > resize:
-    raise DataError(f'config.data.eval_size {size} > eval_resize {resize}; eval_resize must be '
-                    '>= eval_size.')
+    raise DataError(
+      f'config.data.eval_size {size} > eval_resize {resize}; eval_resize must be >= eval_size.'
+    )
   crops_lib.resample_filter(data_cfg.interpolation)
   source = sources.make_source(data_cfg, split, min_side=resize)
   per_process = -(-len(source) // process_count)

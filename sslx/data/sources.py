@@ -37,8 +37,8 @@ import os
 import threading
 from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 from PIL import ExifTags, Image, ImageOps
 
 from sslx import errors
@@ -47,8 +47,8 @@ from sslx.data import crops as crops_lib
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 _FASHION_MNIST_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+  'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 
 
@@ -114,8 +114,10 @@ def _orientation(im: Image.Image) -> int:
     return 1
 
 
-def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray, float]:
+def decode_image(
+  source: str | bytes | os.PathLike,
+  min_side: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
   """Decodes an encoded image (a path or the file's bytes) to RGB; see ``_decode``.
 
   Returns:
@@ -125,8 +127,10 @@ def decode_image(source: str | bytes | os.PathLike, min_side: int | None = None,
   return np.asarray(image, dtype=np.uint8), size, scale
 
 
-def _decode(source: str | bytes | os.PathLike, min_side: int | None = None,
-            ) -> tuple[Image.Image | np.ndarray, np.ndarray, float]:
+def _decode(
+  source: str | bytes | os.PathLike,
+  min_side: int | None = None,
+) -> tuple[Image.Image | np.ndarray, np.ndarray, float]:
   """Decodes an encoded image (a path or the file's bytes) to RGB, turned upright.
 
   An EXIF orientation tag other than 1 is applied as ``PIL.ImageOps.exif_transpose`` does (a phone
@@ -229,19 +233,20 @@ class _SubstitutingSource:
         current = self.substitute(index, attempt)
         continue
       return {
-          **self._record_image(image),
-          'image_size': size,
-          'decode_scale': np.float64(scale),
-          'label': np.int32(label),
-          'skipped': np.int32(attempt),
-          'bad_indices': bad,
-          'index': np.int64(index),
+        **self._record_image(image),
+        'image_size': size,
+        'decode_scale': np.float64(scale),
+        'label': np.int32(label),
+        'skipped': np.int32(attempt),
+        'bad_indices': bad,
+        'index': np.int64(index),
       }
     names = list(dict.fromkeys(self.describe(int(i)) for i in bad))
     raise DataError(
-        f'{MAX_ATTEMPTS} images in a row could not be decoded for record {index} of {self!r} '
-        f'({", ".join(names[:3])}{", ..." if len(names) > 3 else ""}; last error: {error}); '
-        'the data looks broken, check these files.')
+      f'{MAX_ATTEMPTS} images in a row could not be decoded for record {index} of {self!r} '
+      f'({", ".join(names[:3])}{", ..." if len(names) > 3 else ""}; last error: {error}); '
+      'the data looks broken, check these files.'
+    )
 
 
 # Paths (``describe``) of the records that failed to decode in this process: each is warned
@@ -261,8 +266,9 @@ def _warn_once(name: str, error: str) -> None:
     if name in _WARNED:
       return
     _WARNED.add(name)
-  logging.warning('sslx.data: unreadable image %s (%s); other records are read in its place.',
-                  name, error)
+  logging.warning(
+    'sslx.data: unreadable image %s (%s); other records are read in its place.', name, error
+  )
 
 
 _FMNIST_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -286,8 +292,10 @@ def load_fashion_mnist(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     DataError: unknown split or missing files.
   """
   if split not in _FASHION_MNIST_FILES:
-    raise DataError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}; "
-                    'fix config.data.train_split / eval_train_split / eval_test_split.')
+    raise DataError(
+      f"Fashion-MNIST has splits 'train' and 'test', not {split!r}; "
+      'fix config.data.train_split / eval_train_split / eval_test_split.'
+    )
   key = (os.path.abspath(path), split)
   with _FMNIST_LOCK:
     if key not in _FMNIST_CACHE:
@@ -295,14 +303,17 @@ def load_fashion_mnist(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
       missing = [f for f in files if not os.path.isfile(f)]
       if missing:
         raise DataError(
-            f'Fashion-MNIST files not found: {", ".join(missing)}. Install them with '
-            '`apt-get install dataset-fashion-mnist` (Debian, files land in '
-            f'{FASHION_MNIST_DIR}) or point --config.data.path at a folder holding the gzipped '
-            'IDX files.')
+          f'Fashion-MNIST files not found: {", ".join(missing)}. Install them with '
+          '`apt-get install dataset-fashion-mnist` (Debian, files land in '
+          f'{FASHION_MNIST_DIR}) or point --config.data.path at a folder holding the gzipped '
+          'IDX files.'
+        )
       images, labels = (_read_idx(f) for f in files)
       if images.shape[0] != labels.shape[0]:
-        raise DataError(f'Fashion-MNIST {split}: {images.shape[0]} images but '
-                        f'{labels.shape[0]} labels in {path}; the files are damaged.')
+        raise DataError(
+          f'Fashion-MNIST {split}: {images.shape[0]} images but '
+          f'{labels.shape[0]} labels in {path}; the files are damaged.'
+        )
       _FMNIST_CACHE[key] = (images, labels.astype(np.int32))
     return _FMNIST_CACHE[key]
 
@@ -321,8 +332,11 @@ class FashionMnistSource(_SubstitutingSource):
     self._images, self._labels = load_fashion_mnist(path, split)
 
   def __getstate__(self) -> dict[str, Any]:
-    return {'path': self.path, 'split': self.split,
-            'canvas': (self.canvas_size, self.canvas_interpolation)}
+    return {
+      'path': self.path,
+      'split': self.split,
+      'canvas': (self.canvas_size, self.canvas_interpolation),
+    }
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__init__(state['path'], state['split'])
@@ -383,8 +397,10 @@ _LISTING_CACHE: dict[tuple[str, Any], tuple[Any, bytes, np.ndarray, np.ndarray]]
 _LISTING_LOCK = threading.Lock()
 
 
-def _scan_folder(root: str, classes: tuple[str, ...] | None,
-                 ) -> tuple[tuple[str, ...] | None, bytes, np.ndarray, np.ndarray]:
+def _scan_folder(
+  root: str,
+  classes: tuple[str, ...] | None,
+) -> tuple[tuple[str, ...] | None, bytes, np.ndarray, np.ndarray]:
   """(class names or None, relative paths as one utf-8 blob, blob offsets [N+1], labels [N]).
 
   ``classes``: the label order to use (``ImageFolderSource``); None: this folder's own classes.
@@ -396,28 +412,42 @@ def _scan_folder(root: str, classes: tuple[str, ...] | None,
   empty = [name for name in subdirs if not found[name]]
   if empty:
     # An empty folder made a class would shift the labels of every class after it.
-    logging.warning('sslx.data: %d sub-folder(s) of %s hold no images and are ignored: %s',
-                    len(empty), root, ', '.join(empty))
+    logging.warning(
+      'sslx.data: %d sub-folder(s) of %s hold no images and are ignored: %s',
+      len(empty),
+      root,
+      ', '.join(empty),
+    )
   if classes is None:
     classes = tuple(name for name in subdirs if found[name]) or None
   if classes is not None:
     others = [name for name in subdirs if found[name] and name not in classes]
     if others:
-      logging.warning('sslx.data: %d class folder(s) of %s are not among the %d classes used '
-                      'and are ignored: %s', len(others), root, len(classes), ', '.join(others))
+      logging.warning(
+        'sslx.data: %d class folder(s) of %s are not among the %d classes used and are ignored: %s',
+        len(others),
+        root,
+        len(classes),
+        ', '.join(others),
+      )
     for label, name in enumerate(classes):
       paths.extend(found.get(name, ()))
       labels.extend([label] * len(found.get(name, ())))
     loose = [f for f in os.listdir(root) if _is_image_file(f)]
     if loose:
-      logging.warning('sslx.data: %d images directly in %s are ignored (class sub-folders '
-                      'found).', len(loose), root)
+      logging.warning(
+        'sslx.data: %d images directly in %s are ignored (class sub-folders found).',
+        len(loose),
+        root,
+      )
   else:
     paths = [os.path.join(root, f) for f in sorted(os.listdir(root)) if _is_image_file(f)]
     labels = [-1] * len(paths)
   if not paths:
-    raise DataError(f'Image folder {root!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}); '
-                    'set --config.data.path to a folder of class sub-folders of JPEG/PNG files.')
+    raise DataError(
+      f'Image folder {root!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}); '
+      'set --config.data.path to a folder of class sub-folders of JPEG/PNG files.'
+    )
   # One bytes blob + offsets pickles fast to worker processes even for ~1M paths.
   encoded = [os.path.relpath(p, root).encode('utf-8') for p in paths]
   offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
@@ -442,11 +472,14 @@ class ImageFolderSource(_SubstitutingSource):
   The listing is scanned once per process and folder (cached), then pickled with the source.
   """
 
-  def __init__(self, root: str, min_side: int | None = None,
-               classes: tuple[str, ...] | None = None):
+  def __init__(
+    self, root: str, min_side: int | None = None, classes: tuple[str, ...] | None = None
+  ):
     if not os.path.isdir(root):
-      raise DataError(f'Image folder {root!r} does not exist; set --config.data.path to a folder '
-                      'of class sub-folders (or of images).')
+      raise DataError(
+        f'Image folder {root!r} does not exist; set --config.data.path to a folder '
+        'of class sub-folders (or of images).'
+      )
     self.root = root
     self.min_side = min_side
     key = (os.path.abspath(root), None if classes is None else tuple(classes))
@@ -482,12 +515,16 @@ class ImageFolderSource(_SubstitutingSource):
 def tfds_prepare_hint(name: str, data_dir: str | None) -> str:
   """How to prepare a TFDS dataset for random access (array_record)."""
   where = data_dir or '~/tensorflow_datasets'
-  hint = (f'Prepare it with `tfds build {name} --data_dir={where} --file_format=array_record` '
-          'and set --config.data.tfds_data_dir to that folder.')
+  hint = (
+    f'Prepare it with `tfds build {name} --data_dir={where} --file_format=array_record` '
+    'and set --config.data.tfds_data_dir to that folder.'
+  )
   if name.split('/')[0].split(':')[0] == 'imagenet2012':
-    hint = (f'For imagenet2012 place ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-            f'{where}/downloads/manual, then run `tfds build imagenet2012 --data_dir={where} '
-            '--file_format=array_record`, and set --config.data.tfds_data_dir accordingly.')
+    hint = (
+      f'For imagenet2012 place ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
+      f'{where}/downloads/manual, then run `tfds build imagenet2012 --data_dir={where} '
+      '--file_format=array_record`, and set --config.data.tfds_data_dir accordingly.'
+    )
   return hint
 
 
@@ -502,8 +539,9 @@ class TfdsSource(_SubstitutingSource):
     DataError: the dataset is not prepared, not in a random-access format, or has no such split.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None,
-               min_side: int | None = None):
+  def __init__(
+    self, name: str, split: str, data_dir: str | None = None, min_side: int | None = None
+  ):
     self.name = name
     self.split = split
     self.data_dir = data_dir
@@ -514,21 +552,28 @@ class TfdsSource(_SubstitutingSource):
   def _open(self) -> None:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from tensorflow_datasets.core import read_only_builder  # pylint: disable=g-import-not-at-top
+
     try:
       # Not tfds.data_source: on a missing dataset that starts a download/build instead of failing.
       builder = read_only_builder.builder_from_files(self.name, data_dir=self.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise DataError(f'TFDS dataset {self.name!r} is not prepared under '
-                      f'{self.data_dir or "the default data_dir"}. '
-                      f'{tfds_prepare_hint(self.name, self.data_dir)}') from e
+      raise DataError(
+        f'TFDS dataset {self.name!r} is not prepared under '
+        f'{self.data_dir or "the default data_dir"}. '
+        f'{tfds_prepare_hint(self.name, self.data_dir)}'
+      ) from e
     file_format = str(getattr(builder.info.file_format, 'value', builder.info.file_format))
     if file_format not in ('array_record', 'parquet'):
-      raise DataError(f'TFDS dataset {self.name!r} at {builder.data_dir} is stored as '
-                      f'{file_format}, which has no random access. '
-                      f'{tfds_prepare_hint(self.name, self.data_dir)}')
+      raise DataError(
+        f'TFDS dataset {self.name!r} at {builder.data_dir} is stored as '
+        f'{file_format}, which has no random access. '
+        f'{tfds_prepare_hint(self.name, self.data_dir)}'
+      )
     if self.split not in builder.info.splits:
-      raise DataError(f'TFDS dataset {self.name!r} has splits {sorted(builder.info.splits)}, not '
-                      f'{self.split!r}; fix config.data.train_split / eval_*_split.')
+      raise DataError(
+        f'TFDS dataset {self.name!r} has splits {sorted(builder.info.splits)}, not '
+        f'{self.split!r}; fix config.data.train_split / eval_*_split.'
+      )
     features = builder.info.features
     decoders = None
     if isinstance(features['image'], tfds.features.Image):
@@ -568,8 +613,10 @@ class TfdsSource(_SubstitutingSource):
     if image.ndim == 2:
       image = image[..., None]
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-      raise DataError(f'{self.describe(index)}: expected a uint8 [H, W, 1|3|4] image, got '
-                      f'{image.dtype} {image.shape}.')
+      raise DataError(
+        f'{self.describe(index)}: expected a uint8 [H, W, 1|3|4] image, got '
+        f'{image.dtype} {image.shape}.'
+      )
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
     elif image.shape[-1] == 4:
@@ -590,22 +637,37 @@ def _split_classes(data_cfg: Any, root: str, split: str) -> tuple[str, ...] | No
   own = class_folders(os.path.join(root, split))
   if own is None:
     return None
-  names = dict.fromkeys((data_cfg.get('train_split', 'train'), data_cfg.get('eval_train_split'),
-                         data_cfg.get('eval_test_split'), split))
-  per_split = {own_split: class_folders(os.path.join(root, own_split)) for own_split in names
-               if own_split and os.path.isdir(os.path.join(root, own_split))}
+  names = dict.fromkeys(
+    (
+      data_cfg.get('train_split', 'train'),
+      data_cfg.get('eval_train_split'),
+      data_cfg.get('eval_test_split'),
+      split,
+    )
+  )
+  per_split = {
+    own_split: class_folders(os.path.join(root, own_split))
+    for own_split in names
+    if own_split and os.path.isdir(os.path.join(root, own_split))
+  }
   per_split = {name: set(found) for name, found in per_split.items() if found is not None}
   union = tuple(sorted(set().union(*per_split.values())))
   key = (os.path.abspath(root),) + tuple(sorted(per_split))
   if any(found != set(union) for found in per_split.values()) and key not in _WARNED_SPLITS:
     _WARNED_SPLITS.add(key)
-    lacking = '; '.join(f'{name} lacks {", ".join(sorted(set(union) - found))}'
-                        for name, found in sorted(per_split.items()) if found != set(union))
+    lacking = '; '.join(
+      f'{name} lacks {", ".join(sorted(set(union) - found))}'
+      for name, found in sorted(per_split.items())
+      if found != set(union)
+    )
     logging.warning(
-        'sslx.data: the splits of %s have different classes (%s). Every split is labelled by '
-        'the %d classes of all of them, so a class keeps one label everywhere; test images of a '
-        'class missing from the kNN\'s train split can never be classified right.',
-        root, lacking, len(union))
+      'sslx.data: the splits of %s have different classes (%s). Every split is labelled by '
+      'the %d classes of all of them, so a class keeps one label everywhere; test images of a '
+      'class missing from the kNN\'s train split can never be classified right.',
+      root,
+      lacking,
+      len(union),
+    )
   return union
 
 
@@ -634,16 +696,17 @@ def make_source(data_cfg: Any, split: str, *, min_side: int | None = None) -> _S
       return ImageFolderSource(split_dir, min_side, _split_classes(data_cfg, root, split))
     if split == data_cfg.get('train_split', 'train'):
       return ImageFolderSource(root, min_side)
-    raise DataError(f'No folder {split_dir!r} for split {split!r}; an image folder used for '
-                    'evaluation needs <path>/<split>/<class>/... sub-folders.')
+    raise DataError(
+      f'No folder {split_dir!r} for split {split!r}; an image folder used for '
+      'evaluation needs <path>/<split>/<class>/... sub-folders.'
+    )
   if kind == 'tfds':
     return TfdsSource(data_cfg.tfds_name, split, data_cfg.get('tfds_data_dir') or None, min_side)
-  raise DataError(f"Unknown config.data.source {kind!r}; use 'fashion_mnist', 'image_folder' or "
-                  "'tfds'.")
+  raise DataError(
+    f"Unknown config.data.source {kind!r}; use 'fashion_mnist', 'image_folder' or 'tfds'."
+  )
 
 
 def source_num_classes(source: Any) -> int | None:
   """The number of classes a source declares, or None."""
   return getattr(source, 'num_classes', None)
-
-

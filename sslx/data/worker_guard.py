@@ -28,11 +28,13 @@ def _exit_when_orphaned(parent: int, poll: float) -> None:
   os._exit(1)  # no cleanup to wait for: the parent that consumed our output is gone
 
 
-def init_worker(worker_index: int = 0, worker_count: int = 1, *,
-                poll_seconds: float = POLL_SECONDS) -> None:
+def init_worker(
+  worker_index: int = 0, worker_count: int = 1, *, poll_seconds: float = POLL_SECONDS
+) -> None:
   """grain `worker_init_fn`: exit when the parent dies; leave Ctrl-C to the parent."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   parent = os.getppid()
-  threading.Thread(target=_exit_when_orphaned, args=(parent, poll_seconds), daemon=True,
-                   name="exit-with-parent").start()
+  threading.Thread(
+    target=_exit_when_orphaned, args=(parent, poll_seconds), daemon=True, name="exit-with-parent"
+  ).start()

@@ -24,10 +24,14 @@ def cls_attention(attention: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   """
   attention = np.asarray(attention, np.float32)
   rows, cols = grid
-  if attention.ndim != 4 or attention.shape[2] != attention.shape[3] \
-      or attention.shape[2] != 1 + rows * cols:
-    raise ValueError(f"attention must be [B, heads, 1 + N, 1 + N] with N = {rows}x{cols}, got "
-                     f"{attention.shape}")
+  if (
+    attention.ndim != 4
+    or attention.shape[2] != attention.shape[3]
+    or attention.shape[2] != 1 + rows * cols
+  ):
+    raise ValueError(
+      f"attention must be [B, heads, 1 + N, 1 + N] with N = {rows}x{cols}, got {attention.shape}"
+    )
   return attention[:, :, 0, 1:].reshape(attention.shape[:2] + (rows, cols))
 
 
@@ -82,8 +86,9 @@ def _upsample(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return x[rows][:, cols]
 
 
-def attention_figure(images: np.ndarray, maps: np.ndarray, keep: float = 0.6,
-                     scale: int = 1, gap: int = 2) -> np.ndarray:
+def attention_figure(
+  images: np.ndarray, maps: np.ndarray, keep: float = 0.6, scale: int = 1, gap: int = 2
+) -> np.ndarray:
   """One picture: a row per image with the image, each head's map, and the head-mean mask.
 
   Each head's map is stretched to its own [min, max] and drawn on the 'hot' ramp, every patch a
@@ -105,8 +110,9 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, keep: float = 0.6,
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
     raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {images.shape}")
   if maps.ndim != 4 or maps.shape[0] != images.shape[0]:
-    raise ValueError(f"maps must be [B, heads, rows, cols] with B = {images.shape[0]}, got "
-                     f"{maps.shape}")
+    raise ValueError(
+      f"maps must be [B, heads, rows, cols] with B = {images.shape[0]}, got {maps.shape}"
+    )
   b, h, w, _ = images.shape
   heads = maps.shape[1]
   ph, pw = h * scale, w * scale
@@ -122,5 +128,5 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, keep: float = 0.6,
     y = i * (ph + gap)
     for k, panel in enumerate(panels):
       x = k * (pw + gap)
-      canvas[y:y + ph, x:x + pw] = panel
+      canvas[y : y + ph, x : x + pw] = panel
   return canvas

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,19 +43,23 @@ def eval_compiler_options() -> dict[str, str] | None:
   return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def uint8_forward(fn: Callable[[Any, jax.Array], jax.Array], mean: tuple[float, ...],
-                  std: tuple[float, ...]) -> Callable[[Any, jax.Array], jax.Array]:
+def uint8_forward(
+  fn: Callable[[Any, jax.Array], jax.Array], mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Any, jax.Array], jax.Array]:
   """(params, normalised float images) -> out, as (params, uint8 images [B, H, W, C]) -> out.
 
   The images are scaled to [0, 1] and normalised with the config's `mean` / `std`, as in training.
   """
+
   def forward(params: Any, images: jax.Array) -> jax.Array:
     return fn(params, augment.normalize(images.astype(jnp.float32) / 255.0, mean, std))
+
   return forward
 
 
-def eval_forward(fn: Callable[[Any, jax.Array], jax.Array], mean: tuple[float, ...],
-                 std: tuple[float, ...]) -> Callable[[Any, jax.Array], jax.Array]:
+def eval_forward(
+  fn: Callable[[Any, jax.Array], jax.Array], mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Any, jax.Array], jax.Array]:
   """`uint8_forward(fn, mean, std)` jitted with `eval_compiler_options()`: the one way evaluators
   (kNN features, probe tokens) compile a frozen network's forward."""
   return jax.jit(uint8_forward(fn, mean, std), compiler_options=eval_compiler_options())
@@ -72,8 +77,9 @@ def raw_pixel_features(images: np.ndarray) -> np.ndarray:
   images = np.asarray(images)
   if images.ndim < 2:
     raise ValueError(
-        f"raw_pixel_features expects a batch of images [N, H, W, C]; got shape {images.shape}. "
-        "Add the batch dimension (e.g. images[None]).")
+      f"raw_pixel_features expects a batch of images [N, H, W, C]; got shape {images.shape}. "
+      "Add the batch dimension (e.g. images[None])."
+    )
   return images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255.0)
 
 
@@ -92,10 +98,15 @@ def one_channel_if_grey(*image_sets: np.ndarray) -> tuple[np.ndarray, ...]:
   Returns:
     The arrays as [N, H, W, 1] if C == 3 and all channels are equal everywhere, else unchanged.
   """
+
   def grey(images: np.ndarray) -> bool:
-    return (images.ndim == 4 and images.shape[-1] == 3 and
-            bool(np.all(images[..., 0] == images[..., 1])) and
-            bool(np.all(images[..., 0] == images[..., 2])))
+    return (
+      images.ndim == 4
+      and images.shape[-1] == 3
+      and bool(np.all(images[..., 0] == images[..., 1]))
+      and bool(np.all(images[..., 0] == images[..., 2]))
+    )
+
   if image_sets and all(grey(images) for images in image_sets):
     return tuple(images[..., :1] for images in image_sets)
   return image_sets
@@ -109,16 +120,16 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "num_top"))
 def _count_correct_chunk(
-    train_features: jax.Array,
-    train_labels: jax.Array,
-    test_features: jax.Array,
-    test_labels: jax.Array,
-    valid: jax.Array,
-    temperature: jax.Array,
-    *,
-    num_classes: int,
-    k: int,
-    num_top: int,
+  train_features: jax.Array,
+  train_labels: jax.Array,
+  test_features: jax.Array,
+  test_labels: jax.Array,
+  valid: jax.Array,
+  temperature: jax.Array,
+  *,
+  num_classes: int,
+  k: int,
+  num_top: int,
 ) -> tuple[jax.Array, jax.Array]:
   """Counts top-1 and top-`num_top` hits for one chunk of (already normalised) test features."""
   # HIGHEST: on GPUs the default f32 matmul may run in TF32, which reorders close neighbours.
@@ -126,9 +137,12 @@ def _count_correct_chunk(
   top_sims, top_idx = jax.lax.top_k(sims, k)  # [c, k]
   weights = jnp.exp(top_sims / temperature)
   neighbour_labels = train_labels[top_idx]  # [c, k]
-  votes = jnp.einsum("ck,ckn->cn", weights,
-                     jax.nn.one_hot(neighbour_labels, num_classes, dtype=weights.dtype),
-                     precision=jax.lax.Precision.HIGHEST)
+  votes = jnp.einsum(
+    "ck,ckn->cn",
+    weights,
+    jax.nn.one_hot(neighbour_labels, num_classes, dtype=weights.dtype),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   # top_k breaks ties towards the lower class index, like a stable descending sort.
   _, ranked = jax.lax.top_k(votes, num_top)  # [c, num_top]
   hits = ranked == test_labels[:, None]
@@ -137,29 +151,36 @@ def _count_correct_chunk(
   return top1, topn
 
 
-def _check_features_and_labels(features: np.ndarray, labels: np.ndarray, name: str,
-                               num_classes: int) -> None:
+def _check_features_and_labels(
+  features: np.ndarray, labels: np.ndarray, name: str, num_classes: int
+) -> None:
   if features.ndim != 2:
-    raise ValueError(f"{name}_features must be 2-D [num_samples, dim]; got shape {features.shape}. "
-                     "Flatten or pool the features first.")
+    raise ValueError(
+      f"{name}_features must be 2-D [num_samples, dim]; got shape {features.shape}. "
+      "Flatten or pool the features first."
+    )
   if labels.shape != (features.shape[0],):
-    raise ValueError(f"{name}_labels must have shape [{features.shape[0]}] to match "
-                     f"{name}_features {features.shape}; got {labels.shape}.")
+    raise ValueError(
+      f"{name}_labels must have shape [{features.shape[0]}] to match "
+      f"{name}_features {features.shape}; got {labels.shape}."
+    )
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"{name}_labels must lie in [0, num_classes={num_classes}); found range "
-                     f"[{labels.min()}, {labels.max()}]. Check num_classes or the label mapping.")
+    raise ValueError(
+      f"{name}_labels must lie in [0, num_classes={num_classes}); found range "
+      f"[{labels.min()}, {labels.max()}]. Check num_classes or the label mapping."
+    )
 
 
 def knn_classify(
-    train_features: np.ndarray | jax.Array,
-    train_labels: np.ndarray | jax.Array,
-    test_features: np.ndarray | jax.Array,
-    test_labels: np.ndarray | jax.Array,
-    *,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
+  train_features: np.ndarray | jax.Array,
+  train_labels: np.ndarray | jax.Array,
+  test_features: np.ndarray | jax.Array,
+  test_labels: np.ndarray | jax.Array,
+  *,
+  num_classes: int,
+  k: int = 20,
+  temperature: float = 0.07,
+  chunk_size: int = 1024,
 ) -> dict[str, float]:
   """Weighted k-NN classification accuracy of test features against a train feature bank.
 
@@ -190,15 +211,21 @@ def knn_classify(
   _check_features_and_labels(train_features, train_labels, "train", num_classes)
   _check_features_and_labels(test_features, test_labels, "test", num_classes)
   if train_features.shape[1] != test_features.shape[1]:
-    raise ValueError(f"train and test features must share the feature dim; got "
-                     f"{train_features.shape[1]} and {test_features.shape[1]}.")
+    raise ValueError(
+      f"train and test features must share the feature dim; got "
+      f"{train_features.shape[1]} and {test_features.shape[1]}."
+    )
   num_train, num_test = train_features.shape[0], test_features.shape[0]
   if num_train == 0 or num_test == 0:
-    raise ValueError(f"k-NN needs at least one train and one test sample; got {num_train} train, "
-                     f"{num_test} test. Check the evaluation datasets.")
+    raise ValueError(
+      f"k-NN needs at least one train and one test sample; got {num_train} train, "
+      f"{num_test} test. Check the evaluation datasets."
+    )
   if not 1 <= k <= num_train:
-    raise ValueError(f"k={k} must be in [1, number of train samples={num_train}]. Use a smaller k "
-                     "or a larger train split for the k-NN evaluator.")
+    raise ValueError(
+      f"k={k} must be in [1, number of train samples={num_train}]. Use a smaller k "
+      "or a larger train split for the k-NN evaluator."
+    )
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0; got {temperature}.")
   if chunk_size < 1:
@@ -221,9 +248,18 @@ def knn_classify(
   for i in range(num_chunks):
     sl = slice(i * chunk_size, (i + 1) * chunk_size)
     counts.append(
-        _count_correct_chunk(bank, bank_labels, _l2_normalize(jnp.asarray(queries[sl])),
-                             jnp.asarray(query_labels[sl]), jnp.asarray(valid[sl]), temperature,
-                             num_classes=num_classes, k=k, num_top=num_top))
+      _count_correct_chunk(
+        bank,
+        bank_labels,
+        _l2_normalize(jnp.asarray(queries[sl])),
+        jnp.asarray(query_labels[sl]),
+        jnp.asarray(valid[sl]),
+        temperature,
+        num_classes=num_classes,
+        k=k,
+        num_top=num_top,
+      )
+    )
   # Synchronise only once every chunk has been dispatched.
   top1 = sum(int(hits1) for hits1, _ in counts)
   top5 = sum(int(hits5) for _, hits5 in counts)
@@ -231,8 +267,8 @@ def knn_classify(
 
 
 def extract_features(
-    feature_fn: FeatureFn,
-    batches: Iterable[Mapping[str, np.ndarray]],
+  feature_fn: FeatureFn,
+  batches: Iterable[Mapping[str, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray]:
   """Runs `feature_fn` over evaluation batches and gathers features and labels on the host.
 
@@ -256,22 +292,30 @@ def extract_features(
     out, labels, mask, index = pending.popleft()
     out = np.asarray(out, dtype=np.float32)
     if out.ndim != 2 or out.shape[0] != mask.shape[0]:
-      raise ValueError(f"feature_fn must return features [batch={mask.shape[0]}, dim]; got shape "
-                       f"{out.shape} for batch {index}. Pool or flatten inside feature_fn.")
+      raise ValueError(
+        f"feature_fn must return features [batch={mask.shape[0]}, dim]; got shape "
+        f"{out.shape} for batch {index}. Pool or flatten inside feature_fn."
+      )
     feature_parts.append(out[mask])
     label_parts.append(labels[mask])
 
   for index, batch in enumerate(batches):
     for key in ("image", "label"):
       if key not in batch:
-        raise KeyError(f"evaluation batch {index} has no '{key}' entry; got keys "
-                       f"{sorted(batch)}. Batches must be dicts with 'image', 'label' and 'mask'.")
+        raise KeyError(
+          f"evaluation batch {index} has no '{key}' entry; got keys "
+          f"{sorted(batch)}. Batches must be dicts with 'image', 'label' and 'mask'."
+        )
     labels = np.asarray(batch["label"]).astype(np.int32).reshape(-1)
-    mask = np.asarray(batch["mask"], dtype=bool).reshape(-1) if "mask" in batch else np.ones(
-        labels.shape, dtype=bool)
+    mask = (
+      np.asarray(batch["mask"], dtype=bool).reshape(-1)
+      if "mask" in batch
+      else np.ones(labels.shape, dtype=bool)
+    )
     if mask.shape != labels.shape:
-      raise ValueError(f"batch {index}: 'mask' shape {mask.shape} does not match 'label' shape "
-                       f"{labels.shape}.")
+      raise ValueError(
+        f"batch {index}: 'mask' shape {mask.shape} does not match 'label' shape {labels.shape}."
+      )
     pending.append((feature_fn(batch["image"]), labels, mask, index))
     if len(pending) > _MAX_PENDING_BATCHES:
       drain_one()
@@ -284,13 +328,13 @@ def extract_features(
 
 
 def run_knn(
-    feature_fn: FeatureFn,
-    train_batches: Iterable[Mapping[str, np.ndarray]],
-    test_batches: Iterable[Mapping[str, np.ndarray]],
-    *,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
+  feature_fn: FeatureFn,
+  train_batches: Iterable[Mapping[str, np.ndarray]],
+  test_batches: Iterable[Mapping[str, np.ndarray]],
+  *,
+  num_classes: int,
+  k: int = 20,
+  temperature: float = 0.07,
 ) -> dict[str, float | int]:
   """Extracts train/test features with `feature_fn` and scores them with `knn_classify`.
 
@@ -308,8 +352,10 @@ def run_knn(
   train_x, train_y = extract_features(feature_fn, train_batches)
   test_x, test_y = extract_features(feature_fn, test_batches)
   result: dict[str, float | int] = dict(
-      knn_classify(train_x, train_y, test_x, test_y, num_classes=num_classes, k=k,
-                   temperature=temperature))
+    knn_classify(
+      train_x, train_y, test_x, test_y, num_classes=num_classes, k=k, temperature=temperature
+    )
+  )
   result["num_train"] = int(train_x.shape[0])
   result["num_test"] = int(test_x.shape[0])
   return result

@@ -21,7 +21,8 @@ sslx/data/pipeline.eval_dataset ('image', 'label', 'mask').
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ Batches = Iterable[Mapping[str, np.ndarray]]
 @dataclasses.dataclass(frozen=True)
 class ProbeSettings:
   """How a probe head is trained (config.probe.linear / config.probe.attentive)."""
+
   optimizer: str = "sgd"  # 'sgd' | 'lars'
   lr: float = 0.1
   batch_size: int = 256
@@ -47,7 +49,7 @@ class ProbeSettings:
   seed: int = 0
 
   @classmethod
-  def from_config(cls, cfg: Any, seed: int = 0) -> "ProbeSettings":
+  def from_config(cls, cfg: Any, seed: int = 0) -> ProbeSettings:
     if cfg is None:
       return cls(seed=seed)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -56,12 +58,14 @@ class ProbeSettings:
 
 def _batchnorm() -> nn.BatchNorm:
   # torch BatchNorm1d(affine=False): momentum 0.1 there is 0.9 here.
-  return nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_scale=False, use_bias=False,
-                      use_fast_variance=False, name="bn")
+  return nn.BatchNorm(
+    momentum=0.9, epsilon=1e-6, use_scale=False, use_bias=False, use_fast_variance=False, name="bn"
+  )
 
 
 class LinearHead(nn.Module):
   """BN (no affine) + Linear: features [B, D] -> logits [B, C]."""
+
   num_classes: int
 
   @nn.compact
@@ -72,6 +76,7 @@ class LinearHead(nn.Module):
 
 class AttentiveHead(nn.Module):
   """Learned query cross-attending over tokens [B, T, D] -> BN (no affine) -> Linear -> [B, C]."""
+
   num_classes: int
   num_heads: int
 
@@ -79,16 +84,19 @@ class AttentiveHead(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = x.astype(jnp.float32)
     d = x.shape[-1]
-    query = jnp.broadcast_to(self.param("query_token", nn.initializers.zeros, (1, 1, d)),
-                             (x.shape[0], 1, d))
+    query = jnp.broadcast_to(
+      self.param("query_token", nn.initializers.zeros, (1, 1, d)), (x.shape[0], 1, d)
+    )
     out = beit.CrossAttention(self.num_heads, name="cross_attn")(
-        beit.layer_norm("norm_q")(query), beit.layer_norm("norm_k")(x), beit.layer_norm("norm_v")(x))
+      beit.layer_norm("norm_q")(query), beit.layer_norm("norm_k")(x), beit.layer_norm("norm_v")(x)
+    )
     y = _batchnorm()(out[:, 0], use_running_average=not train)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01), name="head")(y)
 
 
-def extract(fn: Callable[[np.ndarray], Any], batches: Batches,
-            max_samples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def extract(
+  fn: Callable[[np.ndarray], Any], batches: Batches, max_samples: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """Runs `fn` over labelled batches; drops padding rows ('mask' False); host float32 arrays.
 
   Returns (features [N, ...], labels int32 [N]); stops after `max_samples` (> 0) rows.
@@ -101,7 +109,9 @@ def extract(fn: Callable[[np.ndarray], Any], batches: Batches,
     keep = np.asarray(batch.get("mask", np.ones_like(y, bool)), bool).reshape(-1)
     out = np.asarray(fn(batch["image"]), np.float32)
     if out.shape[0] != y.shape[0]:
-      raise ValueError(f"feature function returned {out.shape[0]} rows for a batch of {y.shape[0]}.")
+      raise ValueError(
+        f"feature function returned {out.shape[0]} rows for a batch of {y.shape[0]}."
+      )
     feats.append(out[keep])
     labels.append(y[keep])
     count += int(keep.sum())
@@ -113,19 +123,28 @@ def extract(fn: Callable[[np.ndarray], Any], batches: Batches,
   return (x[:max_samples], y[:max_samples]) if max_samples else (x, y)
 
 
-def _optimizer(s: ProbeSettings, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+def _optimizer(
+  s: ProbeSettings, total_steps: int, steps_per_epoch: int
+) -> optax.GradientTransformation:
   warmup = int(round(s.warmup_epochs * steps_per_epoch))
   sched = optax.warmup_cosine_decay_schedule(0.0, s.lr, warmup, max(total_steps, warmup + 1), 0.0)
   if s.optimizer == "sgd":
     return optax.sgd(sched, momentum=s.momentum)
   if s.optimizer == "lars":
     return optax.lars(sched, weight_decay=0.0, momentum=s.momentum)
-  raise ValueError(f"probe optimizer {s.optimizer!r}; valid: 'sgd', 'lars' "
-                   "(config.probe.<kind>.optimizer).")
+  raise ValueError(
+    f"probe optimizer {s.optimizer!r}; valid: 'sgd', 'lars' (config.probe.<kind>.optimizer)."
+  )
 
 
-def train_and_score(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                    test_y: np.ndarray, settings: ProbeSettings) -> dict[str, float]:
+def train_and_score(
+  head: nn.Module,
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  test_x: np.ndarray,
+  test_y: np.ndarray,
+  settings: ProbeSettings,
+) -> dict[str, float]:
   """Trains `head` on cached features with cross-entropy and returns test accuracy.
 
   Returns:
@@ -137,16 +156,19 @@ def train_and_score(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, t
   total = settings.epochs * steps_per_epoch
   tx = _optimizer(settings, total, steps_per_epoch)
   variables = jax.jit(lambda r, x: head.init(r, x, train=False))(
-      jax.random.PRNGKey(settings.seed), jnp.asarray(train_x[:2]))
+    jax.random.PRNGKey(settings.seed), jnp.asarray(train_x[:2])
+  )
   params, stats = variables["params"], variables["batch_stats"]
   opt_state = tx.init(params)
 
   @jax.jit
   def step(params, stats, opt_state, x, y):
     def loss_fn(p):
-      logits, new = head.apply({"params": p, "batch_stats": stats}, x, train=True,
-                               mutable=["batch_stats"])
+      logits, new = head.apply(
+        {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
+
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), stats, opt_state, loss
@@ -157,36 +179,49 @@ def train_and_score(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, t
     order = rng.permutation(n)
     losses = []
     for i in range(steps_per_epoch):
-      idx = order[i * bs:(i + 1) * bs]
+      idx = order[i * bs : (i + 1) * bs]
       params, stats, opt_state, loss = step(params, stats, opt_state, train_x[idx], train_y[idx])
       losses.append(loss)
 
   predict = jax.jit(lambda x: head.apply({"params": params, "batch_stats": stats}, x, train=False))
   top1 = top5 = 0
   for i in range(0, test_x.shape[0], 1000):
-    logits = np.asarray(predict(test_x[i:i + 1000]))
+    logits = np.asarray(predict(test_x[i : i + 1000]))
     ranked = np.argsort(-logits, axis=-1)[:, :5]
-    y = test_y[i:i + 1000]
+    y = test_y[i : i + 1000]
     top1 += int((ranked[:, 0] == y).sum())
     top5 += int((ranked == y[:, None]).any(-1).sum())
   m = test_x.shape[0]
-  return {"top1": 100.0 * top1 / m, "top5": 100.0 * top5 / m,
-          "train_loss": float(np.mean(jax.device_get(losses))) if losses else float("nan"),
-          "num_train": int(n), "num_test": int(m)}
+  return {
+    "top1": 100.0 * top1 / m,
+    "top5": 100.0 * top5 / m,
+    "train_loss": float(np.mean(jax.device_get(losses))) if losses else float("nan"),
+    "num_train": int(n),
+    "num_test": int(m),
+  }
 
 
 def _heads_for(d: int, requested: int) -> int:
   if requested:
     if d % requested:
-      raise ValueError(f"attentive probe num_heads={requested} does not divide the feature width "
-                       f"{d}; set config.probe.attentive.num_heads.")
+      raise ValueError(
+        f"attentive probe num_heads={requested} does not divide the feature width "
+        f"{d}; set config.probe.attentive.num_heads."
+      )
     return requested
   return max(h for h in range(1, 13) if d % h == 0)
 
 
-def linear_probe(feature_fn: Callable[[np.ndarray], Any], train_batches: Batches,
-                 test_batches: Batches, *, num_classes: int, settings: ProbeSettings,
-                 max_train: int = 0, max_test: int = 0) -> dict[str, float]:
+def linear_probe(
+  feature_fn: Callable[[np.ndarray], Any],
+  train_batches: Batches,
+  test_batches: Batches,
+  *,
+  num_classes: int,
+  settings: ProbeSettings,
+  max_train: int = 0,
+  max_test: int = 0,
+) -> dict[str, float]:
   """BN + Linear on `feature_fn` features ([b, D]); returns test top-1/top-5 in percent.
 
   max_train / max_test > 0 keep only the first that many examples (quick checks).
@@ -194,14 +229,23 @@ def linear_probe(feature_fn: Callable[[np.ndarray], Any], train_batches: Batches
   train_x, train_y = extract(feature_fn, train_batches, max_train)
   test_x, test_y = extract(feature_fn, test_batches, max_test)
   if train_x.ndim != 2:
-    raise ValueError(f"linear probing needs one vector per image; features have shape "
-                     f"{train_x.shape[1:]} per image.")
+    raise ValueError(
+      f"linear probing needs one vector per image; features have shape "
+      f"{train_x.shape[1:]} per image."
+    )
   return train_and_score(LinearHead(num_classes), train_x, train_y, test_x, test_y, settings)
 
 
-def attentive_probe(token_fn: Callable[[np.ndarray], Any], train_batches: Batches,
-                    test_batches: Batches, *, num_classes: int, settings: ProbeSettings,
-                    max_train: int = 0, max_test: int = 0) -> dict[str, float]:
+def attentive_probe(
+  token_fn: Callable[[np.ndarray], Any],
+  train_batches: Batches,
+  test_batches: Batches,
+  *,
+  num_classes: int,
+  settings: ProbeSettings,
+  max_train: int = 0,
+  max_test: int = 0,
+) -> dict[str, float]:
   """Cross-attention probe on `token_fn` tokens ([b, T, D]); returns test top-1/top-5 in percent."""
   train_x, train_y = extract(token_fn, train_batches, max_train)
   test_x, test_y = extract(token_fn, test_batches, max_test)

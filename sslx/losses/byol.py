@@ -26,8 +26,9 @@ def regression_loss(prediction: Array, target: Array) -> Array:
   No gradient is stopped here: the caller passes an already stop-gradient target.
   """
   if prediction.shape != target.shape or prediction.ndim != 2:
-    raise ValueError(f"prediction and target must both be [B, D], got {prediction.shape} and "
-                     f"{target.shape}")
+    raise ValueError(
+      f"prediction and target must both be [B, D], got {prediction.shape} and {target.shape}"
+    )
   cos = jnp.sum(_normalize(prediction) * _normalize(target), axis=-1)
   return jnp.mean(2.0 - 2.0 * cos)
 

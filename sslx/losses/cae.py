@@ -28,8 +28,9 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(patches: jax.Array, grid: tuple[int, int], patch_size: int,
-               channels: int) -> jax.Array:
+def unpatchify(
+  patches: jax.Array, grid: tuple[int, int], patch_size: int, channels: int
+) -> jax.Array:
   """Inverse of `patchify`: [B, gh*gw, p*p*C] -> [B, gh*p, gw*p, C]."""
   b = patches.shape[0]
   gh, gw = grid

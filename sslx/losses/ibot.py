@@ -21,17 +21,28 @@ Array = jax.Array
 
 def _check(student_patch: Array, teacher_patch: Array, masks: Array, center: Array) -> None:
   if student_patch.ndim != 4 or student_patch.shape != teacher_patch.shape:
-    raise ValueError(f"student and teacher patch logits must both be [T, B, N, K]; got "
-                     f"{student_patch.shape} and {teacher_patch.shape}")
+    raise ValueError(
+      f"student and teacher patch logits must both be [T, B, N, K]; got "
+      f"{student_patch.shape} and {teacher_patch.shape}"
+    )
   if masks.shape != student_patch.shape[:3]:
-    raise ValueError(f"masks must be [T, B, N] = {list(student_patch.shape[:3])}, got "
-                     f"{list(masks.shape)}; flatten the patch grid row-major")
+    raise ValueError(
+      f"masks must be [T, B, N] = {list(student_patch.shape[:3])}, got "
+      f"{list(masks.shape)}; flatten the patch grid row-major"
+    )
   if center.shape != student_patch.shape[-1:]:
     raise ValueError(f"patch center must be [K] = [{student_patch.shape[-1]}], got {center.shape}")
 
 
-def ibot_patch_loss(student_patch: Array, teacher_patch: Array, masks: Array, center: Array, *,
-                    student_temp: float, teacher_temp: Array | float) -> Array:
+def ibot_patch_loss(
+  student_patch: Array,
+  teacher_patch: Array,
+  masks: Array,
+  center: Array,
+  *,
+  student_temp: float,
+  teacher_temp: Array | float,
+) -> Array:
   """Masked-patch cross-entropy between the teacher (unmasked view) and student (masked view).
 
   Args:
@@ -47,7 +58,8 @@ def ibot_patch_loss(student_patch: Array, teacher_patch: Array, masks: Array, ce
   """
   _check(student_patch, teacher_patch, masks, center)
   t = (teacher_patch.astype(jnp.float32) - center.astype(jnp.float32)) / jnp.asarray(
-      teacher_temp, jnp.float32)
+    teacher_temp, jnp.float32
+  )
   p_t = jax.lax.stop_gradient(jax.nn.softmax(t, axis=-1))
   log_p_s = jax.nn.log_softmax(student_patch.astype(jnp.float32) / student_temp, axis=-1)
   ce = -jnp.sum(p_t * log_p_s, axis=-1)  # [T, B, N]

@@ -13,7 +13,7 @@ method sums L_G over both views. c2 is not used.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,13 @@ def mse(a: Array, b: Array) -> Array:
   return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
-def generation_loss(image: Array, recon: Array, real_feats: Mapping[str, Array],
-                    recon_feats: Mapping[str, Array], weights: Mapping[str, float]
-                    ) -> tuple[Array, dict[str, Array]]:
+def generation_loss(
+  image: Array,
+  recon: Array,
+  real_feats: Mapping[str, Array],
+  recon_feats: Mapping[str, Array],
+  weights: Mapping[str, float],
+) -> tuple[Array, dict[str, Array]]:
   """SaGe's L_G for one view.
 
   Args:
@@ -54,7 +58,9 @@ def generation_loss(image: Array, recon: Array, real_feats: Mapping[str, Array],
   for level in LEVELS:
     if weights.get(level, 0.0):
       if level not in real_feats or level not in recon_feats:
-        raise ValueError(f"weight for evaluator level {level!r} is non-zero but the features lack it")
+        raise ValueError(
+          f"weight for evaluator level {level!r} is non-zero but the features lack it"
+        )
       terms[level] = mse(real_feats[level], recon_feats[level])
       total = total + weights[level] * terms[level]
   return total, terms

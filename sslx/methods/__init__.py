@@ -21,8 +21,15 @@ from sslx.methods.mocov3 import MocoV3
 from sslx.methods.sage import Sage
 from sslx.methods.sere import WithSere
 
-__all__ = ["ADDONS", "METHODS", "AddOn", "Method", "MethodInterfaceError", "make_method",
-           "register"]
+__all__ = [
+  "ADDONS",
+  "METHODS",
+  "AddOn",
+  "Method",
+  "MethodInterfaceError",
+  "make_method",
+  "register",
+]
 
 METHODS: dict[str, type[Method]] = {}
 # Loss add-ons in the order they wrap: config.<name>.enabled switches each on.
@@ -38,8 +45,14 @@ def register(name: str, cls: type[Method]) -> type[Method]:
   return cls
 
 
-for _name, _cls in (("dino", Dino), ("ibot", Ibot), ("mocov3", MocoV3), ("cae", Cae),
-                    ("byol", Byol), ("sage", Sage)):
+for _name, _cls in (
+  ("dino", Dino),
+  ("ibot", Ibot),
+  ("mocov3", MocoV3),
+  ("cae", Cae),
+  ("byol", Byol),
+  ("sage", Sage),
+):
   register(_name, _cls)
 
 
@@ -55,8 +68,9 @@ def enabled_addons(config) -> list[str]:
 def make_method(config) -> Method:
   """The method object for `config`, wrapped by every enabled add-on."""
   if config.method not in METHODS:
-    raise UnknownMethodError(f"config.method={config.method!r} is not a method; valid: "
-                             f"{', '.join(sorted(METHODS))}")
+    raise UnknownMethodError(
+      f"config.method={config.method!r} is not a method; valid: {', '.join(sorted(METHODS))}"
+    )
   method: Method = METHODS[config.method](config)
   for addon in ADDONS:
     if addon.name in enabled_addons(config):

@@ -24,5 +24,6 @@ import enum
 
 class LossStateRule(str, enum.Enum):
   """The combination rule a method names in its `loss_state_rule` class attribute."""
+
   MEAN = "mean"
   THREADED = "threaded"

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import jax
 import ml_collections
@@ -48,9 +49,22 @@ Forward = Callable[[Any, jax.Array], jax.Array]
 
 # Batch entries every method's step may read: crops (or the canvas they are cut from on the
 # device), their boxes and flips, the original image size and the block masks.
-BASE_BATCH_KEYS = frozenset({
-    "global_crops", "local_crops", "canvas", "canvas_extent", "canvas_scale", "global_boxes",
-    "global_flips", "local_boxes", "local_flips", "image_size", "global_masks", "local_masks"})
+BASE_BATCH_KEYS = frozenset(
+  {
+    "global_crops",
+    "local_crops",
+    "canvas",
+    "canvas_extent",
+    "canvas_scale",
+    "global_boxes",
+    "global_flips",
+    "local_boxes",
+    "local_flips",
+    "image_size",
+    "global_masks",
+    "local_masks",
+  }
+)
 # The SERE overlap rectangles (sslx/data/overlap.py), made only when a method asks for them.
 OVERLAP_KEYS = frozenset({"gg_rects", "gg_valid", "lg_rects", "lg_valid"})
 
@@ -78,9 +92,15 @@ class Method(abc.ABC):
     """(params, loss_state) for images of `image_shape` (H, W, C)."""
 
   @abc.abstractmethod
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss(
+    self,
+    params: Any,
+    teacher_params: Any,
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    rng: jax.Array,
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     """Total loss of one augmented batch -> (loss, (new loss state, metrics))."""
 
   @abc.abstractmethod
@@ -118,29 +138,41 @@ class Method(abc.ABC):
 
   def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """[B, T, D] tokens, [CLS] first, for the attentive probe."""
-    raise UnsupportedMode(f"config.method={self.config.method!r} has no token sequence for the "
-                          "attentive probe; use --mode=linear_probe or --mode=knn")
+    raise UnsupportedMode(
+      f"config.method={self.config.method!r} has no token sequence for the "
+      "attentive probe; use --mode=linear_probe or --mode=knn"
+    )
 
-  def export_backbone(self, params: Any, loss_state: Any,
-                      weights: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  def export_backbone(
+    self, params: Any, loss_state: Any, weights: str
+  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The backbone of `params` as a PyTorch state dict plus file metadata."""
     raise UnsupportedMode(f"no exporter for config.method={self.config.method!r}")
 
   def attention(self) -> tuple[Forward, int]:
     """(forward(eval_params, images) -> last-block attention [B, h, 1+N, 1+N], patch size)."""
-    raise UnsupportedMode(f"--mode=attention needs a ViT with a [CLS] token; "
-                          f"config.method={self.config.method!r} has none")
+    raise UnsupportedMode(
+      f"--mode=attention needs a ViT with a [CLS] token; "
+      f"config.method={self.config.method!r} has none"
+    )
 
   # ---- the split that add-ons build on ---------------------------------------------------
-  def forward(self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array],
-              rng: jax.Array) -> dict[str, Any]:
+  def forward(
+    self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array], rng: jax.Array
+  ) -> dict[str, Any]:
     """Network outputs of one batch, incl. 'student_global' / 'student_local' /
     'teacher_global' backbone outputs ([B * views, ...] dicts, example axis outermost)."""
     raise NotImplementedError(f"{type(self).__name__} does not support add-ons")
 
-  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
-                 loss_state: Any, views: Mapping[str, jax.Array],
-                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(
+    self,
+    params: Any,
+    teacher_params: Any,
+    outputs: Mapping[str, Any],
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     """The loss computed from `forward`'s outputs -> (loss, (new loss state, metrics))."""
     raise NotImplementedError(f"{type(self).__name__} does not support add-ons")
 
@@ -157,14 +189,19 @@ def evaluated_params(method: Method, fields: Mapping[str, Any]) -> Any:
 def check_method_class(name: str, cls: type) -> None:
   """Raises MethodInterfaceError (one line) unless `cls` implements the interface."""
   if not (isinstance(cls, type) and issubclass(cls, Method)):
-    raise MethodInterfaceError(f"method {name!r}: {cls!r} must derive from sslx.methods.base.Method")
+    raise MethodInterfaceError(
+      f"method {name!r}: {cls!r} must derive from sslx.methods.base.Method"
+    )
   missing = sorted(getattr(cls, "__abstractmethods__", ()))
   if inspect.isabstract(cls) and missing:
-    raise MethodInterfaceError(f"method {name!r} ({cls.__name__}) does not implement: "
-                               f"{', '.join(missing)}")
+    raise MethodInterfaceError(
+      f"method {name!r} ({cls.__name__}) does not implement: {', '.join(missing)}"
+    )
   if not isinstance(getattr(cls, "loss_state_rule", None), LossStateRule):
-    raise MethodInterfaceError(f"method {name!r} ({cls.__name__}) does not declare "
-                               "loss_state_rule (LossStateRule.MEAN or THREADED)")
+    raise MethodInterfaceError(
+      f"method {name!r} ({cls.__name__}) does not declare "
+      "loss_state_rule (LossStateRule.MEAN or THREADED)"
+    )
 
 
 class AddOnError(UserError):
@@ -186,9 +223,11 @@ class AddOn(Method):
 
   def __init__(self, base: Method, config: ml_collections.ConfigDict):
     if not base.supports_addons:
-      raise AddOnError(f"the {self.name} add-on needs a method that exposes its forward pass "
-                       f"(DINO, iBOT, MoCo v3); config.method={config.method!r} does not: set "
-                       f"--config.{self.name}.enabled=False")
+      raise AddOnError(
+        f"the {self.name} add-on needs a method that exposes its forward pass "
+        f"(DINO, iBOT, MoCo v3); config.method={config.method!r} does not: set "
+        f"--config.{self.name}.enabled=False"
+      )
     self.base = base
     self.config = config
 
@@ -230,15 +269,17 @@ class AddOn(Method):
   def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
     return self.base.tokens(eval_params, images)
 
-  def export_backbone(self, params: Any, loss_state: Any,
-                      weights: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  def export_backbone(
+    self, params: Any, loss_state: Any, weights: str
+  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return self.base.export_backbone(params, loss_state, weights)
 
   def attention(self) -> tuple[Forward, int]:
     return self.base.attention()
 
-  def forward(self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array],
-              rng: jax.Array) -> dict[str, Any]:
+  def forward(
+    self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array], rng: jax.Array
+  ) -> dict[str, Any]:
     return self.base.forward(params, teacher_params, views, rng)
 
   # ---- what an add-on adds -------------------------------------------------------------
@@ -247,8 +288,9 @@ class AddOn(Method):
     own = self.init_own(jax.random.fold_in(rng, self.key_salt), params)
     clash = set(own) & set(params)
     if clash:
-      raise MethodInterfaceError(f"add-on {self.name!r} parameters {sorted(clash)} clash with "
-                                 "its base method's")
+      raise MethodInterfaceError(
+        f"add-on {self.name!r} parameters {sorted(clash)} clash with its base method's"
+      )
     return {**params, **own}, loss_state
 
   def init_own(self, rng: jax.Array, base_params: Any) -> dict[str, Any]:
@@ -256,14 +298,26 @@ class AddOn(Method):
     del rng, base_params
     return {}
 
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss(
+    self,
+    params: Any,
+    teacher_params: Any,
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    rng: jax.Array,
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     outputs = self.forward(params, teacher_params, views, rng)
     return self.loss_terms(params, teacher_params, outputs, loss_state, views, sched)
 
   @abc.abstractmethod
-  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
-                 loss_state: Any, views: Mapping[str, jax.Array],
-                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(
+    self,
+    params: Any,
+    teacher_params: Any,
+    outputs: Mapping[str, Any],
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     """The base's terms (`self.base.loss_terms`) combined with the add-on's own."""

@@ -30,7 +30,8 @@ k updates per step, as PyTorch's running stats take under accumulation). SaGe in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -55,14 +56,17 @@ def _dtype(name: str):
 def build_resnet(model_cfg: ml_collections.ConfigDict) -> resnet.ResNet:
   """The ResNet described by config.model (arch 'resnet', depth, width, stem, dtype)."""
   if model_cfg.get("arch", "vit") != "resnet":
-    raise ValueError(f"config.model.arch={model_cfg.get('arch')!r}: BYOL/SaGe need "
-                     "--config.model.arch=resnet")
-  return resnet.ResNet(depth=model_cfg.depth, width=model_cfg.width, stem=model_cfg.stem,
-                       dtype=_dtype(model_cfg.dtype))
+    raise ValueError(
+      f"config.model.arch={model_cfg.get('arch')!r}: BYOL/SaGe need --config.model.arch=resnet"
+    )
+  return resnet.ResNet(
+    depth=model_cfg.depth, width=model_cfg.width, stem=model_cfg.stem, dtype=_dtype(model_cfg.dtype)
+  )
 
 
 class EncoderProjector(nn.Module):
   """ResNet + projector: x -> (stage outputs dict, projection [B, out_dim])."""
+
   encoder: nn.Module
   projector: nn.Module
 
@@ -77,8 +81,9 @@ def decay_and_adapt_mask(params: Any) -> Any:
   Kernels (conv and dense, ndim > 1) only; biases and BatchNorm scales/biases are excluded.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: getattr(path[-1], "key", None) not in ("bias", "scale")
-      and leaf.ndim > 1, params)
+    lambda path, leaf: getattr(path[-1], "key", None) not in ("bias", "scale") and leaf.ndim > 1,
+    params,
+  )
 
 
 def lars_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> schedules.Schedule:
@@ -94,8 +99,9 @@ def lars_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> schedule
   base = schedules.base_learning_rate(oc.lr_per_256, config.batch_size)
   warmup = int(round(oc.warmup_epochs * steps_per_epoch))
   if not oc.get("lr_by_epoch", False):
-    return schedules.cosine_schedule(base, oc.min_lr, total_steps, warmup,
-                                     warmup_start=oc.warmup_start_ratio * base)
+    return schedules.cosine_schedule(
+      base, oc.min_lr, total_steps, warmup, warmup_start=oc.warmup_start_ratio * base
+    )
   epochs = total_steps / steps_per_epoch
   ratio = oc.warmup_start_ratio
 
@@ -111,14 +117,16 @@ def lars_lr_schedule(config, steps_per_epoch: int, total_steps: int) -> schedule
 @dataclasses.dataclass(frozen=True)
 class Byol(Method):
   """BYOL as the trainer sees it; `config` is the whole run config."""
+
   config: ml_collections.ConfigDict
   loss_state_rule: ClassVar[LossStateRule] = LossStateRule.THREADED  # see the module docstring
 
   # ---- networks -------------------------------------------------------------
   def network(self) -> EncoderProjector:
     c = self.config
-    return EncoderProjector(build_resnet(c.model),
-                            mlp.MLP(c.projector.hidden_dim, c.projector.out_dim))
+    return EncoderProjector(
+      build_resnet(c.model), mlp.MLP(c.projector.hidden_dim, c.projector.out_dim)
+    )
 
   def predictor(self) -> mlp.MLP:
     c = self.config
@@ -129,12 +137,14 @@ class Byol(Method):
     r_net, r_pred = jax.random.split(rng)
     x = jnp.zeros((2, *image_shape), jnp.float32)
     net_vars = self.network().init({"params": r_net}, x, train=False)
-    pred_vars = self.predictor().init({"params": r_pred},
-                                      jnp.zeros((2, self.config.projector.out_dim)), train=False)
+    pred_vars = self.predictor().init(
+      {"params": r_pred}, jnp.zeros((2, self.config.projector.out_dim)), train=False
+    )
     params = {**net_vars["params"], "predictor": pred_vars["params"]}
-    loss_state = {"online_stats": {"net": net_vars["batch_stats"],
-                                   "predictor": pred_vars["batch_stats"]},
-                  "target_stats": net_vars["batch_stats"]}
+    loss_state = {
+      "online_stats": {"net": net_vars["batch_stats"], "predictor": pred_vars["batch_stats"]},
+      "target_stats": net_vars["batch_stats"],
+    }
     return params, loss_state
 
   def teacher_params(self, params: Any) -> Any:
@@ -149,29 +159,37 @@ class Byol(Method):
   def optimizer_schedules(self, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
     c = self.config
     return {
-        "lr": lars_lr_schedule(c, steps_per_epoch, total_steps),
-        "weight_decay": lambda step: jnp.asarray(c.optim.weight_decay, jnp.float32),
-        # BYOL's tau = 1 - (1 - tau0)(cos(pi k / K) + 1) / 2, per optimiser step.
-        "momentum": schedules.cosine_schedule(c.teacher.momentum, c.teacher.momentum_end,
-                                              total_steps),
+      "lr": lars_lr_schedule(c, steps_per_epoch, total_steps),
+      "weight_decay": lambda step: jnp.asarray(c.optim.weight_decay, jnp.float32),
+      # BYOL's tau = 1 - (1 - tau0)(cos(pi k / K) + 1) / 2, per optimiser step.
+      "momentum": schedules.cosine_schedule(
+        c.teacher.momentum, c.teacher.momentum_end, total_steps
+      ),
     }
 
   def lars(self, lr: schedules.Schedule) -> optax.GradientTransformation:
     oc = self.config.optim
-    return optax.lars(lr, weight_decay=oc.weight_decay, weight_decay_mask=decay_and_adapt_mask,
-                      trust_coefficient=oc.trust_coefficient, trust_ratio_mask=decay_and_adapt_mask,
-                      momentum=oc.momentum)
+    return optax.lars(
+      lr,
+      weight_decay=oc.weight_decay,
+      weight_decay_mask=decay_and_adapt_mask,
+      trust_coefficient=oc.trust_coefficient,
+      trust_ratio_mask=decay_and_adapt_mask,
+      momentum=oc.momentum,
+    )
 
-  def optimizer(self, params_shape: Any, steps_per_epoch: int,
-                total_steps: int) -> tuple[optax.GradientTransformation, dict[str, Any]]:
+  def optimizer(
+    self, params_shape: Any, steps_per_epoch: int, total_steps: int
+  ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
     """LARS over every parameter -> (tx, {'lr', 'weight_decay', 'momentum'})."""
     del params_shape
     scheds = self.optimizer_schedules(steps_per_epoch, total_steps)
     return self.lars(scheds["lr"]), scheds
 
   # ---- forward and loss ----------------------------------------------------------
-  def forward(self, params: Any, teacher_params: Any, loss_state: Any,
-              views: Mapping[str, jax.Array]) -> tuple[dict[str, Any], Any]:
+  def forward(
+    self, params: Any, teacher_params: Any, loss_state: Any, views: Mapping[str, jax.Array]
+  ) -> tuple[dict[str, Any], Any]:
     """Both networks on each global view separately (per-view BN statistics).
 
     Args:
@@ -183,8 +201,10 @@ class Byol(Method):
     """
     g = views["global"]
     if g.ndim != 5 or g.shape[1] != 2:
-      raise ValueError(f"BYOL needs exactly 2 global views [B, 2, H, W, C], got {g.shape}; set "
-                       "--config.data.global_crops.number=2")
+      raise ValueError(
+        f"BYOL needs exactly 2 global views [B, 2, H, W, C], got {g.shape}; set "
+        "--config.data.global_crops.number=2"
+      )
     net, pred = self.network(), self.predictor()
     online_params = self.teacher_params(params)
     s_net = loss_state["online_stats"]["net"]
@@ -192,19 +212,34 @@ class Byol(Method):
     s_tgt = loss_state["target_stats"]
     online, target = [], []
     for v in range(2):
-      (stages, proj), upd = net.apply({"params": online_params, "batch_stats": s_net}, g[:, v],
-                                      train=True, mutable=["batch_stats"])
+      (stages, proj), upd = net.apply(
+        {"params": online_params, "batch_stats": s_net},
+        g[:, v],
+        train=True,
+        mutable=["batch_stats"],
+      )
       s_net = upd["batch_stats"]
-      q, upd = pred.apply({"params": params["predictor"], "batch_stats": s_pred}, proj,
-                          train=True, mutable=["batch_stats"])
+      q, upd = pred.apply(
+        {"params": params["predictor"], "batch_stats": s_pred},
+        proj,
+        train=True,
+        mutable=["batch_stats"],
+      )
       s_pred = upd["batch_stats"]
       online.append((stages, proj, q))
-      (_, z), upd = net.apply({"params": teacher_params, "batch_stats": s_tgt}, g[:, v],
-                              train=True, mutable=["batch_stats"])
+      (_, z), upd = net.apply(
+        {"params": teacher_params, "batch_stats": s_tgt},
+        g[:, v],
+        train=True,
+        mutable=["batch_stats"],
+      )
       s_tgt = upd["batch_stats"]
       target.append(jax.lax.stop_gradient(z))
-    new_state = {**loss_state, "online_stats": {"net": s_net, "predictor": s_pred},
-                 "target_stats": jax.lax.stop_gradient(s_tgt)}
+    new_state = {
+      **loss_state,
+      "online_stats": {"net": s_net, "predictor": s_pred},
+      "target_stats": jax.lax.stop_gradient(s_tgt),
+    }
     return {"online": online, "target_proj": target}, new_state
 
   def byol_terms(self, outputs: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -216,9 +251,15 @@ class Byol(Method):
     zn = z1 / jnp.maximum(jnp.linalg.norm(z1, axis=-1, keepdims=True), 1e-12)
     return loss, {"loss_byol": loss, "target_std": jnp.mean(jnp.std(zn, axis=0))}
 
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss(
+    self,
+    params: Any,
+    teacher_params: Any,
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    rng: jax.Array,
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     """Total loss of one batch; returns (loss, (new_loss_state, metrics))."""
     del rng, sched
     outputs, new_state = self.forward(params, teacher_params, loss_state, views)
@@ -233,31 +274,46 @@ class Byol(Method):
   def features(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """Pooled c5 [B, C] of the EMA target encoder, BN in eval mode (kNN protocol)."""
     encoder = build_resnet(self.config.model)
-    out = encoder.apply({"params": eval_params["params"]["encoder"],
-                         "batch_stats": eval_params["batch_stats"]["encoder"]}, images,
-                        train=False)
+    out = encoder.apply(
+      {
+        "params": eval_params["params"]["encoder"],
+        "batch_stats": eval_params["batch_stats"]["encoder"],
+      },
+      images,
+      train=False,
+    )
     return out["pooled"]
 
   def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """[B, 1 + h*w, C]: the pooled c5 feature, then c5 at each position (attentive probe)."""
     encoder = build_resnet(self.config.model)
-    out = encoder.apply({"params": eval_params["params"]["encoder"],
-                         "batch_stats": eval_params["batch_stats"]["encoder"]}, images,
-                        train=False)
+    out = encoder.apply(
+      {
+        "params": eval_params["params"]["encoder"],
+        "batch_stats": eval_params["batch_stats"]["encoder"],
+      },
+      images,
+      train=False,
+    )
     c5 = out["c5"]
-    return jnp.concatenate([out["pooled"][:, None], c5.reshape(c5.shape[0], -1, c5.shape[-1])],
-                           axis=1)
+    return jnp.concatenate(
+      [out["pooled"][:, None], c5.reshape(c5.shape[0], -1, c5.shape[-1])], axis=1
+    )
 
-  def export_backbone(self, params: Any, loss_state: Any,
-                      weights: str) -> tuple[dict[str, Any], dict[str, str]]:
+  def export_backbone(
+    self, params: Any, loss_state: Any, weights: str
+  ) -> tuple[dict[str, Any], dict[str, str]]:
     """torchvision ResNet names, with the BatchNorm statistics of the chosen network."""
-    stats = (loss_state["target_stats"] if weights == "teacher"
-             else loss_state["online_stats"]["net"])["encoder"]
+    stats = (
+      loss_state["target_stats"] if weights == "teacher" else loss_state["online_stats"]["net"]
+    )["encoder"]
     sd = torch_layout.resnet_to_torch(params["encoder"], stats)
     mc = self.config.model
     meta = {"architecture": "resnet", "torchvision_model": f"resnet{mc.depth}"}
     if mc.width != 64 or mc.stem != "imagenet":
       # torchvision builds only the 64-wide ImageNet stem; the names still follow it.
-      meta["note"] = (f"width {mc.width}, stem {mc.stem!r}: torchvision's resnet{mc.depth} has "
-                      "width 64 and the ImageNet stem, so build a matching model to load this.")
+      meta["note"] = (
+        f"width {mc.width}, stem {mc.stem!r}: torchvision's resnet{mc.depth} has "
+        "width 64 and the ImageNet stem, so build a matching model to load this."
+      )
     return sd, meta

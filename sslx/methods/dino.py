@@ -14,7 +14,8 @@ global-batch mean of the raw teacher outputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from sslx.schedules import epoch_linspace_schedule
 
 class BackboneWithHead(nn.Module):
   """A ViT and a DINO head applied to its CLS token."""
+
   backbone: nn.Module
   head: nn.Module
 
@@ -49,6 +51,7 @@ class Dino(TeacherClsMethod):
   m c + (1 - m) mean(teacher outputs of the whole batch). With head.use_bn=True the head's
   BatchNorm statistics would be per micro-batch instead.
   """
+
   config: ml_collections.ConfigDict
   loss_state_rule: ClassVar[LossStateRule] = LossStateRule.MEAN
 
@@ -56,9 +59,13 @@ class Dino(TeacherClsMethod):
   def network(self, *, teacher: bool = False) -> BackboneWithHead:
     c = self.config
     head = heads.DINOHead(
-        out_dim=c.head.out_dim, hidden_dim=c.head.hidden_dim,
-        bottleneck_dim=c.head.bottleneck_dim, use_bn=c.head.use_bn,
-        norm_last_layer=c.head.norm_last_layer, dtype=compute_dtype(c.model.dtype))
+      out_dim=c.head.out_dim,
+      hidden_dim=c.head.hidden_dim,
+      bottleneck_dim=c.head.bottleneck_dim,
+      use_bn=c.head.use_bn,
+      norm_last_layer=c.head.norm_last_layer,
+      dtype=compute_dtype(c.model.dtype),
+    )
     return BackboneWithHead(build_backbone(c.model, drop_path=not teacher), head)
 
   def init(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> tuple[Any, Any]:
@@ -75,12 +82,16 @@ class Dino(TeacherClsMethod):
   def schedules(self, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
     del total_steps
     lc = self.config.loss
-    return {"teacher_temp": epoch_linspace_schedule(
-        lc.warmup_teacher_temp, lc.teacher_temp, lc.warmup_teacher_temp_epochs, steps_per_epoch)}
+    return {
+      "teacher_temp": epoch_linspace_schedule(
+        lc.warmup_teacher_temp, lc.teacher_temp, lc.warmup_teacher_temp_epochs, steps_per_epoch
+      )
+    }
 
   # ---- forward and loss -------------------------------------------------------
-  def forward(self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array],
-              rng: jax.Array) -> dict[str, Any]:
+  def forward(
+    self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array], rng: jax.Array
+  ) -> dict[str, Any]:
     """Runs student (all crops) and teacher (global crops) networks.
 
     Args:
@@ -101,30 +112,41 @@ class Dino(TeacherClsMethod):
     flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
     by_view = lambda y, n: jnp.swapaxes(y.reshape(b, n, *y.shape[1:]), 0, 1)  # noqa: E731
     r_global, r_local = jax.random.split(rng)
-    s_out_g, s_log_g = student.apply({"params": params}, flat(g), train=True,
-                                     rngs={"dropout": r_global})
+    s_out_g, s_log_g = student.apply(
+      {"params": params}, flat(g), train=True, rngs={"dropout": r_global}
+    )
     logits = [by_view(s_log_g, ng)]
     s_out_l = None
     if nl:
-      s_out_l, s_log_l = student.apply({"params": params}, flat(l), train=True,
-                                       rngs={"dropout": r_local})
+      s_out_l, s_log_l = student.apply(
+        {"params": params}, flat(l), train=True, rngs={"dropout": r_local}
+      )
       logits.append(by_view(s_log_l, nl))
     t_out_g, t_log_g = teacher.apply({"params": teacher_params}, flat(g), train=False)
     t_out_g, t_log_g = jax.lax.stop_gradient((t_out_g, t_log_g))
     return {
-        "student_logits": jnp.concatenate(logits, axis=0),
-        "teacher_logits": by_view(t_log_g, ng),
-        "student_global": s_out_g, "student_local": s_out_l, "teacher_global": t_out_g,
+      "student_logits": jnp.concatenate(logits, axis=0),
+      "teacher_logits": by_view(t_log_g, ng),
+      "student_global": s_out_g,
+      "student_local": s_out_l,
+      "teacher_global": t_out_g,
     }
 
-  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
-                 loss_state: Any, views: Mapping[str, jax.Array],
-                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(
+    self,
+    params: Any,
+    teacher_params: Any,
+    outputs: Mapping[str, Any],
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     lc = self.config.loss
     s, t = outputs["student_logits"], outputs["teacher_logits"]
     center = loss_state["center"]
-    loss = dino_losses.dino_loss(s, t, center, student_temp=lc.student_temp,
-                                 teacher_temp=sched["teacher_temp"])
+    loss = dino_losses.dino_loss(
+      s, t, center, student_temp=lc.student_temp, teacher_temp=sched["teacher_temp"]
+    )
     new_center = dino_losses.update_center(center, t, lc.center_momentum)
     metrics = {"loss_dino": loss, "teacher_temp": sched["teacher_temp"]}
     metrics.update(dino_losses.teacher_diagnostics(t, center, sched["teacher_temp"]))

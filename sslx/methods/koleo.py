@@ -12,7 +12,8 @@ does not change with the number of devices.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 
@@ -26,11 +27,18 @@ class WithKoLeo(AddOn):
   name: ClassVar[str] = "koleo"
   key_salt: ClassVar[int] = 0x6B01E0
 
-  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
-                 loss_state: Any, views: Mapping[str, jax.Array],
-                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(
+    self,
+    params: Any,
+    teacher_params: Any,
+    outputs: Mapping[str, Any],
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     base_loss, (loss_state, metrics) = self.base.loss_terms(
-        params, teacher_params, outputs, loss_state, views, sched)
+      params, teacher_params, outputs, loss_state, views, sched
+    )
     b, ng = views["global"].shape[:2]
     cls = outputs["student_global"]["cls"]  # [B * Ng, D], example axis outermost
     cls = cls.reshape(b, ng, cls.shape[-1])

@@ -18,7 +18,8 @@ official linear evaluation uses the base encoder.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,9 @@ import ml_collections
 from sslx import errors
 from sslx.losses import mocov3 as moco_losses
 from sslx.methods.accumulation import LossStateRule
-from sslx.models.build import build_backbone, compute_dtype
 from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
+from sslx.models.build import build_backbone, compute_dtype
 
 
 class MocoConfigError(errors.UserError):
@@ -39,6 +40,7 @@ class MocoConfigError(errors.UserError):
 @dataclasses.dataclass(frozen=True)
 class _Net:
   """What SERE reads from `network()`: the backbone."""
+
   backbone: Any
 
 
@@ -52,6 +54,7 @@ class MocoV3(TeacherClsMethod):
   accumulation). The step's loss and gradient are the means over the micro-batches of the
   micro-batch losses and gradients. There is no loss state (`LossStateRule.MEAN` of nothing).
   """
+
   config: ml_collections.ConfigDict
   loss_state_rule: ClassVar[LossStateRule] = LossStateRule.MEAN
 
@@ -66,8 +69,10 @@ class MocoV3(TeacherClsMethod):
   def _check(self) -> None:
     dc = self.config.data
     if dc.global_crops.number != 2:
-      raise MocoConfigError(f"MoCo v3 contrasts exactly two views; data.global_crops.number is "
-                            f"{dc.global_crops.number}, set it to 2")
+      raise MocoConfigError(
+        f"MoCo v3 contrasts exactly two views; data.global_crops.number is "
+        f"{dc.global_crops.number}, set it to 2"
+      )
     if dc.local_crops.number:
       raise MocoConfigError("MoCo v3 takes no local crops; set data.local_crops.number=0")
 
@@ -95,8 +100,9 @@ class MocoV3(TeacherClsMethod):
     out, _ = self._mlp(kind).apply({"params": params}, cls, mutable=["batch_stats"])
     return out
 
-  def forward(self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array],
-              rng: jax.Array) -> dict[str, Any]:
+  def forward(
+    self, params: Any, teacher_params: Any, views: Mapping[str, jax.Array], rng: jax.Array
+  ) -> dict[str, Any]:
     """Returns 'q' and 'k' [2, B, out_dim] and the backbone outputs for SERE."""
     g = views["global"]
     b, ng = g.shape[:2]
@@ -105,20 +111,37 @@ class MocoV3(TeacherClsMethod):
     t_backbone = self.network(teacher=True).backbone
     s_out = backbone.apply({"params": params["backbone"]}, flat, train=True, rngs={"dropout": rng})
     t_out = jax.lax.stop_gradient(
-        t_backbone.apply({"params": teacher_params["backbone"]}, flat, train=False))
+      t_backbone.apply({"params": teacher_params["backbone"]}, flat, train=False)
+    )
     by_view = lambda y: jnp.swapaxes(y.reshape(b, ng, *y.shape[1:]), 0, 1)  # noqa: E731
     s_cls, t_cls = by_view(s_out["cls"]), by_view(t_out["cls"])
     # One projector call per view: BatchNorm statistics per view, as the official code.
-    q = jnp.stack([self._project(params["predictor"],
-                                 self._project(params["projector"], s_cls[v], "projector"),
-                                 "predictor") for v in range(ng)])
-    k = jax.lax.stop_gradient(jnp.stack(
-        [self._project(teacher_params["projector"], t_cls[v], "projector") for v in range(ng)]))
+    q = jnp.stack(
+      [
+        self._project(
+          params["predictor"],
+          self._project(params["projector"], s_cls[v], "projector"),
+          "predictor",
+        )
+        for v in range(ng)
+      ]
+    )
+    k = jax.lax.stop_gradient(
+      jnp.stack(
+        [self._project(teacher_params["projector"], t_cls[v], "projector") for v in range(ng)]
+      )
+    )
     return {"q": q, "k": k, "student_global": s_out, "student_local": None, "teacher_global": t_out}
 
-  def loss_terms(self, params: Any, teacher_params: Any, outputs: Mapping[str, Any],
-                 loss_state: Any, views: Mapping[str, jax.Array],
-                 sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss_terms(
+    self,
+    params: Any,
+    teacher_params: Any,
+    outputs: Mapping[str, Any],
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     del sched
     q, k = outputs["q"], outputs["k"]
     loss = moco_losses.mocov3_loss(q[0], q[1], k[0], k[1], self.config.loss.temperature)

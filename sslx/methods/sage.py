@@ -31,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,11 @@ class EvaluatorNotFound(FileNotFoundError):
 
 
 def _make_evaluator_hint(path: str) -> str:
-  return (f"train one first with the BYOL preset matching this one, e.g. `python main.py "
-          f"--config=configs/byol.py:fashion_mnist --workdir={path or '/tmp/byol_fmnist'}`, and pass --config.sage.evaluator_path=<that "
-          "workdir> (or --config.sage.ablation=random_evaluator)")
+  return (
+    f"train one first with the BYOL preset matching this one, e.g. `python main.py "
+    f"--config=configs/byol.py:fashion_mnist --workdir={path or '/tmp/byol_fmnist'}`, and pass --config.sage.evaluator_path=<that "
+    "workdir> (or --config.sage.ablation=random_evaluator)"
+  )
 
 
 @functools.lru_cache(maxsize=2)
@@ -71,16 +74,20 @@ def load_evaluator(path: str) -> Any:
   with orbax directly: methods do not import the trainer.
   """
   import orbax.checkpoint as ocp  # late: only SaGe with a checkpoint evaluator needs it
+
   directory = os.path.abspath(os.path.join(path, "checkpoints")) if path else ""
   if not path or not os.path.isdir(directory):
     raise EvaluatorNotFound(
-        f"config.sage.evaluator_path={path!r} holds no sslx checkpoint directory ({directory or 'unset'}); "
-        + _make_evaluator_hint(path))
+      f"config.sage.evaluator_path={path!r} holds no sslx checkpoint directory ({directory or 'unset'}); "
+      + _make_evaluator_hint(path)
+    )
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step()
   if step is None:
-    raise EvaluatorNotFound(f"config.sage.evaluator_path={path!r}: no finished checkpoint under "
-                            f"{directory}; " + _make_evaluator_hint(path))
+    raise EvaluatorNotFound(
+      f"config.sage.evaluator_path={path!r}: no finished checkpoint under "
+      f"{directory}; " + _make_evaluator_hint(path)
+    )
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
   return jax.tree.map(np.asarray, restored["state"]["teacher_params"])
@@ -105,19 +112,22 @@ class Sage(Byol):
 
   def __post_init__(self):
     c = self.config
-    w = resolved_weights(c)
+    resolved_weights(c)  # raises on an unknown config.sage.ablation, before anything is built
     if tuple(c.augment.mean) != (0.5,) * 3 or tuple(c.augment.std) != (0.5,) * 3:
-      raise SageConfigError("SaGe rebuilds images in [-1, 1] (tanh): set config.augment.mean and "
-                            "config.augment.std to (0.5, 0.5, 0.5)")
+      raise SageConfigError(
+        "SaGe rebuilds images in [-1, 1] (tanh): set config.augment.mean and "
+        "config.augment.std to (0.5, 0.5, 0.5)"
+      )
     stride = STEM_STRIDE.get(c.model.stem, 32)
     size = c.data.global_crops.size
     side = -(-size // stride)
     out = side * 2 ** len(c.decoder.up_channels)
     if out != size:
       raise SageConfigError(
-          f"the decoder turns the {side}x{side} c5 map into {out}x{out} images but the views are "
-          f"{size}x{size}: set config.decoder.up_channels to {int(np.log2(size / side))} entries "
-          "(or change config.data.global_crops.size)")
+        f"the decoder turns the {side}x{side} c5 map into {out}x{out} images but the views are "
+        f"{size}x{size}: set config.decoder.up_channels to {int(np.log2(size / side))} entries "
+        "(or change config.data.global_crops.size)"
+      )
     # Fail here, before compiling, when the evaluator checkpoint is missing or mismatched.
     if self.uses_evaluator and c.sage.ablation != "random_evaluator":
       self._check_evaluator(load_evaluator(c.sage.evaluator_path))
@@ -137,16 +147,18 @@ class Sage(Byol):
   def _check_evaluator(self, evaluator: Any) -> None:
     size = self.config.data.global_crops.size
     expected = jax.eval_shape(
-        lambda: self.network().init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)),
-                                    train=False))["params"]
+      lambda: self.network().init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=False)
+    )["params"]
     got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), evaluator)
     same = jax.tree.structure(expected) == jax.tree.structure(got) and all(
-        a.shape == b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)))
+      a.shape == b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got))
+    )
     if not same:
       raise SageConfigError(
-          f"the checkpoint in config.sage.evaluator_path={self.config.sage.evaluator_path!r} is "
-          "not a ResNet + projector of the shape config.model / config.projector describe; train "
-          "the evaluator with the same model and projector settings")
+        f"the checkpoint in config.sage.evaluator_path={self.config.sage.evaluator_path!r} is "
+        "not a ResNet + projector of the shape config.model / config.projector describe; train "
+        "the evaluator with the same model and projector settings"
+      )
 
   # ---- init -------------------------------------------------------------------------
   def init(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> tuple[Any, Any]:
@@ -166,29 +178,34 @@ class Sage(Byol):
     return params, loss_state
 
   # ---- optimiser -------------------------------------------------------------------------
-  def optimizer(self, params_shape: Any, steps_per_epoch: int,
-                total_steps: int) -> tuple[optax.GradientTransformation, dict[str, Any]]:
+  def optimizer(
+    self, params_shape: Any, steps_per_epoch: int, total_steps: int
+  ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
     """LARS for encoder/projector/predictor, Adam for 'decoder' (optax.multi_transform)."""
     scheds = self.optimizer_schedules(steps_per_epoch, total_steps)
     dc, oc = self.config.decoder, self.config.optim
     warmup = int(round(oc.warmup_epochs * steps_per_epoch))
     # Decoder: linear warm-up from warmup_start_ratio * lr, then constant (released: no cosine).
-    dec_lr = schedules.cosine_schedule(dc.lr, dc.lr, total_steps, warmup,
-                                       warmup_start=oc.warmup_start_ratio * dc.lr)
+    dec_lr = schedules.cosine_schedule(
+      dc.lr, dc.lr, total_steps, warmup, warmup_start=oc.warmup_start_ratio * dc.lr
+    )
     labels = {k: ("decoder" if k == "decoder" else "lars") for k in params_shape}
-    tx = optax.multi_transform({"lars": self.lars(scheds["lr"]),
-                                "decoder": optax.adam(dec_lr, b1=dc.b1, b2=dc.b2)}, labels)
+    tx = optax.multi_transform(
+      {"lars": self.lars(scheds["lr"]), "decoder": optax.adam(dec_lr, b1=dc.b1, b2=dc.b2)}, labels
+    )
     return tx, {**scheds, "decoder_lr": dec_lr}
 
   # ---- loss -----------------------------------------------------------------------------
   def evaluate(self, evaluator: Any, images: jax.Array) -> dict[str, jax.Array]:
     """Evaluator levels of images [B, H, W, 3]; BN in train mode on this batch, as released."""
-    (stages, proj), _ = self.network().apply({"params": evaluator}, images, train=True,
-                                             mutable=["batch_stats"])
+    (stages, proj), _ = self.network().apply(
+      {"params": evaluator}, images, train=True, mutable=["batch_stats"]
+    )
     return {"c3": stages["c3"], "c4": stages["c4"], "c5": stages["c5"], "proj": proj}
 
-  def reconstruct(self, params: Any, decoder_stats: Any, c5: jax.Array, *,
-                  train: bool) -> tuple[jax.Array, Any]:
+  def reconstruct(
+    self, params: Any, decoder_stats: Any, c5: jax.Array, *, train: bool
+  ) -> tuple[jax.Array, Any]:
     """decoder(c5) -> (images in [-1, 1], updated decoder BN statistics)."""
     variables = {"params": params["decoder"], "batch_stats": decoder_stats}
     if not train:
@@ -196,9 +213,15 @@ class Sage(Byol):
     recon, upd = self.decoder().apply(variables, c5, train=True, mutable=["batch_stats"])
     return recon, upd["batch_stats"]
 
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss(
+    self,
+    params: Any,
+    teacher_params: Any,
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    rng: jax.Array,
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     """BYOL loss + lambda * generation loss of both views; (loss, (new_loss_state, metrics))."""
     del rng, sched
     outputs, new_state = self.forward(params, teacher_params, loss_state, views)

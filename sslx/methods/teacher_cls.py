@@ -9,7 +9,8 @@ the evaluation pieces every such method has: the teacher backbone's [CLS] as the
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,15 @@ class TeacherClsMethod(Method):
 
   supports_addons: ClassVar[bool] = True
 
-  def loss(self, params: Any, teacher_params: Any, loss_state: Any,
-           views: Mapping[str, jax.Array], rng: jax.Array,
-           sched: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[Any, dict]]:
+  def loss(
+    self,
+    params: Any,
+    teacher_params: Any,
+    loss_state: Any,
+    views: Mapping[str, jax.Array],
+    rng: jax.Array,
+    sched: Mapping[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[Any, dict]]:
     """Total loss of one batch; returns (loss, (new_loss_state, metrics))."""
     outputs = self.forward(params, teacher_params, views, rng)
     return self.loss_terms(params, teacher_params, outputs, loss_state, views, sched)
@@ -41,32 +48,44 @@ class TeacherClsMethod(Method):
 
   def features(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """Teacher [CLS] features [B, D] of normalised float images (the DINO kNN protocol)."""
-    return self._backbone().apply({"params": eval_params["backbone"]}, images,
-                                  train=False)["cls"]
+    return self._backbone().apply({"params": eval_params["backbone"]}, images, train=False)["cls"]
 
   def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """The teacher backbone's [CLS; patches] [B, 1 + N, D] (attentive probe)."""
     out = self._backbone().apply({"params": eval_params["backbone"]}, images, train=False)
     return jnp.concatenate([out["cls"][:, None], out["patch"]], axis=1)
 
-  def export_backbone(self, params: Any, loss_state: Any,
-                      weights: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  def export_backbone(
+    self, params: Any, loss_state: Any, weights: str
+  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """timm / DINO `VisionTransformer` names; fixed sin-cos positions written out."""
     del loss_state, weights
     m = self._backbone()
-    pos = (fixed_positions(vit.sincos_2d(m.pos_grid, m.pos_grid, m.embed_dim))
-           if m.pos_embed == "sincos" else None)
+    pos = (
+      fixed_positions(vit.sincos_2d(m.pos_grid, m.pos_grid, m.embed_dim))
+      if m.pos_embed == "sincos"
+      else None
+    )
     sd = torch_layout.vit_to_torch(params["backbone"], pos_embed=pos)
-    kwargs = dict(img_size=m.pos_grid * m.patch_size, patch_size=m.patch_size,
-                  in_chans=int(sd["patch_embed.proj.weight"].shape[1]), embed_dim=m.embed_dim,
-                  depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, qkv_bias=True,
-                  num_classes=0)
+    kwargs = dict(
+      img_size=m.pos_grid * m.patch_size,
+      patch_size=m.patch_size,
+      in_chans=int(sd["patch_embed.proj.weight"].shape[1]),
+      embed_dim=m.embed_dim,
+      depth=m.depth,
+      num_heads=m.num_heads,
+      mlp_ratio=m.mlp_ratio,
+      qkv_bias=True,
+      num_classes=0,
+    )
     return sd, {"architecture": "vit", "timm_kwargs": json.dumps(kwargs)}
 
   def attention(self) -> tuple[Forward, int]:
     backbone = self._backbone()
 
     def forward(params, images):
-      return backbone.apply({"params": params["backbone"]}, images, train=False,
-                            return_attention=True)["attention"]
+      return backbone.apply(
+        {"params": params["backbone"]}, images, train=False, return_attention=True
+      )["attention"]
+
     return forward, backbone.patch_size

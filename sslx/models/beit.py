@@ -30,7 +30,9 @@ XAVIER = nn.initializers.xavier_uniform()
 TRUNC_NORMAL_1SIGMA = nn.initializers.truncated_normal(stddev=0.02, lower=-1.0, upper=1.0)
 
 
-def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+def sincos_pos_embed(
+  grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0
+) -> np.ndarray:
   """CAE's fixed 2-D sin-cos position embeddings, row-major over the patch grid.
 
   For token (r, c) the embedding is [sin(r w), cos(r w), sin(c w), cos(c w)] with
@@ -42,15 +44,24 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10
     float32 [grid_h * grid_w, dim] (no CLS row; CAE's CLS position is all zeros).
   """
   if dim % 4:
-    raise ValueError(f"embed_dim={dim} must be divisible by 4 for 2-D sin-cos positions; "
-                     "set config.model.embed_dim to a multiple of 4.")
+    raise ValueError(
+      f"embed_dim={dim} must be divisible by 4 for 2-D sin-cos positions; "
+      "set config.model.embed_dim to a multiple of 4."
+    )
   return sincos_2d(grid_h, grid_w, dim, temperature)
 
 
 def dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
   """A CAE Linear: xavier-uniform kernel, zero bias, float32 parameters, `dtype` matmul."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=XAVIER, bias_init=nn.initializers.zeros, name=name)
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=XAVIER,
+    bias_init=nn.initializers.zeros,
+    name=name,
+  )
 
 
 def layer_norm(name: str) -> nn.LayerNorm:
@@ -64,16 +75,21 @@ def _split_heads(x: Array, num_heads: int) -> Array:
 
 def attention_weights(q: Array, k: Array, num_heads: int) -> Array:
   """softmax(q k^T / sqrt(d_h)) per head, float32. q [B, Tq, D], k [B, Tk, D] -> [B, h, Tq, Tk]."""
-  logits = jnp.einsum("bqhc,bkhc->bhqk", _split_heads(q, num_heads), _split_heads(k, num_heads),
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+    "bqhc,bkhc->bhqk",
+    _split_heads(q, num_heads),
+    _split_heads(k, num_heads),
+    preferred_element_type=jnp.float32,
+  )
   return jax.nn.softmax(logits * (q.shape[-1] // num_heads) ** -0.5, axis=-1)
 
 
 def mix_values(attn: Array, v: Array) -> Array:
   """attn [B, h, Tq, Tk] applied to v [B, Tk, D] -> [B, Tq, D]."""
   b, tq = attn.shape[0], attn.shape[2]
-  return jnp.einsum("bhqk,bkhc->bqhc", attn.astype(v.dtype),
-                    _split_heads(v, attn.shape[1])).reshape(b, tq, v.shape[-1])
+  return jnp.einsum(
+    "bhqk,bkhc->bqhc", attn.astype(v.dtype), _split_heads(v, attn.shape[1])
+  ).reshape(b, tq, v.shape[-1])
 
 
 def attend(q: Array, k: Array, v: Array, num_heads: int) -> Array:
@@ -83,6 +99,7 @@ def attend(q: Array, k: Array, v: Array, num_heads: int) -> Array:
 
 class Mlp(nn.Module):
   """fc1 -> exact GELU -> fc2 (torch nn.GELU default)."""
+
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
 
@@ -98,6 +115,7 @@ class SelfAttention(nn.Module):
 
   The softmax weights [B, heads, T, T] are sown as 'intermediates'/'attention' (kept only when
   that collection is mutable, e.g. for `--mode=attention`; otherwise free)."""
+
   num_heads: int
   dtype: Any = jnp.float32
 
@@ -116,6 +134,7 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
   """CAE cross-attention: separate bias-free q/k/v Linears, learned q_bias and v_bias, no k bias."""
+
   num_heads: int
   dtype: Any = jnp.float32
 
@@ -139,6 +158,7 @@ def _gamma(module: nn.Module, name: str, d: int, init_values: float) -> Array:
 
 class Block(nn.Module):
   """Pre-norm BEiT block with layer scale: x + dp(g1 * attn(LN1 x)); x + dp(g2 * mlp(LN2 x))."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   init_values: float = 0.1
@@ -148,7 +168,10 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     d = x.shape[-1]
-    g1, g2 = _gamma(self, "gamma_1", d, self.init_values), _gamma(self, "gamma_2", d, self.init_values)
+    g1, g2 = (
+      _gamma(self, "gamma_1", d, self.init_values),
+      _gamma(self, "gamma_2", d, self.init_values),
+    )
     dp = DropPath(name="drop_path")
     h = SelfAttention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1")(x))
     x = x + dp(g1 * h, self.drop_path, train)
@@ -165,6 +188,7 @@ class RegressorBlock(nn.Module):
     x = x + dp(g2 * MLP(x))
   The visible latents are an input only; the block returns the updated queries.
   """
+
   num_heads: int
   mlp_ratio: float = 4.0
   init_values: float = 0.1
@@ -175,13 +199,16 @@ class RegressorBlock(nn.Module):
   def __call__(self, x_q: Array, x_vis: Array, pos_q: Array, pos_vis: Array, train: bool) -> Array:
     """x_q, pos_q [B, Nm, D]; x_vis, pos_vis [B, Nv, D] -> new x_q [B, Nm, D]."""
     d = x_q.shape[-1]
-    g1, g2 = _gamma(self, "gamma_1", d, self.init_values), _gamma(self, "gamma_2", d, self.init_values)
+    g1, g2 = (
+      _gamma(self, "gamma_1", d, self.init_values),
+      _gamma(self, "gamma_2", d, self.init_values),
+    )
     dp = DropPath(name="drop_path")
     kv = jnp.concatenate([x_vis, x_q], axis=1)
     pos_kv = jnp.concatenate([pos_vis, pos_q], axis=1)
     h = CrossAttention(self.num_heads, self.dtype, name="cross_attn")(
-        layer_norm("norm_q")(x_q + pos_q), layer_norm("norm_k")(kv + pos_kv),
-        layer_norm("norm_v")(kv))
+      layer_norm("norm_q")(x_q + pos_q), layer_norm("norm_k")(kv + pos_kv), layer_norm("norm_v")(kv)
+    )
     x = layer_norm("norm2")(x_q + dp(g1 * h, self.drop_path, train))
     h = Mlp(self.mlp_ratio, self.dtype, name="mlp")(x)
     return x + dp(g2 * h, self.drop_path, train)

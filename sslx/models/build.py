@@ -16,8 +16,9 @@ def compute_dtype(name: str):
   return table[name]
 
 
-def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = True,
-                   mask_token: bool = False) -> vit.ViT:
+def build_backbone(
+  model_cfg: ml_collections.ConfigDict, *, drop_path: bool = True, mask_token: bool = False
+) -> vit.ViT:
   """The ViT described by `config.model` (variant, patch size, dtype...).
 
   Args:
@@ -31,14 +32,15 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = Tr
     if model_cfg.get(key):
       kwargs[key] = model_cfg[key]
   return vit.ViT(
-      patch_size=model_cfg.patch_size,
-      drop_path_rate=model_cfg.drop_path_rate if drop_path else 0.0,
-      pos_grid=model_cfg.pos_grid,
-      dtype=compute_dtype(model_cfg.dtype),
-      scan_blocks=model_cfg.get("scan_blocks", False),
-      pos_embed=model_cfg.get("pos_embed", "learned"),
-      init_scheme=model_cfg.get("init_scheme", "dino"),
-      attention=model_cfg.get("attention", "auto"),
-      recompute_elementwise=model_cfg.get("recompute_elementwise", False),
-      use_mask_token=mask_token,
-      **kwargs)
+    patch_size=model_cfg.patch_size,
+    drop_path_rate=model_cfg.drop_path_rate if drop_path else 0.0,
+    pos_grid=model_cfg.pos_grid,
+    dtype=compute_dtype(model_cfg.dtype),
+    scan_blocks=model_cfg.get("scan_blocks", False),
+    pos_embed=model_cfg.get("pos_embed", "learned"),
+    init_scheme=model_cfg.get("init_scheme", "dino"),
+    attention=model_cfg.get("attention", "auto"),
+    recompute_elementwise=model_cfg.get("recompute_elementwise", False),
+    use_mask_token=mask_token,
+    **kwargs,
+  )

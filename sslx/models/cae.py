@@ -46,9 +46,11 @@ def split_by_mask(mask: Array, num_masked: int) -> tuple[Array, Array]:
   """
   n = mask.shape[-1]
   if not 0 < num_masked < n:
-    raise ValueError(f"num_masked={num_masked} must be in (0, {n}); set config.data.masks.num_masked.")
+    raise ValueError(
+      f"num_masked={num_masked} must be in (0, {n}); set config.data.masks.num_masked."
+    )
   order = jnp.argsort(mask.astype(jnp.int32), axis=-1, stable=True).astype(jnp.int32)
-  return order[:, :n - num_masked], order[:, n - num_masked:]
+  return order[:, : n - num_masked], order[:, n - num_masked :]
 
 
 def gather_tokens(x: Array, idx: Array) -> Array:
@@ -68,8 +70,9 @@ def _blocks_and_norm(module: nn.Module, x: Array, *, train: bool) -> Array:
   """
   active = bool(train) and module.drop_path_rate > 0
   for i, rate in enumerate(_rates(module.drop_path_rate, module.depth)):
-    x = beit.Block(module.num_heads, module.mlp_ratio, module.init_values, rate, module.dtype,
-                   name=f"block_{i}")(x, active)
+    x = beit.Block(
+      module.num_heads, module.mlp_ratio, module.init_values, rate, module.dtype, name=f"block_{i}"
+    )(x, active)
   return beit.layer_norm("norm")(x)
 
 
@@ -78,6 +81,7 @@ class CAEEncoder(nn.Module):
 
   Parameters: 'patch_embed' (conv), 'cls_token' [1, 1, D], 'block_i', 'norm'.
   """
+
   patch_size: int = 16
   embed_dim: int = 768
   depth: int = 12
@@ -88,7 +92,9 @@ class CAEEncoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: Array, keep_idx: Array | None = None, *, train: bool) -> dict[str, Array]:
+  def __call__(
+    self, images: Array, keep_idx: Array | None = None, *, train: bool
+  ) -> dict[str, Array]:
     """Encodes the patches `keep_idx` of each image (all of them when None).
 
     Args:
@@ -100,16 +106,26 @@ class CAEEncoder(nn.Module):
       'tokens' [B, 1 + K, D] after the final LN, 'cls' [B, D], 'patch' [B, K, D].
     """
     if self.embed_dim % self.num_heads:
-      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
-                       "fix config.model.embed_dim / num_heads.")
+      raise ValueError(
+        f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+        "fix config.model.embed_dim / num_heads."
+      )
     b, h, w, _ = images.shape
     p = self.patch_size
     if h % p or w % p:
       raise ValueError(f"image {h}x{w} is not a multiple of patch_size={p}.")
     d = self.embed_dim
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=beit.TRUNC_NORMAL_1SIGMA, bias_init=nn.initializers.zeros,
-                name="patch_embed")(images.astype(self.dtype))
+    x = nn.Conv(
+      d,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=beit.TRUNC_NORMAL_1SIGMA,
+      bias_init=nn.initializers.zeros,
+      name="patch_embed",
+    )(images.astype(self.dtype))
     x = x.astype(jnp.float32).reshape(b, (h // p) * (w // p), d)
     pos = jnp.broadcast_to(jnp.asarray(beit.sincos_pos_embed(h // p, w // p, d)), x.shape)
     x = x + pos
@@ -123,6 +139,7 @@ class CAEEncoder(nn.Module):
 
 class LatentRegressor(nn.Module):
   """Masked-latent predictor: mask queries cross-attend to the fixed visible latents."""
+
   num_heads: int = 12
   depth: int = 4
   mlp_ratio: float = 4.0
@@ -138,13 +155,15 @@ class LatentRegressor(nn.Module):
     x = jnp.broadcast_to(token, pos_mask.shape)
     active = bool(train) and self.drop_path_rate > 0
     for i, rate in enumerate(_rates(self.drop_path_rate, self.depth)):
-      x = beit.RegressorBlock(self.num_heads, self.mlp_ratio, self.init_values, rate, self.dtype,
-                              name=f"block_{i}")(x, x_vis, pos_mask, pos_vis, active)
+      x = beit.RegressorBlock(
+        self.num_heads, self.mlp_ratio, self.init_values, rate, self.dtype, name=f"block_{i}"
+      )(x, x_vis, pos_mask, pos_vis, active)
     return beit.layer_norm("norm")(x)
 
 
 class Decoder(nn.Module):
   """Self-attention over masked tokens only, then LN and a Linear head to `out_dim`."""
+
   out_dim: int
   num_heads: int = 12
   depth: int = 4
@@ -166,6 +185,7 @@ class CAE(nn.Module):
   Parameter groups: 'encoder', 'encoder_to_regressor' (only when decoder_embed_dim !=
   embed_dim), 'regressor' (includes 'mask_token'), 'decoder'.
   """
+
   out_dim: int
   patch_size: int = 16
   embed_dim: int = 768
@@ -183,8 +203,12 @@ class CAE(nn.Module):
   def setup(self):
     dd = self.decoder_embed_dim or self.embed_dim
     heads = self.decoder_num_heads or self.num_heads
-    common = dict(mlp_ratio=self.mlp_ratio, init_values=self.init_values,
-                  drop_path_rate=self.drop_path_rate, dtype=self.dtype)
+    common = dict(
+      mlp_ratio=self.mlp_ratio,
+      init_values=self.init_values,
+      drop_path_rate=self.drop_path_rate,
+      dtype=self.dtype,
+    )
     self.encoder = CAEEncoder(self.patch_size, self.embed_dim, self.depth, self.num_heads, **common)
     if dd != self.embed_dim:
       self.to_regressor = beit.dense(dd, self.dtype, "encoder_to_regressor")
@@ -200,7 +224,9 @@ class CAE(nn.Module):
   def _positions(self, images: Array, idx: Array | None) -> Array:
     _, h, w, _ = images.shape
     p = self.patch_size
-    pos = jnp.asarray(beit.sincos_pos_embed(h // p, w // p, self.decoder_embed_dim or self.embed_dim))
+    pos = jnp.asarray(
+      beit.sincos_pos_embed(h // p, w // p, self.decoder_embed_dim or self.embed_dim)
+    )
     pos = jnp.broadcast_to(pos, (images.shape[0],) + pos.shape)
     return pos if idx is None else gather_tokens(pos, idx)
 

@@ -46,18 +46,24 @@ class TokenizerWeightsError(errors.UserError):
 
 class _Conv(nn.Module):
   """dall_e.utils.Conv2d: weight 'w' [out, in, k, k] (OIHW), bias 'b' [out], 'same' padding."""
+
   n_out: int
   kw: int
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = x.shape[-1]
-    w = self.param("w", nn.initializers.normal(1.0 / np.sqrt(n_in * self.kw ** 2)),
-                   (self.n_out, n_in, self.kw, self.kw), jnp.float32)
+    w = self.param(
+      "w",
+      nn.initializers.normal(1.0 / np.sqrt(n_in * self.kw**2)),
+      (self.n_out, n_in, self.kw, self.kw),
+      jnp.float32,
+    )
     b = self.param("b", nn.initializers.zeros, (self.n_out,), jnp.float32)
     pad = (self.kw - 1) // 2
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), [(pad, pad), (pad, pad)],
-                                     dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "OIHW", "NHWC")
+    )
     return y + b
 
 
@@ -70,7 +76,7 @@ class _EncoderBlock(nn.Module):
     hid = self.n_out // 4
     skip = x if x.shape[-1] == self.n_out else _Conv(self.n_out, 1, name="id_path")(x)
     convs = ((hid, 3), (hid, 3), (hid, 3), (self.n_out, 1))
-    return skip + _ResPath(convs, name="res_path")(x) / self.n_layers ** 2
+    return skip + _ResPath(convs, name="res_path")(x) / self.n_layers**2
 
 
 class _ResPath(nn.Module):
@@ -89,6 +95,7 @@ class DalleEncoder(nn.Module):
   Apply `map_pixels` first (the caller does, as the official code). Parameter tree mirrors the
   torch names: 'input', 'group_g/block_i/{id_path,res_path/conv_j}', 'output/conv'.
   """
+
   n_hid: int = 256
   n_blk_per_group: int = 2
   vocab_size: int = 8192
@@ -98,8 +105,9 @@ class DalleEncoder(nn.Module):
     n_layers = GROUP_COUNT * self.n_blk_per_group
     x = _Conv(self.n_hid, 7, name="input")(x.astype(jnp.float32))
     for g, width in enumerate(_WIDTHS, start=1):
-      x = _Group(width * self.n_hid, self.n_blk_per_group, n_layers, pool=g < GROUP_COUNT,
-                 name=f"group_{g}")(x)
+      x = _Group(
+        width * self.n_hid, self.n_blk_per_group, n_layers, pool=g < GROUP_COUNT, name=f"group_{g}"
+      )(x)
     return _Output(self.vocab_size, name="output")(x)
 
 
@@ -129,8 +137,9 @@ def map_pixels(x: jax.Array, eps: float = 0.1) -> jax.Array:
   return (1.0 - 2.0 * eps) * x + eps
 
 
-def expected_shapes(n_hid: int, n_blk_per_group: int, input_channels: int = 3,
-                    vocab_size: int = 8192) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+  n_hid: int, n_blk_per_group: int, input_channels: int = 3, vocab_size: int = 8192
+) -> dict[str, tuple[int, ...]]:
   """torch state_dict name -> shape of a DALL-E encoder of this size."""
   shapes: dict[str, tuple[int, ...]] = {}
 
@@ -147,7 +156,9 @@ def expected_shapes(n_hid: int, n_blk_per_group: int, input_channels: int = 3,
       if n_in != n_out:
         conv(f"{name}.id_path", n_in, n_out, 1)
       hid = n_out // 4
-      for j, (a, c, k) in enumerate(((n_in, hid, 3), (hid, hid, 3), (hid, hid, 3), (hid, n_out, 1)), 1):
+      for j, (a, c, k) in enumerate(
+        ((n_in, hid, 3), (hid, hid, 3), (hid, hid, 3), (hid, n_out, 1)), 1
+      ):
         conv(f"{name}.res_path.conv_{j}", a, c, k)
       n_in = n_out
   conv("blocks.output.conv", 8 * n_hid, vocab_size, 1)
@@ -157,9 +168,10 @@ def expected_shapes(n_hid: int, n_blk_per_group: int, input_channels: int = 3,
 def _read(path: str) -> dict[str, np.ndarray]:
   if not path or not os.path.exists(path):
     raise TokenizerWeightsError(
-        f"tokenizer weights {path!r} not found; set config.cae.tokenizer_path to an .npz of the "
-        "DALL-E encoder state dict (see sslx/models/dalle.py for the one-off conversion), or use "
-        "config.cae.target='pixels'.")
+      f"tokenizer weights {path!r} not found; set config.cae.tokenizer_path to an .npz of the "
+      "DALL-E encoder state dict (see sslx/models/dalle.py for the one-off conversion), or use "
+      "config.cae.target='pixels'."
+    )
   try:
     if path.endswith(".npz"):
       with np.load(path, allow_pickle=False) as f:
@@ -168,12 +180,15 @@ def _read(path: str) -> dict[str, np.ndarray]:
       obj = pickle.load(f)
   except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
     raise TokenizerWeightsError(
-        f"cannot read tokenizer weights {path!r} ({type(e).__name__}: {e}); expected an .npz (or a "
-        "pickled dict) of numpy arrays. The official encoder.pkl is a torch module: convert it as "
-        "sslx/models/dalle.py describes.") from e
+      f"cannot read tokenizer weights {path!r} ({type(e).__name__}: {e}); expected an .npz (or a "
+      "pickled dict) of numpy arrays. The official encoder.pkl is a torch module: convert it as "
+      "sslx/models/dalle.py describes."
+    ) from e
   if not isinstance(obj, dict):
-    raise TokenizerWeightsError(f"{path!r} holds a {type(obj).__name__}, not a dict of arrays; "
-                                "convert the torch module's state_dict() (see sslx/models/dalle.py).")
+    raise TokenizerWeightsError(
+      f"{path!r} holds a {type(obj).__name__}, not a dict of arrays; "
+      "convert the torch module's state_dict() (see sslx/models/dalle.py)."
+    )
   return {k: np.asarray(v) for k, v in obj.items()}
 
 
@@ -188,23 +203,31 @@ def load_dalle_encoder(path: str) -> tuple[DalleEncoder, dict[str, Any]]:
   arrays = _read(path)
   for key in ("blocks.input.w", "blocks.output.conv.w"):
     if key not in arrays:
-      raise TokenizerWeightsError(f"{path!r} has no {key!r}; it is not a DALL-E encoder state dict "
-                                  f"(keys start with {sorted(arrays)[:3]}).")
+      raise TokenizerWeightsError(
+        f"{path!r} has no {key!r}; it is not a DALL-E encoder state dict "
+        f"(keys start with {sorted(arrays)[:3]})."
+      )
   n_hid, in_ch = arrays["blocks.input.w"].shape[:2]
   vocab = arrays["blocks.output.conv.w"].shape[0]
-  blocks = {int(m.group(1)) for k in arrays
-            if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
+  blocks = {
+    int(m.group(1)) for k in arrays if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))
+  }
   n_blk = max(blocks) if blocks else 0
   want = expected_shapes(int(n_hid), n_blk, int(in_ch), int(vocab))
   problems = [f"missing {k}" for k in want if k not in arrays]
   problems += [f"unexpected {k}" for k in arrays if k not in want]
-  problems += [f"{k}: shape {tuple(arrays[k].shape)}, expected {s}" for k, s in want.items()
-               if k in arrays and tuple(arrays[k].shape) != s]
+  problems += [
+    f"{k}: shape {tuple(arrays[k].shape)}, expected {s}"
+    for k, s in want.items()
+    if k in arrays and tuple(arrays[k].shape) != s
+  ]
   if n_blk < 1 or problems:
     raise TokenizerWeightsError(
-        f"{path!r} is not a DALL-E encoder (n_hid={n_hid}, {n_blk} blocks per group, vocab "
-        f"{vocab} inferred): " + "; ".join(problems[:5] or ["no group_1 blocks"]) +
-        (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+      f"{path!r} is not a DALL-E encoder (n_hid={n_hid}, {n_blk} blocks per group, vocab "
+      f"{vocab} inferred): "
+      + "; ".join(problems[:5] or ["no group_1 blocks"])
+      + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+    )
   params: dict[str, Any] = {}
   for key, value in arrays.items():
     node = params

@@ -17,7 +17,7 @@ conv1_14) are left out: they get no gradient there either.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ class SageDecoder(nn.Module):
     stem_channels: channels after the first transposed conv (256).
     up_channels: channels of each stride-2 up-block; their count sets the output side.
   """
+
   bottleneck_dim: int = 512
   stem_channels: int = 256
   up_channels: Sequence[int] = (512, 256, 128, 64, 32)
@@ -48,15 +49,24 @@ class SageDecoder(nn.Module):
     if c5.ndim != 4 or c5.shape[1] != c5.shape[2]:
       raise ValueError(f"SageDecoder expects a square map [B, k, k, C], got {c5.shape}")
     k = c5.shape[1]
-    x = nn.Conv(self.bottleneck_dim, (k, k), padding="VALID", kernel_init=conv_init,
-                name="conv_code")(c5.astype(jnp.float32))
-    x = nn.ConvTranspose(self.stem_channels, (k, k), padding="VALID", kernel_init=deconv_init,
-                         name="deconv_stem")(x)
+    x = nn.Conv(
+      self.bottleneck_dim, (k, k), padding="VALID", kernel_init=conv_init, name="conv_code"
+    )(c5.astype(jnp.float32))
+    x = nn.ConvTranspose(
+      self.stem_channels, (k, k), padding="VALID", kernel_init=deconv_init, name="deconv_stem"
+    )(x)
     x = nn.relu(batch_norm(train, "bn_stem")(x))
     for i, ch in enumerate(self.up_channels):
       # PyTorch ConvTranspose2d(k=4, s=2, p=1) == lax padding k - 1 - p = 2 on each side.
-      x = nn.ConvTranspose(ch, (4, 4), (2, 2), padding=((2, 2), (2, 2)), use_bias=False,
-                           kernel_init=deconv_init, name=f"deconv{i}")(x)
+      x = nn.ConvTranspose(
+        ch,
+        (4, 4),
+        (2, 2),
+        padding=((2, 2), (2, 2)),
+        use_bias=False,
+        kernel_init=deconv_init,
+        name=f"deconv{i}",
+      )(x)
       x = nn.relu(batch_norm(train, f"bn{i}")(x))
     x = nn.Conv(3, (1, 1), kernel_init=conv_init, name="conv_out")(x)
     return jnp.tanh(x)

@@ -27,146 +27,172 @@ _TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "u
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-    """``x / max(||x||_2, eps)`` along ``axis`` in float32 (torch F.normalize semantics)."""
-    x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+  """``x / max(||x||_2, eps)`` along ``axis`` in float32 (torch F.normalize semantics)."""
+  x = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
 
 
 class WeightNormDense(nn.Module):
-    """Bias-free Linear whose weight is ``g * v / ||v||`` with the norm taken per output unit.
+  """Bias-free Linear whose weight is ``g * v / ||v||`` with the norm taken per output unit.
 
-    Params: 'kernel' (v) [in, out] and, unless ``fixed_scale``, 'g' [out] initialised to 1. With
-    ``fixed_scale`` the magnitude is the constant 1 and no 'g' parameter exists.
-    """
+  Params: 'kernel' (v) [in, out] and, unless ``fixed_scale``, 'g' [out] initialised to 1. With
+  ``fixed_scale`` the magnitude is the constant 1 and no 'g' parameter exists.
+  """
 
-    features: int
-    fixed_scale: bool = True
-    dtype: DType = jnp.float32
+  features: int
+  fixed_scale: bool = True
+  dtype: DType = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [..., in]. Returns float32 [..., features]."""
-        v = self.param("kernel", _TORCH_DEFAULT_KERNEL, (x.shape[-1], self.features), jnp.float32)
-        weight = v / jnp.linalg.norm(v, axis=0, keepdims=True)
-        if not self.fixed_scale:
-            weight = weight * self.param("g", nn.initializers.ones, (self.features,), jnp.float32)
-        out = jnp.einsum("...i,io->...o", x.astype(self.dtype), weight.astype(self.dtype),
-                         preferred_element_type=jnp.float32)
-        return out.astype(jnp.float32)
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [..., in]. Returns float32 [..., features]."""
+    v = self.param("kernel", _TORCH_DEFAULT_KERNEL, (x.shape[-1], self.features), jnp.float32)
+    weight = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    if not self.fixed_scale:
+      weight = weight * self.param("g", nn.initializers.ones, (self.features,), jnp.float32)
+    out = jnp.einsum(
+      "...i,io->...o",
+      x.astype(self.dtype),
+      weight.astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
+    return out.astype(jnp.float32)
 
 
-def _bottleneck_mlp(head: "DINOHead", x: Array, train: bool | None) -> Array:
-    """The MLP + L2 normalisation shared by DINOHead and IBOTHead, built inside ``head``'s scope.
+def _bottleneck_mlp(head: DINOHead, x: Array, train: bool | None) -> Array:
+  """The MLP + L2 normalisation shared by DINOHead and IBOTHead, built inside ``head``'s scope.
 
-    Submodules are named 'mlp_i' (and 'bn_i') in both heads, so a DINO head's parameters are
-    exactly an iBOT head's minus 'last_layer2'.
-    """
-    dense = lambda feat, name: nn.Dense(feat, dtype=head.dtype, param_dtype=jnp.float32,  # noqa: E731
-                                        kernel_init=_TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
-                                        name=name, parent=head)
-    h = x.astype(jnp.float32)
-    for i in range(head.num_layers - 1):
-        h = dense(head.hidden_dim, f"mlp_{i}")(h).astype(jnp.float32)
-        if head.use_bn:
-            # torch BatchNorm1d defaults: momentum 0.1 (flax keeps 0.9 of the old value), eps 1e-5.
-            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             use_fast_variance=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                             axis_name=head.bn_axis_name, name=f"bn_{i}", parent=head)(h)
-        h = nn.gelu(h, approximate=False)
-    h = dense(head.bottleneck_dim, f"mlp_{head.num_layers - 1}")(h)
-    return l2_normalize(h)
+  Submodules are named 'mlp_i' (and 'bn_i') in both heads, so a DINO head's parameters are
+  exactly an iBOT head's minus 'last_layer2'.
+  """
+  dense = lambda feat, name: nn.Dense(
+    feat,
+    dtype=head.dtype,
+    param_dtype=jnp.float32,  # noqa: E731
+    kernel_init=_TRUNC_NORMAL_02,
+    bias_init=nn.initializers.zeros,
+    name=name,
+    parent=head,
+  )
+  h = x.astype(jnp.float32)
+  for i in range(head.num_layers - 1):
+    h = dense(head.hidden_dim, f"mlp_{i}")(h).astype(jnp.float32)
+    if head.use_bn:
+      # torch BatchNorm1d defaults: momentum 0.1 (flax keeps 0.9 of the old value), eps 1e-5.
+      h = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        axis_name=head.bn_axis_name,
+        name=f"bn_{i}",
+        parent=head,
+      )(h)
+    h = nn.gelu(h, approximate=False)
+  h = dense(head.bottleneck_dim, f"mlp_{head.num_layers - 1}")(h)
+  return l2_normalize(h)
 
 
 class DINOHead(nn.Module):
-    """DINO projection head: MLP -> L2-normalise -> weight-normalised Linear to ``out_dim`` logits.
+  """DINO projection head: MLP -> L2-normalise -> weight-normalised Linear to ``out_dim`` logits.
 
-    MLP for num_layers >= 2: Dense(hidden) [BN] GELU, (num_layers - 2) x (Dense(hidden) [BN] GELU),
-    Dense(bottleneck); for num_layers == 1: Dense(bottleneck). GELU is the exact erf form (torch default).
+  MLP for num_layers >= 2: Dense(hidden) [BN] GELU, (num_layers - 2) x (Dense(hidden) [BN] GELU),
+  Dense(bottleneck); for num_layers == 1: Dense(bottleneck). GELU is the exact erf form (torch default).
 
-    Attributes:
-      out_dim: number of prototypes K.
-      hidden_dim: MLP hidden width.
-      bottleneck_dim: width of the L2-normalised bottleneck.
-      num_layers: MLP depth (>= 1).
-      use_bn: BatchNorm after each hidden Dense; needs the mutable 'batch_stats' collection in training.
-        Under jit on globally sharded arrays BatchNorm already sees the global batch; only inside
-        shard_map/pmap set ``bn_axis_name`` to the data axis to get cross-device statistics.
-      norm_last_layer: fix the last layer's magnitude at 1 (no 'g' param); otherwise 'g' is learned.
-      dtype: compute dtype of the Dense matmuls; params, normalisation and outputs are float32.
-      bn_axis_name: axis name for cross-device BatchNorm statistics (see use_bn).
+  Attributes:
+    out_dim: number of prototypes K.
+    hidden_dim: MLP hidden width.
+    bottleneck_dim: width of the L2-normalised bottleneck.
+    num_layers: MLP depth (>= 1).
+    use_bn: BatchNorm after each hidden Dense; needs the mutable 'batch_stats' collection in training.
+      Under jit on globally sharded arrays BatchNorm already sees the global batch; only inside
+      shard_map/pmap set ``bn_axis_name`` to the data axis to get cross-device statistics.
+    norm_last_layer: fix the last layer's magnitude at 1 (no 'g' param); otherwise 'g' is learned.
+    dtype: compute dtype of the Dense matmuls; params, normalisation and outputs are float32.
+    bn_axis_name: axis name for cross-device BatchNorm statistics (see use_bn).
+  """
+
+  out_dim: int
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+  use_bn: bool = False
+  norm_last_layer: bool = True
+  dtype: DType = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool | None = None) -> Array:
+    """Maps features to prototype logits.
+
+    Args:
+      x: float [..., D] backbone features (e.g. CLS tokens [B, D], or [B, N, D] for all tokens).
+      train: BatchNorm mode; required when use_bn (batch statistics when True), ignored otherwise.
+
+    Returns:
+      float32 logits [..., out_dim].
     """
-
-    out_dim: int
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    num_layers: int = 3
-    use_bn: bool = False
-    norm_last_layer: bool = True
-    dtype: DType = jnp.float32
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x: Array, *, train: bool | None = None) -> Array:
-        """Maps features to prototype logits.
-
-        Args:
-          x: float [..., D] backbone features (e.g. CLS tokens [B, D], or [B, N, D] for all tokens).
-          train: BatchNorm mode; required when use_bn (batch statistics when True), ignored otherwise.
-
-        Returns:
-          float32 logits [..., out_dim].
-        """
-        if self.num_layers < 1:
-            raise ValueError(f"DINOHead num_layers must be >= 1, got {self.num_layers}.")
-        if self.use_bn and train is None:
-            raise ValueError("DINOHead(use_bn=True) needs train=True/False to pick batch or running "
-                             "BatchNorm statistics; pass train explicitly.")
-        h = _bottleneck_mlp(self, x, train)
-        return WeightNormDense(self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype,
-                               name="last_layer")(h)
+    if self.num_layers < 1:
+      raise ValueError(f"DINOHead num_layers must be >= 1, got {self.num_layers}.")
+    if self.use_bn and train is None:
+      raise ValueError(
+        "DINOHead(use_bn=True) needs train=True/False to pick batch or running "
+        "BatchNorm statistics; pass train explicitly."
+      )
+    h = _bottleneck_mlp(self, x, train)
+    return WeightNormDense(
+      self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype, name="last_layer"
+    )(h)
 
 
 class IBOTHead(nn.Module):
-    """iBOT head: DINO's MLP on every token, then 'last_layer' on CLS and 'last_layer2' on patches.
+  """iBOT head: DINO's MLP on every token, then 'last_layer' on CLS and 'last_layer2' on patches.
 
-    With ``shared_head`` (the SERE/iBOT README recipes) the patch tokens go through the same
-    'last_layer' and ``patch_out_dim`` must equal ``out_dim`` (bytedance/ibot models/head.py).
-    Attributes as DINOHead, plus patch_out_dim and shared_head.
-    """
+  With ``shared_head`` (the SERE/iBOT README recipes) the patch tokens go through the same
+  'last_layer' and ``patch_out_dim`` must equal ``out_dim`` (bytedance/ibot models/head.py).
+  Attributes as DINOHead, plus patch_out_dim and shared_head.
+  """
 
-    out_dim: int
-    patch_out_dim: int
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    num_layers: int = 3
-    use_bn: bool = False
-    norm_last_layer: bool = True
-    shared_head: bool = True
-    dtype: DType = jnp.float32
-    bn_axis_name: str | None = None
+  out_dim: int
+  patch_out_dim: int
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+  use_bn: bool = False
+  norm_last_layer: bool = True
+  shared_head: bool = True
+  dtype: DType = jnp.float32
+  bn_axis_name: str | None = None
 
-    @nn.compact
-    def __call__(self, cls: Array, patches: Array | None = None, *,
-                 train: bool | None = None) -> tuple[Array, Array | None]:
-        """cls [B, D], patches [B, N, D] or None -> (cls logits [B, K], patch logits [B, N, Kp] or None)."""
-        if self.num_layers < 1:
-            raise ValueError(f"IBOTHead num_layers must be >= 1, got {self.num_layers}.")
-        if self.shared_head and self.patch_out_dim != self.out_dim:
-            raise ValueError(f"shared_head needs patch_out_dim == out_dim, got {self.patch_out_dim} "
-                             f"and {self.out_dim}; set head.patch_out_dim={self.out_dim} or "
-                             "head.shared_head=False")
-        tokens = cls[:, None] if patches is None else jnp.concatenate([cls[:, None], patches], 1)
-        h = _bottleneck_mlp(self, tokens, train)
-        last = WeightNormDense(self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype,
-                               name="last_layer")
-        cls_logits = last(h[:, 0])
-        if patches is None:
-            return cls_logits, None
-        if not self.shared_head:
-            last = WeightNormDense(self.patch_out_dim, fixed_scale=self.norm_last_layer,
-                                   dtype=self.dtype, name="last_layer2")
-        return cls_logits, last(h[:, 1:])
+  @nn.compact
+  def __call__(
+    self, cls: Array, patches: Array | None = None, *, train: bool | None = None
+  ) -> tuple[Array, Array | None]:
+    """cls [B, D], patches [B, N, D] or None -> (cls logits [B, K], patch logits [B, N, Kp] or None)."""
+    if self.num_layers < 1:
+      raise ValueError(f"IBOTHead num_layers must be >= 1, got {self.num_layers}.")
+    if self.shared_head and self.patch_out_dim != self.out_dim:
+      raise ValueError(
+        f"shared_head needs patch_out_dim == out_dim, got {self.patch_out_dim} "
+        f"and {self.out_dim}; set head.patch_out_dim={self.out_dim} or "
+        "head.shared_head=False"
+      )
+    tokens = cls[:, None] if patches is None else jnp.concatenate([cls[:, None], patches], 1)
+    h = _bottleneck_mlp(self, tokens, train)
+    last = WeightNormDense(
+      self.out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype, name="last_layer"
+    )
+    cls_logits = last(h[:, 0])
+    if patches is None:
+      return cls_logits, None
+    if not self.shared_head:
+      last = WeightNormDense(
+        self.patch_out_dim, fixed_scale=self.norm_last_layer, dtype=self.dtype, name="last_layer2"
+      )
+    return cls_logits, last(h[:, 1:])
 
 
 class SereProjection(nn.Module):
@@ -179,9 +205,9 @@ class SereProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
-                     use_fast_variance=False, name="bn")(
-        x.astype(jnp.float32))
+    x = nn.BatchNorm(
+      use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=False, name="bn"
+    )(x.astype(jnp.float32))
     return nn.relu(x)
 
 
@@ -189,15 +215,21 @@ class SerePredictor(nn.Module):
   """SERE predictor g: 1x1 linear (no bias) -> BatchNorm -> ReLU, applied to h's output.
 
   The linear keeps PyTorch's default init (the SERE heads' own init is never applied)."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, kernel_init=_TORCH_DEFAULT_KERNEL,
-                 name="linear")(x)
-    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
-                     use_fast_variance=False, name="bn")(
-        x.astype(jnp.float32))
+    x = nn.Dense(
+      x.shape[-1],
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=_TORCH_DEFAULT_KERNEL,
+      name="linear",
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=False, name="bn"
+    )(x.astype(jnp.float32))
     return nn.relu(x)
 
 
@@ -210,6 +242,7 @@ class SereHeads(nn.Module):
   (as released). Initialise with student=True so the tree holds both paths; the
   teacher (the EMA of the student's tree) then simply leaves its predictors unused.
   """
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -230,6 +263,7 @@ class MocoMLP(nn.Module):
   global-batch statistics, as the official SyncBatchNorm. The Linears keep PyTorch's default
   init, U(+-1/sqrt(fan_in)): the official builder makes them after the ViT's own init.
   """
+
   num_layers: int
   hidden_dim: int
   out_dim: int
@@ -240,11 +274,22 @@ class MocoMLP(nn.Module):
     h = x.astype(jnp.float32)
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
-      h = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False, dtype=self.dtype,
-                   kernel_init=_TORCH_DEFAULT_KERNEL, name=f"linear_{i}")(h).astype(jnp.float32)
-      h = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_bias=not last,
-                       use_scale=not last, use_fast_variance=False,
-                       name=f"bn_{i}")(h)
+      h = nn.Dense(
+        self.out_dim if last else self.hidden_dim,
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_TORCH_DEFAULT_KERNEL,
+        name=f"linear_{i}",
+      )(h).astype(jnp.float32)
+      h = nn.BatchNorm(
+        use_running_average=False,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_bias=not last,
+        use_scale=not last,
+        use_fast_variance=False,
+        name=f"bn_{i}",
+      )(h)
       if not last:
         h = nn.relu(h)
     return h

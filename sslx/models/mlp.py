@@ -28,6 +28,7 @@ class MLP(nn.Module):
     out_dim: output width (256).
     init_std: None for Kaiming fan_in (projector), else a normal std (0.01 for the predictor).
   """
+
   hidden_dim: int = 4096
   out_dim: int = 256
   init_std: float | None = None

@@ -20,7 +20,8 @@ Stems: 'imagenet' = 7x7/2 conv + 3x3/2 max-pool (stride 32 overall, c5 7x7 at 22
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,13 @@ Array = jax.Array
 
 STAGES = ("c2", "c3", "c4", "c5")
 # depth -> (block kind, blocks per stage)
-DEPTHS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+DEPTHS = {
+  10: ("basic", (1, 1, 1, 1)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+}
 
 # mmcv kaiming_init(mode='fan_in', nonlinearity='relu'): normal, variance 2 / fan_in.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -40,18 +46,33 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), statistics in float32 with the
   two-pass variance torch computes (see the note in heads.py)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      use_fast_variance=False, dtype=jnp.float32, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    use_fast_variance=False,
+    dtype=jnp.float32,
+    name=name,
+  )
 
 
 def _conv(features: int, kernel: int, strides: int, name: str, *, dtype: Any) -> nn.Conv:
   """Bias-free square conv with 'same' padding for odd kernels, torchvision's init."""
-  return nn.Conv(features, (kernel, kernel), (strides, strides), padding=kernel // 2,
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    (strides, strides),
+    padding=kernel // 2,
+    use_bias=False,
+    kernel_init=conv_init,
+    dtype=dtype,
+    name=name,
+  )
 
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34); `features` is the block's output width."""
+
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
@@ -68,6 +89,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided, 'pytorch' style) -> 1x1 x4 (ResNet-50/101); `features` = inner width."""
+
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
@@ -94,6 +116,7 @@ class ResNet(nn.Module):
     stem: 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (3x3/1 conv, no pool).
     dtype: compute dtype of the convolutions; BatchNorm and outputs are float32.
   """
+
   depth: int = 50
   width: int = 64
   stem: str = "imagenet"
@@ -112,13 +135,29 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     x = x.astype(self.dtype)
     if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=conv_init,
-                  dtype=self.dtype, name="stem_conv")(x)
+      x = nn.Conv(
+        self.width,
+        (7, 7),
+        (2, 2),
+        padding=3,
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=self.dtype,
+        name="stem_conv",
+      )(x)
       x = nn.relu(batch_norm(train, "stem_bn")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == "cifar":
-      x = nn.Conv(self.width, (3, 3), (1, 1), padding=1, use_bias=False, kernel_init=conv_init,
-                  dtype=self.dtype, name="stem_conv")(x)
+      x = nn.Conv(
+        self.width,
+        (3, 3),
+        (1, 1),
+        padding=1,
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=self.dtype,
+        name="stem_conv",
+      )(x)
       x = nn.relu(batch_norm(train, "stem_bn")(x))
     else:
       raise ValueError(f"config.model.stem={self.stem!r}; valid: 'imagenet', 'cifar'")
@@ -126,7 +165,7 @@ class ResNet(nn.Module):
     for i, (name, n) in enumerate(zip(STAGES, blocks)):
       for j in range(n):
         strides = 2 if (i > 0 and j == 0) else 1
-        x = block_cls(self.width * 2 ** i, strides, self.dtype, name=f"{name}_block{j}")(x, train)
+        x = block_cls(self.width * 2**i, strides, self.dtype, name=f"{name}_block{j}")(x, train)
       out[name] = x.astype(jnp.float32)
     out["pooled"] = jnp.mean(out["c5"], axis=(1, 2))
     return out
@@ -136,4 +175,4 @@ def stage_channels(depth: int, width: int = 64) -> Sequence[int]:
   """Output channels of c2..c5."""
   kind, _ = DEPTHS[depth]
   mult = 4 if kind == "bottleneck" else 1
-  return tuple(width * 2 ** i * mult for i in range(4))
+  return tuple(width * 2**i * mult for i in range(4))

@@ -19,7 +19,8 @@ unexpected or of the wrong shape is an error listing all of them (never a silent
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -48,9 +49,16 @@ def _conv_in(weight: np.ndarray) -> np.ndarray:
   return _f32(np.transpose(weight, (2, 3, 1, 0)))
 
 
-_OUT: dict[str, Callable[[Any], np.ndarray]] = {"copy": _f32, "linear": _linear_out, "conv": _conv_out}
-_IN: dict[str, Callable[[np.ndarray], np.ndarray]] = {"copy": _f32, "linear": _linear_out,
-                                                      "conv": _conv_in}
+_OUT: dict[str, Callable[[Any], np.ndarray]] = {
+  "copy": _f32,
+  "linear": _linear_out,
+  "conv": _conv_out,
+}
+_IN: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+  "copy": _f32,
+  "linear": _linear_out,
+  "conv": _conv_in,
+}
 
 # (torch key, flax path, transform) rows; a path is a tuple of nested dict keys.
 Row = tuple[str, tuple[str, ...], str]
@@ -84,17 +92,20 @@ def _paths(tree: Params, prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, ..
       yield prefix + (key,)
 
 
-def _check_keys(state_dict: Mapping[str, Any], wants: Mapping[str, tuple[int, ...] | None],
-                what: str) -> None:
+def _check_keys(
+  state_dict: Mapping[str, Any], wants: Mapping[str, tuple[int, ...] | None], what: str
+) -> None:
   """Raises LayoutError naming every missing, unexpected and wrongly shaped key.
 
   `wants` maps each expected key to its torch shape (None: any shape).
   """
   missing = sorted(set(wants) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(wants))
-  bad_shape = [f"{key}: got {list(np.shape(state_dict[key]))}, want {list(want)}"
-               for key, want in wants.items()
-               if key in state_dict and want is not None and tuple(np.shape(state_dict[key])) != want]
+  bad_shape = [
+    f"{key}: got {list(np.shape(state_dict[key]))}, want {list(want)}"
+    for key, want in wants.items()
+    if key in state_dict and want is not None and tuple(np.shape(state_dict[key])) != want
+  ]
   if missing or unexpected or bad_shape:
     parts = [f"the state dict does not fit this {what}:"]
     if missing:
@@ -121,7 +132,9 @@ def _vit_block_paths(params: Params) -> list[tuple[str, ...] | tuple[str, int]]:
   """Where each block lives: ('block_i',) or ('blocks', i) for blocks stacked by nn.scan."""
   out: list = []
   if "blocks" in params:  # sslx ViT with scan_blocks: blocks 0..n-1 stacked, the last apart
-    n = int(np.shape(_get(params["blocks"]["block"], next(iter(_paths(params["blocks"]["block"])))))[0])
+    n = int(
+      np.shape(_get(params["blocks"]["block"], next(iter(_paths(params["blocks"]["block"])))))[0]
+    )
     out += [("blocks", i) for i in range(n)]
   i = len(out)
   while f"block_{i}" in params:
@@ -148,15 +161,17 @@ def _vit_block_rows(block: Params, i: int) -> list[Row]:
   t = f"blocks.{i}."
   mlp = ("mlp",) if "mlp" in block else ()
   rows: list[Row] = [
-      (t + "norm1.weight", ("norm1", "scale"), "copy"), (t + "norm1.bias", ("norm1", "bias"), "copy"),
-      (t + "attn.qkv.weight", ("attn", "qkv", "kernel"), "linear"),
-      (t + "attn.proj.weight", ("attn", "proj", "kernel"), "linear"),
-      (t + "attn.proj.bias", ("attn", "proj", "bias"), "copy"),
-      (t + "norm2.weight", ("norm2", "scale"), "copy"), (t + "norm2.bias", ("norm2", "bias"), "copy"),
-      (t + "mlp.fc1.weight", mlp + ("fc1", "kernel"), "linear"),
-      (t + "mlp.fc1.bias", mlp + ("fc1", "bias"), "copy"),
-      (t + "mlp.fc2.weight", mlp + ("fc2", "kernel"), "linear"),
-      (t + "mlp.fc2.bias", mlp + ("fc2", "bias"), "copy"),
+    (t + "norm1.weight", ("norm1", "scale"), "copy"),
+    (t + "norm1.bias", ("norm1", "bias"), "copy"),
+    (t + "attn.qkv.weight", ("attn", "qkv", "kernel"), "linear"),
+    (t + "attn.proj.weight", ("attn", "proj", "kernel"), "linear"),
+    (t + "attn.proj.bias", ("attn", "proj", "bias"), "copy"),
+    (t + "norm2.weight", ("norm2", "scale"), "copy"),
+    (t + "norm2.bias", ("norm2", "bias"), "copy"),
+    (t + "mlp.fc1.weight", mlp + ("fc1", "kernel"), "linear"),
+    (t + "mlp.fc1.bias", mlp + ("fc1", "bias"), "copy"),
+    (t + "mlp.fc2.weight", mlp + ("fc2", "kernel"), "linear"),
+    (t + "mlp.fc2.bias", mlp + ("fc2", "bias"), "copy"),
   ]
   if _has(block, ("attn", "qkv", "bias")):
     rows.append((t + "attn.qkv.bias", ("attn", "qkv", "bias"), "copy"))
@@ -166,11 +181,11 @@ def _vit_block_rows(block: Params, i: int) -> list[Row]:
 
 
 _VIT_TOP: list[Row] = [
-    ("cls_token", ("cls_token",), "copy"),
-    ("patch_embed.proj.weight", ("patch_embed", "kernel"), "conv"),
-    ("patch_embed.proj.bias", ("patch_embed", "bias"), "copy"),
-    ("norm.weight", ("norm", "scale"), "copy"),
-    ("norm.bias", ("norm", "bias"), "copy"),
+  ("cls_token", ("cls_token",), "copy"),
+  ("patch_embed.proj.weight", ("patch_embed", "kernel"), "conv"),
+  ("patch_embed.proj.bias", ("patch_embed", "bias"), "copy"),
+  ("norm.weight", ("norm", "scale"), "copy"),
+  ("norm.bias", ("norm", "bias"), "copy"),
 ]
 
 # Parameters a backbone may carry that have no place in timm's ViT (iBOT's mask token).
@@ -221,8 +236,9 @@ def vit_to_torch(params: Params, *, pos_embed: np.ndarray | None = None) -> Stat
     mapped = {path for _, path, _ in block_rows} | {("attn", "q_bias"), ("attn", "v_bias")}
     extra = [p for p in _paths(block) if p not in mapped]
     if extra:
-      raise LayoutError(f"block {i} has parameters with no timm counterpart: "
-                        f"{['/'.join(p) for p in extra]}")
+      raise LayoutError(
+        f"block {i} has parameters with no timm counterpart: {['/'.join(p) for p in extra]}"
+      )
     used.add(where[0])
   extra = sorted(set(params) - used)
   if extra:
@@ -230,8 +246,9 @@ def vit_to_torch(params: Params, *, pos_embed: np.ndarray | None = None) -> Stat
   return out
 
 
-def vit_from_torch(state_dict: Mapping[str, Any], like: Params, *,
-                   pos_embed: np.ndarray | None = None) -> dict:
+def vit_from_torch(
+  state_dict: Mapping[str, Any], like: Params, *, pos_embed: np.ndarray | None = None
+) -> dict:
   """The inverse of `vit_to_torch`: fills a ViT parameter tree shaped like `like`.
 
   Args:
@@ -256,11 +273,16 @@ def vit_from_torch(state_dict: Mapping[str, Any], like: Params, *,
     rows.append(("pos_embed", ("pos_embed",), "copy"))
   elif "pos_embed" in sd:
     given = np.asarray(sd.pop("pos_embed"), np.float32)
-    if pos_embed is None or given.shape != np.shape(pos_embed) or not np.allclose(
-        given, pos_embed, atol=1e-5):
-      raise LayoutError("this ViT uses fixed sin-cos positions, but the state dict's pos_embed "
-                        "differs from them (or no table was given to compare): these weights "
-                        "need a config with learned positions (config.model.pos_embed='learned').")
+    if (
+      pos_embed is None
+      or given.shape != np.shape(pos_embed)
+      or not np.allclose(given, pos_embed, atol=1e-5)
+    ):
+      raise LayoutError(
+        "this ViT uses fixed sin-cos positions, but the state dict's pos_embed "
+        "differs from them (or no table was given to compare): these weights "
+        "need a config with learned positions (config.model.pos_embed='learned')."
+      )
   wants = {key: _torch_shape(kind, _get(like, path)) for key, path, kind in rows}
   blocks = []
   for i, where in enumerate(_vit_block_paths(like)):
@@ -284,10 +306,12 @@ def vit_from_torch(state_dict: Mapping[str, Any], like: Params, *,
     if beit:  # split timm's fused bias back into q and v
       bias = _f32(sd[f"blocks.{i}.attn.qkv.bias"])
       d = bias.shape[0] // 3
-      if np.any(bias[d:2 * d] != 0):
-        raise LayoutError(f"blocks.{i}.attn.qkv.bias has a non-zero k part; this BEiT-style "
-                          "encoder has no k bias and cannot hold it.")
-      new["attn"]["q_bias"], new["attn"]["v_bias"] = bias[:d], bias[2 * d:]
+      if np.any(bias[d : 2 * d] != 0):
+        raise LayoutError(
+          f"blocks.{i}.attn.qkv.bias has a non-zero k part; this BEiT-style "
+          "encoder has no k bias and cannot hold it."
+        )
+      new["attn"]["q_bias"], new["attn"]["v_bias"] = bias[:d], bias[2 * d :]
     if where[0] == "blocks":
       stacked.append(new)
     else:
@@ -299,17 +323,23 @@ def vit_from_torch(state_dict: Mapping[str, Any], like: Params, *,
 
 def _stack(trees: list[dict]) -> dict:
   first = trees[0]
-  return {k: _stack([t[k] for t in trees]) if isinstance(v, Mapping)
-          else np.stack([t[k] for t in trees]) for k, v in first.items()}
+  return {
+    k: _stack([t[k] for t in trees]) if isinstance(v, Mapping) else np.stack([t[k] for t in trees])
+    for k, v in first.items()
+  }
 
 
 # ---- ResNet (torchvision) ---------------------------------------------------------------------
-def _bn_rows(torch_prefix: str, flax_name: tuple[str, ...]) -> list[tuple[str, str, tuple[str, ...]]]:
+def _bn_rows(
+  torch_prefix: str, flax_name: tuple[str, ...]
+) -> list[tuple[str, str, tuple[str, ...]]]:
   """(torch key, collection, path) of one BatchNorm."""
-  return [(torch_prefix + ".weight", "params", flax_name + ("scale",)),
-          (torch_prefix + ".bias", "params", flax_name + ("bias",)),
-          (torch_prefix + ".running_mean", "batch_stats", flax_name + ("mean",)),
-          (torch_prefix + ".running_var", "batch_stats", flax_name + ("var",))]
+  return [
+    (torch_prefix + ".weight", "params", flax_name + ("scale",)),
+    (torch_prefix + ".bias", "params", flax_name + ("bias",)),
+    (torch_prefix + ".running_mean", "batch_stats", flax_name + ("mean",)),
+    (torch_prefix + ".running_var", "batch_stats", flax_name + ("var",)),
+  ]
 
 
 def _resnet_rows(params: Params) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -347,7 +377,7 @@ def resnet_to_torch(params: Params, batch_stats: Params) -> StateDict:
     leaf = _get(trees[collection], path)
     out[key] = _conv_out(leaf) if key.endswith(".weight") and np.ndim(leaf) == 4 else _f32(leaf)
     if key.endswith(".running_var"):
-      out[key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+      out[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
 
 
@@ -369,6 +399,9 @@ def resnet_from_torch(state_dict: Mapping[str, Any], like_params: Params) -> tup
       bad.append(f"{key}: got {list(np.shape(sd[key]))}")
     _set(out[collection], path, value)
   if bad:
-    raise LayoutError("wrong shapes for this ResNet: " + "; ".join(bad)
-                      + "\n  check config.model.depth, width and stem against the weights.")
+    raise LayoutError(
+      "wrong shapes for this ResNet: "
+      + "; ".join(bad)
+      + "\n  check config.model.depth, width and stem against the weights."
+    )
   return out["params"], out["batch_stats"]

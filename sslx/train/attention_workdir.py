@@ -16,7 +16,8 @@ same network at its initial weights.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -53,8 +54,9 @@ def _image_paths(images: Sequence[str]) -> list[str]:
   return paths
 
 
-def load_images(config: ml_collections.ConfigDict, num_images: int,
-                images: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
+def load_images(
+  config: ml_collections.ConfigDict, num_images: int, images: Sequence[str] = ()
+) -> tuple[np.ndarray, list[str]]:
   """(uint8 [B, S, S, 3] evaluation views, a name per image) from files or the test split."""
   dc = config.data
   resize, size = int(dc.eval_resize), int(dc.eval_size)
@@ -75,9 +77,16 @@ def load_images(config: ml_collections.ConfigDict, num_images: int,
   return batch["image"][keep], names
 
 
-def write_attention(config: ml_collections.ConfigDict, workdir: str, *, num_images: int = 8,
-                    images: Sequence[str] = (), keep: float = 0.6, random_init: bool = False,
-                    scale: int | None = None) -> dict[str, Any]:
+def write_attention(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  num_images: int = 8,
+  images: Sequence[str] = (),
+  keep: float = 0.6,
+  random_init: bool = False,
+  scale: int | None = None,
+) -> dict[str, Any]:
   """Writes the attention picture and maps of the workdir's teacher; returns what it wrote.
 
   Args:
@@ -124,10 +133,26 @@ def write_attention(config: ml_collections.ConfigDict, workdir: str, *, num_imag
     np.savez_compressed(f, images=views, maps=maps, masks=masks, names=np.array(names))
   os.replace(stem + ".npz.tmp", stem + ".npz")
   fraction = masks.mean(axis=(-2, -1)).mean(axis=0)
-  logging.info("attention (%s): %d images, %d heads on a %dx%d grid; share of patches holding "
-               "%.0f%% of each head's mass: %s -> %s.png", "random init" if random_init else
-               f"step {step}", len(views), maps.shape[1], grid[0], grid[1], 100 * keep,
-               " ".join(f"{f:.3f}" for f in fraction), stem)
-  return {"png": stem + ".png", "npz": stem + ".npz", "step": step, "random_init": random_init,
-          "images": len(views), "heads": int(maps.shape[1]), "grid": grid,
-          "kept_fraction": [round(float(f), 4) for f in fraction], "keep": keep}
+  logging.info(
+    "attention (%s): %d images, %d heads on a %dx%d grid; share of patches holding "
+    "%.0f%% of each head's mass: %s -> %s.png",
+    "random init" if random_init else f"step {step}",
+    len(views),
+    maps.shape[1],
+    grid[0],
+    grid[1],
+    100 * keep,
+    " ".join(f"{f:.3f}" for f in fraction),
+    stem,
+  )
+  return {
+    "png": stem + ".png",
+    "npz": stem + ".npz",
+    "step": step,
+    "random_init": random_init,
+    "images": len(views),
+    "heads": int(maps.shape[1]),
+    "grid": grid,
+    "kept_fraction": [round(float(f), 4) for f in fraction],
+    "keep": keep,
+  }

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -33,16 +34,20 @@ class CheckpointError(errors.UserError):
 class Checkpointer:
   """Periodic + final saves, `max_to_keep`, automatic resume from the workdir."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
-               cleanup_tmp: bool = False):
+  def __init__(
+    self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, cleanup_tmp: bool = False
+  ):
     """`cleanup_tmp`: remove (on the primary process) the unfinished '*.orbax-checkpoint-tmp*'
     folders a killed save left behind. For the training run that owns the workdir only: an
     evaluation of a workdir whose training is still running must not delete its save in flight."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     # The folder is made by the first save, not here: a run refused before training leaves none.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=False, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=cleanup_tmp)
+      max_to_keep=max_to_keep,
+      create=False,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=cleanup_tmp,
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of the last save started
     self.set_aside_steps: list[int] = []  # by this object, in order
@@ -53,8 +58,9 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iter: Any | None,
-           config: Mapping[str, Any] | None = None) -> None:
+  def save(
+    self, step: int, state: Any, data_iter: Any | None, config: Mapping[str, Any] | None = None
+  ) -> None:
     """Starts an (async) save of `state` and, if given, the grain iterator state and the
     run config (a JSON-able dict).
 
@@ -80,20 +86,23 @@ class Checkpointer:
   def _raise_if_disk_full(self, e: BaseException, step: int | None) -> None:
     """Turns a full disk into a CheckpointError naming the last complete checkpoint."""
     from sslx.train import faults  # pylint: disable=g-import-not-at-top
+
     if faults.is_disk_full(e):
       done = [s for s in self._manager.all_steps() if step is None or s < step]
       last = f"step {max(done)}" if done else "none"
       raise CheckpointError(
-          f"disk full while writing checkpoint step {step} to "
-          f"{self.directory}; the last complete checkpoint ({last}) is intact. Free space (or "
-          "lower --config.checkpoint.max_to_keep) and rerun the same command to resume.") from e
+        f"disk full while writing checkpoint step {step} to "
+        f"{self.directory}; the last complete checkpoint ({last}) is intact. Free space (or "
+        "lower --config.checkpoint.max_to_keep) and rerun the same command to resume."
+      ) from e
 
   def read_config(self, step: int) -> dict[str, Any] | None:
     """The config stored with step `step`, or None for a checkpoint written without one."""
     if not os.path.isdir(os.path.join(self.directory, str(step), CONFIG_ITEM)):
       return None
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+      step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+    )
     return dict(restored[CONFIG_ITEM])
 
   def set_aside(self, step: int) -> str:
@@ -135,22 +144,26 @@ class Checkpointer:
       else:
         # Older checkpoints kept grain's per-process iterator files instead; the data order is a
         # function of the step, so the restored step says where to continue.
-        logging.warning("checkpoint %d has no %r item; continuing the data at its step", step,
-                        DATA_ITEM)
-        data_iter.set_state({**data_iter.get_state(),
-                             "step": int(jax.device_get(restored["state"].step))})
+        logging.warning(
+          "checkpoint %d has no %r item; continuing the data at its step", step, DATA_ITEM
+        )
+        data_iter.set_state(
+          {**data_iter.get_state(), "step": int(jax.device_get(restored["state"].step))}
+        )
     return restored["state"]
 
   def restore_teacher(self, step: int) -> Any:
     """Only the teacher parameters of step `step`, as host arrays (standalone evals)."""
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
     return restored["state"]["teacher_params"]
 
   def restore_parts(self, step: int, keys: tuple[str, ...]) -> dict[str, Any]:
     """The named TrainState fields of step `step` (e.g. teacher_params, loss_state), as host arrays."""
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
     return {k: restored["state"][k] for k in keys}
 
   def wait(self) -> None:
@@ -167,5 +180,6 @@ class Checkpointer:
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with shardings, the restore target orbax needs."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )

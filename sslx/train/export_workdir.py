@@ -33,7 +33,9 @@ class ExportError(UserError):
   """The workdir cannot be exported as asked (no checkpoint, unknown method, bad --weights)."""
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, weights: str = "teacher") -> dict[str, Any]:
+def export(
+  config: ml_collections.ConfigDict, workdir: str, weights: str = "teacher"
+) -> dict[str, Any]:
   """Writes the latest checkpoint's backbone; returns {'path', 'step', 'tensors', 'weights'}.
 
   Raises:
@@ -48,16 +50,23 @@ def export(config: ml_collections.ConfigDict, workdir: str, weights: str = "teac
   try:
     step = ckpt.latest_step()
     if step is None:
-      raise ExportError(f"no checkpoint under {ckpt.directory}; train first with "
-                        f"`python main.py --config=... --workdir={workdir}`")
+      raise ExportError(
+        f"no checkpoint under {ckpt.directory}; train first with "
+        f"`python main.py --config=... --workdir={workdir}`"
+      )
     key = "teacher_params" if weights == "teacher" and method.has_teacher else "params"
     parts = ckpt.restore_parts(step, (key, "loss_state"))
   finally:
     ckpt.close()
   sd, meta = method.export_backbone(parts[key], parts["loss_state"], weights)
   path = os.path.join(workdir, "export", f"{weights}_backbone_step{step}.safetensors")
-  metadata = {"format": "pt", "sslx.method": config.method, "sslx.weights": weights,
-              "sslx.step": str(step), **meta}
+  metadata = {
+    "format": "pt",
+    "sslx.method": config.method,
+    "sslx.weights": weights,
+    "sslx.step": str(step),
+    **meta,
+  }
   for addon in enabled_addons(config):
     metadata[f"sslx.{addon}"] = "enabled"
   _write(path, sd, metadata)
@@ -68,6 +77,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, weights: str = "teac
 def _write(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
   """Writes next to `path` and renames, so an interrupted export leaves no half-written file."""
   from safetensors.numpy import save_file
+
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   try:

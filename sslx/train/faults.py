@@ -16,7 +16,8 @@ import errno
 import json
 import os
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +30,23 @@ from sslx import errors
 # fed, and how the same global step is laid out on the devices, none of which changes the
 # parameters' shapes, the method, the loss or the schedules. Any other difference is refused.
 RESUME_SAFE_KEYS: tuple[str, ...] = (
-    "log_every_steps",
-    "checkpoint.",           # every_steps, max_to_keep, async_save
-    "eval.",                 # kNN frequency, k, temperature, batch size
-    "device_prefetch",
-    "mesh.",                 # same global batch on another device layout (e.g. 8 -> 4 GPUs)
-    "optim.accum_steps",     # same global batch in micro-batches (memory knob)
-    "model.attention",       # fused or explicit attention: same maths
-    "model.recompute_elementwise",  # recompute in the backward pass: same maths
-    "data.workers", "data.read_threads", "data.prefetch_buffer",
-    "data.path", "data.tfds_data_dir",  # the same data on another machine
-    "data.eval_train_split", "data.eval_test_split", "data.eval_resize", "data.eval_size",
+  "log_every_steps",
+  "checkpoint.",  # every_steps, max_to_keep, async_save
+  "eval.",  # kNN frequency, k, temperature, batch size
+  "device_prefetch",
+  "mesh.",  # same global batch on another device layout (e.g. 8 -> 4 GPUs)
+  "optim.accum_steps",  # same global batch in micro-batches (memory knob)
+  "model.attention",  # fused or explicit attention: same maths
+  "model.recompute_elementwise",  # recompute in the backward pass: same maths
+  "data.workers",
+  "data.read_threads",
+  "data.prefetch_buffer",
+  "data.path",
+  "data.tfds_data_dir",  # the same data on another machine
+  "data.eval_train_split",
+  "data.eval_test_split",
+  "data.eval_resize",
+  "data.eval_size",
 )
 
 
@@ -61,30 +68,41 @@ class ResumeConfigError(errors.UserError):
 def check_run_config(config: ml_collections.ConfigDict) -> None:
   """Refuses settings that would fail only after compiling, or train nothing."""
   from sslx.methods import METHODS  # pylint: disable=g-import-not-at-top
+
   if config.method not in METHODS:
-    raise RunConfigError(f"config.method={config.method!r} is not a method; valid: "
-                         f"{', '.join(sorted(METHODS))}")
-  positive = {"batch_size": config.batch_size, "log_every_steps": config.log_every_steps,
-              "checkpoint.every_steps": config.checkpoint.every_steps,
-              "checkpoint.max_to_keep": config.checkpoint.max_to_keep,
-              "device_prefetch": config.get("device_prefetch", 2)}
+    raise RunConfigError(
+      f"config.method={config.method!r} is not a method; valid: {', '.join(sorted(METHODS))}"
+    )
+  positive = {
+    "batch_size": config.batch_size,
+    "log_every_steps": config.log_every_steps,
+    "checkpoint.every_steps": config.checkpoint.every_steps,
+    "checkpoint.max_to_keep": config.checkpoint.max_to_keep,
+    "device_prefetch": config.get("device_prefetch", 2),
+  }
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise RunConfigError(f"config.{key}={value!r}; it must be an integer >= 1")
   total_steps, total_epochs = config.get("total_steps") or 0, config.total_epochs
   if total_steps < 0:
-    raise RunConfigError(f"config.total_steps={total_steps}; it must be > 0 (or 0 to train "
-                         f"config.total_epochs={total_epochs} epochs)")
+    raise RunConfigError(
+      f"config.total_steps={total_steps}; it must be > 0 (or 0 to train "
+      f"config.total_epochs={total_epochs} epochs)"
+    )
   if not total_steps and not total_epochs > 0:
-    raise RunConfigError(f"config.total_epochs={total_epochs} with config.total_steps=0 trains "
-                         "nothing; set one of them > 0")
+    raise RunConfigError(
+      f"config.total_epochs={total_epochs} with config.total_steps=0 trains "
+      "nothing; set one of them > 0"
+    )
   knn = config.eval.knn_every_steps
   if not isinstance(knn, int) or knn < 0:
     raise RunConfigError(f"config.eval.knn_every_steps={knn!r}; it must be >= 0 (0: no kNN)")
   skip = config.get("skip_nonfinite_updates", 0)
   if not isinstance(skip, int) or skip < 0:
-    raise RunConfigError(f"config.skip_nonfinite_updates={skip!r}; it must be >= 0 (0: stop at "
-                         "the first non-finite state)")
+    raise RunConfigError(
+      f"config.skip_nonfinite_updates={skip!r}; it must be >= 0 (0: stop at "
+      "the first non-finite state)"
+    )
 
 
 def check_workdir(workdir: str) -> None:
@@ -92,8 +110,10 @@ def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
   except FileExistsError as e:
-    raise WorkdirError(f"--workdir={workdir} exists and is not a directory; pass a directory "
-                       "(new or of an earlier run)") from e
+    raise WorkdirError(
+      f"--workdir={workdir} exists and is not a directory; pass a directory "
+      "(new or of an earlier run)"
+    ) from e
   except NotADirectoryError as e:
     raise WorkdirError(f"--workdir={workdir}: a parent of it is a file; pass a directory") from e
   except OSError as e:
@@ -103,10 +123,13 @@ def check_workdir(workdir: str) -> None:
       pass
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-      raise WorkdirError(f"--workdir={workdir}: no space left on its disk; free some or pass "
-                         "another workdir") from e
-    raise WorkdirError(f"--workdir={workdir} is not writable ({e.strerror or e}); fix its "
-                       "permissions or pass another workdir") from e
+      raise WorkdirError(
+        f"--workdir={workdir}: no space left on its disk; free some or pass another workdir"
+      ) from e
+    raise WorkdirError(
+      f"--workdir={workdir} is not writable ({e.strerror or e}); fix its "
+      "permissions or pass another workdir"
+    ) from e
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -114,8 +137,9 @@ def is_disk_full(e: BaseException) -> bool:
   if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
     return True
   text = str(e)
-  return any(s in text for s in ("RESOURCE_EXHAUSTED", "No space left on device",
-                                 "Disk quota exceeded"))
+  return any(
+    s in text for s in ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
+  )
 
 
 # ---- Config changes on resume ------------------------------------------------------------------
@@ -142,8 +166,9 @@ def is_resume_safe(key: str) -> bool:
   return any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE_KEYS)
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]
-                   ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]], list[str]]:
+def config_changes(
+  old: Mapping[str, Any], new: Mapping[str, Any]
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]], list[str]]:
   """(refused, allowed, unmatched) differences between two JSON configs.
 
   refused/allowed map a key to its (old, new) values; unmatched lists keys that exist in only one
@@ -163,8 +188,9 @@ def _show(changes: Mapping[str, tuple[Any, Any]], limit: int = 8) -> str:
   return ", ".join(items[:limit]) + more
 
 
-def check_resume_config(old: Mapping[str, Any], new: ml_collections.ConfigDict, *, step: int,
-                        workdir: str, where: str) -> tuple[dict, list[str]]:
+def check_resume_config(
+  old: Mapping[str, Any], new: ml_collections.ConfigDict, *, step: int, workdir: str, where: str
+) -> tuple[dict, list[str]]:
   """Raises ResumeConfigError for a refused change; returns (allowed changes, unmatched keys).
 
   Args:
@@ -174,11 +200,12 @@ def check_resume_config(old: Mapping[str, Any], new: ml_collections.ConfigDict, 
   refused, allowed, unmatched = config_changes(old, new)
   if refused:
     raise ResumeConfigError(
-        f"--workdir={workdir} holds a checkpoint at step {step} written with another config: "
-        f"{_show(refused)}. These keys change shapes, the method or the schedules, so the run "
-        f"cannot continue with them. Either rerun with the checkpoint's config (stored in {where}) "
-        "or train the new config in a new --workdir. (Keys a resume may change: "
-        f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_SAFE_KEYS)})")
+      f"--workdir={workdir} holds a checkpoint at step {step} written with another config: "
+      f"{_show(refused)}. These keys change shapes, the method or the schedules, so the run "
+      f"cannot continue with them. Either rerun with the checkpoint's config (stored in {where}) "
+      "or train the new config in a new --workdir. (Keys a resume may change: "
+      f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_SAFE_KEYS)})"
+    )
   return allowed, unmatched
 
 
@@ -192,19 +219,24 @@ def describe_allowed(allowed: Mapping[str, tuple[Any, Any]]) -> str:
 @jax.jit
 def _all_finite(trees) -> jax.Array:
   # One reduction per leaf, then one bool: what leaves the device is a single byte.
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)
-           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  flags = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def state_is_finite(state: Any) -> bool:
   """True when params, teacher params, optimiser state and loss state are all finite."""
-  return bool(jax.device_get(_all_finite(
-      (state.params, state.teacher_params, state.opt_state, state.loss_state))))
+  return bool(
+    jax.device_get(
+      _all_finite((state.params, state.teacher_params, state.opt_state, state.loss_state))
+    )
+  )
 
 
-def divergence_message(config: ml_collections.ConfigDict, *, what: str, window: tuple[int, int],
-                       last_finite: int | None) -> str:
+def divergence_message(
+  config: ml_collections.ConfigDict, *, what: str, window: tuple[int, int], last_finite: int | None
+) -> str:
   """One message for a diverged run: what went non-finite, when, what is safe, what may help.
 
   Only the remedies that apply to `config` are suggested (no 'use float32' to a float32 run, no
@@ -215,8 +247,10 @@ def divergence_message(config: ml_collections.ConfigDict, *, what: str, window: 
   if last_finite is None:
     kept = "No checkpoint was written for it, and there is no earlier one: a rerun starts afresh."
   else:
-    kept = (f"No checkpoint was written for it; the last checkpoint, step {last_finite}, is finite "
-            "and a rerun resumes from it.")
+    kept = (
+      f"No checkpoint was written for it; the last checkpoint, step {last_finite}, is finite "
+      "and a rerun resumes from it."
+    )
   oc = config.get("optim") or ml_collections.ConfigDict()
   hints = []
   if "lr_per_256" in oc:

@@ -13,7 +13,8 @@ of the model with explicit attention when those FLOPs matter (experiments/bench.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.extend import core as jex_core

@@ -14,10 +14,11 @@ import math
 import os
 import re
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -26,22 +27,22 @@ METRICS_FILENAME = "metrics.jsonl"
 # Google Cloud TPU system-architecture pages (per chip; from v4 on one jax device is one chip).
 # Ordered so that more specific device_kind substrings match first.
 _PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("h100 pcie", 756e12),
-    ("h100 nvl", 835e12),
-    ("h200 nvl", 835e12),
-    ("h100", 989.4e12),  # SXM, e.g. 'NVIDIA H100 80GB HBM3'
-    ("gh200", 989.4e12),
-    ("h200", 989.4e12),
-    ("a100", 312e12),
-    ("v100", 125e12),  # SXM2 tensor-core FP16 (V100 has no BF16)
-    ("l4", 121e12),
-    ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),  # v5p reports device_kind 'TPU v5'
-    ("tpu v6 lite", 918e12),  # v6e (Trillium)
-    ("tpu v6e", 918e12),
+  ("h100 pcie", 756e12),
+  ("h100 nvl", 835e12),
+  ("h200 nvl", 835e12),
+  ("h100", 989.4e12),  # SXM, e.g. 'NVIDIA H100 80GB HBM3'
+  ("gh200", 989.4e12),
+  ("h200", 989.4e12),
+  ("a100", 312e12),
+  ("v100", 125e12),  # SXM2 tensor-core FP16 (V100 has no BF16)
+  ("l4", 121e12),
+  ("tpu v4", 275e12),
+  ("tpu v5 lite", 197e12),  # v5e
+  ("tpu v5e", 197e12),
+  ("tpu v5p", 459e12),
+  ("tpu v5", 459e12),  # v5p reports device_kind 'TPU v5'
+  ("tpu v6 lite", 918e12),  # v6e (Trillium)
+  ("tpu v6e", 918e12),
 )
 
 
@@ -194,8 +195,8 @@ def _format_value(value: Any) -> str:
 def _import_clu_writers():
   """Returns clu.metric_writers with TensorFlow kept off the GPUs, or None if TF is unavailable."""
   try:
+    import tensorboard  # noqa: F401  # CLU's writer needs it; checked here, not at first write
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return None
   # TF would otherwise grab all GPU memory that jax needs.
@@ -212,8 +213,13 @@ def _import_clu_writers():
   return metric_writers
 
 
-def create_writer(workdir: str, *, is_main_process: bool = True, use_clu: bool | None = None,
-                  resume_step: int | None = None):
+def create_writer(
+  workdir: str,
+  *,
+  is_main_process: bool = True,
+  use_clu: bool | None = None,
+  resume_step: int | None = None,
+):
   """Creates the metric writer of a run.
 
   Every process logs its metrics through absl logging (verbosity is raised to INFO if it was
@@ -237,8 +243,10 @@ def create_writer(workdir: str, *, is_main_process: bool = True, use_clu: bool |
     logging.set_verbosity(logging.INFO)
   metric_writers = _import_clu_writers() if use_clu is not False else None
   if use_clu and metric_writers is None:
-    raise ImportError("create_writer(use_clu=True) needs tensorflow, tensorboard and clu; install "
-                      "them or pass use_clu=None to fall back to logging + JSONL.")
+    raise ImportError(
+      "create_writer(use_clu=True) needs tensorflow, tensorboard and clu; install "
+      "them or pass use_clu=None to fall back to logging + JSONL."
+    )
 
   jsonl = None
   if is_main_process:
@@ -265,6 +273,7 @@ class Progress:
   Rates are measured over the interval since the previous update; they are None at the first
   update (no interval yet). `mfu` is a fraction in [0, 1] (None when FLOPs or peak are unknown).
   """
+
   step: int
   total_steps: int
   seconds_per_step: float | None = None
@@ -288,11 +297,18 @@ class Throughput:
   of one device's program, so pair it with `peak_flops_per_device`.
   """
 
-  def __init__(self, *, global_batch_size: int, total_steps: int,
-               flops_per_step: float | None = None, peak_flops: float | None = None):
+  def __init__(
+    self,
+    *,
+    global_batch_size: int,
+    total_steps: int,
+    flops_per_step: float | None = None,
+    peak_flops: float | None = None,
+  ):
     if global_batch_size <= 0 or total_steps <= 0:
-      raise ValueError(f"global_batch_size ({global_batch_size}) and total_steps ({total_steps}) "
-                       "must be positive.")
+      raise ValueError(
+        f"global_batch_size ({global_batch_size}) and total_steps ({total_steps}) must be positive."
+      )
     self.global_batch_size = global_batch_size
     self.total_steps = total_steps
     self.flops_per_step = flops_per_step
@@ -310,12 +326,12 @@ class Throughput:
     if self.flops_per_step and self.peak_flops:
       mfu = self.flops_per_step / seconds_per_step / self.peak_flops
     return Progress(
-        step=step,
-        total_steps=self.total_steps,
-        seconds_per_step=seconds_per_step,
-        images_per_second=self.global_batch_size / seconds_per_step,
-        eta_seconds=max(self.total_steps - step, 0) * seconds_per_step,
-        mfu=mfu,
+      step=step,
+      total_steps=self.total_steps,
+      seconds_per_step=seconds_per_step,
+      images_per_second=self.global_batch_size / seconds_per_step,
+      eta_seconds=max(self.total_steps - step, 0) * seconds_per_step,
+      mfu=mfu,
     )
 
 
@@ -366,10 +382,12 @@ def device_memory(devices: Sequence[Any]) -> dict[str, float]:
       stats.append(st)
   if not stats:
     return {}
-  gib = float(2 ** 30)
+  gib = float(2**30)
   top = max(stats, key=lambda st: st.get("peak_bytes_in_use", st["bytes_in_use"]))
-  out = {"memory/in_use_gib": top["bytes_in_use"] / gib,
-         "memory/peak_gib": top.get("peak_bytes_in_use", top["bytes_in_use"]) / gib}
+  out = {
+    "memory/in_use_gib": top["bytes_in_use"] / gib,
+    "memory/peak_gib": top.get("peak_bytes_in_use", top["bytes_in_use"]) / gib,
+  }
   if top.get("bytes_limit"):
     out["memory/limit_gib"] = top["bytes_limit"] / gib
   return out

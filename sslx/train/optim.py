@@ -120,10 +120,20 @@ def label_frozen(params, pattern: str = LAST_LAYER, fixed: str = "") -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(params, *, lr: Schedule, weight_decay: Schedule, b1: float, b2: float,
-                   eps: float, clip_grad: float | None, freeze_steps: int,
-                   decay_biases: bool, decay_norms: bool = False,
-                   fixed: str = "") -> optax.GradientTransformation:
+def make_optimizer(
+  params,
+  *,
+  lr: Schedule,
+  weight_decay: Schedule,
+  b1: float,
+  b2: float,
+  eps: float,
+  clip_grad: float | None,
+  freeze_steps: int,
+  decay_biases: bool,
+  decay_norms: bool = False,
+  fixed: str = "",
+) -> optax.GradientTransformation:
   """AdamW with scheduled lr and weight decay, per-tensor clipping and a frozen last layer.
 
   The lr and weight decay are `optax.inject_hyperparams`, so their current values
@@ -142,8 +152,13 @@ def make_optimizer(params, *, lr: Schedule, weight_decay: Schedule, b1: float, b
     # restarts Adam's bias correction, as in PyTorch); the schedules must still see
     # the global step, hence the offset.
     return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=lambda c: lr(c + offset), weight_decay=lambda c: weight_decay(c + offset),
-        b1=b1, b2=b2, eps=eps, mask=mask)
+      learning_rate=lambda c: lr(c + offset),
+      weight_decay=lambda c: weight_decay(c + offset),
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      mask=mask,
+    )
 
   parts = []
   if clip_grad:
@@ -151,8 +166,10 @@ def make_optimizer(params, *, lr: Schedule, weight_decay: Schedule, b1: float, b
   labels = label_frozen(params, fixed=fixed)
   present = set(jax.tree.leaves(labels))
   if fixed and "fixed" not in present:
-    raise ValueError(f"config.optim.frozen={fixed!r} matches no parameter; paths look like "
-                     "'backbone/patch_embed/kernel'")
+    raise ValueError(
+      f"config.optim.frozen={fixed!r} matches no parameter; paths look like "
+      "'backbone/patch_embed/kernel'"
+    )
   if freeze_steps <= 0:
     labels = jax.tree.map(lambda x: "rest" if x == "frozen_head" else x, labels)
     present.discard("frozen_head")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from absl import logging
@@ -45,7 +45,7 @@ class StopOnSignal:
     self._previous: dict[int, object] = {}
     self._multi = False
 
-  def __enter__(self) -> "StopOnSignal":
+  def __enter__(self) -> StopOnSignal:
     if threading.current_thread() is not threading.main_thread():
       return self  # Python delivers signals to the main thread only; nothing to install.
     self._multi = jax.process_count() > 1
@@ -68,13 +68,19 @@ class StopOnSignal:
     del frame
     name = signal.Signals(signum).name
     if self.requested is not None:
-      logging.warning("%s received while stopping after %s: ignored; the checkpoint is being "
-                      "written (SIGKILL abandons it and keeps the previous one)", name,
-                      self.requested)
+      logging.warning(
+        "%s received while stopping after %s: ignored; the checkpoint is being "
+        "written (SIGKILL abandons it and keeps the previous one)",
+        name,
+        self.requested,
+      )
       return
     self.requested = name
-    logging.warning("%s received: finishing the current step, then saving a checkpoint and "
-                    "exiting (status %d)", name, PREEMPTED_EXIT_CODE)
+    logging.warning(
+      "%s received: finishing the current step, then saving a checkpoint and exiting (status %d)",
+      name,
+      PREEMPTED_EXIT_CODE,
+    )
     if self._multi and signum != signal.SIGTERM:
       # Let JAX's preemption service tell the other processes.
       os.kill(os.getpid(), signal.SIGTERM)

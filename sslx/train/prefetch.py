@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,13 @@ class DevicePrefetcher:
     size: how many device batches to keep ready.
   """
 
-  def __init__(self, host_iter: Any, put: Callable[[Mapping[str, np.ndarray]], Any],
-               keys: tuple[str, ...], size: int = 2):
+  def __init__(
+    self,
+    host_iter: Any,
+    put: Callable[[Mapping[str, np.ndarray]], Any],
+    keys: tuple[str, ...],
+    size: int = 2,
+  ):
     self._it = host_iter
     self._put = put
     self._keys = keys
@@ -108,11 +114,13 @@ def union_across_processes(indices: set[int], width: int = 256) -> set[int]:
   point). Up to `width` of each process's smallest indices travel; a process with more than that
   many bad files reports that many, which still says the data is broken."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() == 1:
     return indices
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   local = np.full([width], -1, np.int64)
   chosen = sorted(indices)[:width]
-  local[:len(chosen)] = chosen
+  local[: len(chosen)] = chosen
   gathered = np.asarray(multihost_utils.process_allgather(local))
   return {int(i) for i in gathered.ravel() if i >= 0}

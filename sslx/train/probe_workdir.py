@@ -10,7 +10,8 @@ instead (the baseline rows of RESULTS). Works for any method through its interfa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,9 @@ def _on_uint8(fn: Callable, params: Any, config: ml_collections.ConfigDict) -> C
   return lambda images: np.asarray(jitted(params, jnp.asarray(images)))
 
 
-def teacher_of(config: ml_collections.ConfigDict, workdir: str, method: Any,
-               random_init: bool) -> tuple[int, Any]:
+def teacher_of(
+  config: ml_collections.ConfigDict, workdir: str, method: Any, random_init: bool
+) -> tuple[int, Any]:
   """(step, what `method.features` takes) of the latest checkpoint, or (0, the same at init)
   with random_init: the teacher's parameters (the student's for a method without a teacher)
   through the method's `eval_params` (e.g. BatchNorm statistics)."""
@@ -43,22 +45,27 @@ def teacher_of(config: ml_collections.ConfigDict, workdir: str, method: Any,
     r_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
     params, loss_state = jax.jit(lambda r: method.init(r, (size, size, 3)))(r_init)
     teacher = method.teacher_params(params) if method.has_teacher else None
-    return 0, evaluated_params(method, {"params": params, "teacher_params": teacher,
-                                        "loss_state": loss_state})
+    return 0, evaluated_params(
+      method, {"params": params, "teacher_params": teacher, "loss_state": loss_state}
+    )
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   step = ckpt.latest_step()
   if step is None:
     ckpt.close()
-    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first with "
-                            f"`python main.py --config=... --workdir={workdir}`")
-  parts = ckpt.restore_parts(step, ("teacher_params" if method.has_teacher else "params",
-                                    "loss_state"))
+    raise FileNotFoundError(
+      f"no checkpoint under {ckpt.directory}; train first with "
+      f"`python main.py --config=... --workdir={workdir}`"
+    )
+  parts = ckpt.restore_parts(
+    step, ("teacher_params" if method.has_teacher else "params", "loss_state")
+  )
   ckpt.close()
   return step, evaluated_params(method, parts)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, mode: str,
-             random_init: bool = False) -> dict[str, Any]:
+def evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mode: str, random_init: bool = False
+) -> dict[str, Any]:
   """Runs `mode` ('knn' | 'linear_probe' | 'attentive_probe') on the workdir's teacher."""
   if mode not in MODES:
     raise ValueError(f"mode {mode!r}; valid: {MODES}")
@@ -73,19 +80,37 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mode: str,
   max_train = int(pc.get("max_train", 0)) if pc else 0
   max_test = int(pc.get("max_test", 0)) if pc else 0
   if mode == "knn":
-    res = knn.run_knn(features, batches(dc.eval_train_split), batches(dc.eval_test_split),
-                      num_classes=classes, k=ec.knn_k, temperature=ec.knn_temperature)
+    res = knn.run_knn(
+      features,
+      batches(dc.eval_train_split),
+      batches(dc.eval_test_split),
+      num_classes=classes,
+      k=ec.knn_k,
+      temperature=ec.knn_temperature,
+    )
   elif mode == "linear_probe":
     settings = probe.ProbeSettings.from_config(pc.get("linear") if pc else None, seed)
-    res = probe.linear_probe(features, batches(dc.eval_train_split), batches(dc.eval_test_split),
-                             num_classes=classes, settings=settings, max_train=max_train,
-                             max_test=max_test)
+    res = probe.linear_probe(
+      features,
+      batches(dc.eval_train_split),
+      batches(dc.eval_test_split),
+      num_classes=classes,
+      settings=settings,
+      max_train=max_train,
+      max_test=max_test,
+    )
   else:
     settings = probe.ProbeSettings.from_config(pc.get("attentive") if pc else None, seed)
     tokens = _on_uint8(method.tokens, teacher, config)
-    res = probe.attentive_probe(tokens, batches(dc.eval_train_split), batches(dc.eval_test_split),
-                                num_classes=classes, settings=settings, max_train=max_train,
-                             max_test=max_test)
+    res = probe.attentive_probe(
+      tokens,
+      batches(dc.eval_train_split),
+      batches(dc.eval_test_split),
+      num_classes=classes,
+      settings=settings,
+      max_train=max_train,
+      max_test=max_test,
+    )
   what = "random init" if random_init else f"step {step}"
   logging.info("%s %s: top-1 %.2f%% top-5 %.2f%%", mode, what, res["top1"], res["top5"])
   return {"step": step, "random_init": random_init, **res}

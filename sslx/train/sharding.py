@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sslx import errors
 
@@ -42,8 +44,9 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
   """
   # Process-major order: process p's devices then hold rows [p * B / P, (p + 1) * B / P) of
   # every global batch, the rows its input pipeline builds (sslx/data/pipeline.py).
-  devices = sorted(jax.devices() if devices is None else devices,
-                   key=lambda d: (d.process_index, d.id))
+  devices = sorted(
+    jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id)
+  )
   unknown = set(mesh_cfg) - set(AXES)
   if unknown:
     raise ShardingError(f"config.mesh has unknown axes {sorted(unknown)}; valid axes: {AXES}")
@@ -57,8 +60,9 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ShardingError(
-        f"config.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but "
-        f"{len(devices)} are visible; set --config.mesh.data=-1")
+      f"config.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but "
+      f"{len(devices)} are visible; set --config.mesh.data=-1"
+    )
   # Plain Mesh (not jax.make_mesh): jax >= 0.10 would make explicit axes, which
   # ordinary model code (concatenating a CLS token) does not trace under.
   return Mesh(np.asarray(devices).reshape(sizes), AXES)
@@ -113,8 +117,11 @@ def param_sharding(mesh: Mesh, shape_tree: Any, min_size: int = 2**14) -> Any:
   """
   fsdp = mesh.shape["fsdp"]
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, fsdp_spec(_names(path), getattr(x, "shape", ()), fsdp,
-                                                    min_size)), shape_tree)
+    lambda path, x: NamedSharding(
+      mesh, fsdp_spec(_names(path), getattr(x, "shape", ()), fsdp, min_size)
+    ),
+    shape_tree,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +137,7 @@ class StateMemory:
       wanted to split them) with no eligible dimension divisible by the fsdp size.
     replicated_bytes_fraction: share of the state's (unsharded) bytes held whole on every device.
   """
+
   per_device: dict[str, int]
   full: dict[str, int]
   sharded: int
@@ -140,18 +148,26 @@ class StateMemory:
   def log_line(self) -> str:
     """One start-up log line: per-device MiB by field, and what stayed replicated."""
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-    parts = ", ".join(f"{k} {mib(v)}" for k, v in self.per_device.items()
-                      if k in ("params", "teacher_params", "opt_state", "loss_state"))
-    return (f"train state per device: {mib(self.per_device['total'])} MiB of "
-            f"{mib(self.full['total'])} ({parts}); {self.sharded} tensors sharded, "
-            f"{self.replicated} replicated ({self.indivisible} of them large but with no eligible "
-            f"dimension divisible by the fsdp size), {100 * self.replicated_bytes_fraction:.1f}% of the bytes "
-            "replicated")
+    parts = ", ".join(
+      f"{k} {mib(v)}"
+      for k, v in self.per_device.items()
+      if k in ("params", "teacher_params", "opt_state", "loss_state")
+    )
+    return (
+      f"train state per device: {mib(self.per_device['total'])} MiB of "
+      f"{mib(self.full['total'])} ({parts}); {self.sharded} tensors sharded, "
+      f"{self.replicated} replicated ({self.indivisible} of them large but with no eligible "
+      f"dimension divisible by the fsdp size), {100 * self.replicated_bytes_fraction:.1f}% of the bytes "
+      "replicated"
+    )
 
   def metrics(self) -> dict[str, float]:
     """Scalars for the metrics writer: memory/<field>_bytes_per_device and the total."""
-    out = {f"memory/{k}_bytes_per_device": float(v) for k, v in self.per_device.items()
-           if k in ("params", "teacher_params", "opt_state")}
+    out = {
+      f"memory/{k}_bytes_per_device": float(v)
+      for k, v in self.per_device.items()
+      if k in ("params", "teacher_params", "opt_state")
+    }
     out["memory/state_bytes_per_device"] = float(self.per_device["total"])
     return out
 
@@ -182,8 +198,9 @@ def state_memory(shape_tree: Any, sharding_tree: Any, min_size: int = 2**14) -> 
       if s.mesh.shape["fsdp"] > 1 and math.prod(shape) >= min_size:
         indivisible += 1
   per_device["total"], full["total"] = sum(per_device.values()), sum(full.values())
-  return StateMemory(per_device, full, sharded, replicated, indivisible,
-                     replicated_bytes / max(full["total"], 1))
+  return StateMemory(
+    per_device, full, sharded, replicated, indivisible, replicated_bytes / max(full["total"], 1)
+  )
 
 
 def check_batch(global_batch_size: int, mesh: Mesh) -> int:
@@ -192,8 +209,9 @@ def check_batch(global_batch_size: int, mesh: Mesh) -> int:
   n_proc = jax.process_count()
   if global_batch_size % n_dev:
     raise ShardingError(
-        f"global batch {global_batch_size} is not divisible by the {n_dev} devices of the "
-        f"mesh; choose --config.batch_size as a multiple of {n_dev}")
+      f"global batch {global_batch_size} is not divisible by the {n_dev} devices of the "
+      f"mesh; choose --config.batch_size as a multiple of {n_dev}"
+    )
   if global_batch_size % n_proc:
     raise ShardingError(f"global batch {global_batch_size} not divisible by {n_proc} processes")
   return global_batch_size // n_proc

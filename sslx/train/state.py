@@ -23,6 +23,7 @@ class TrainState:
     rng: a jax PRNG key; split inside every step so a resumed run draws the same
       augmentation and drop-path randomness as an uninterrupted one.
   """
+
   step: jax.Array
   params: Any
   teacher_params: Any
@@ -34,8 +35,10 @@ class TrainState:
 def ema_update(teacher: Any, student: Any, momentum: jax.Array) -> Any:
   """teacher <- m * teacher + (1 - m) * student, leaf by leaf (in float32)."""
   return jax.tree.map(
-      lambda t, s: (momentum * t + (1.0 - momentum) * s.astype(t.dtype)).astype(t.dtype),
-      teacher, student)
+    lambda t, s: (momentum * t + (1.0 - momentum) * s.astype(t.dtype)).astype(t.dtype),
+    teacher,
+    student,
+  )
 
 
 def tree_l2(tree: Any) -> jax.Array:

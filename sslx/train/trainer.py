@@ -14,7 +14,8 @@ import json
 import logging as logging_std
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +28,14 @@ from sslx import errors, schedules
 from sslx.data import augment, device_crops, pipeline
 from sslx.eval import knn
 from sslx.methods import enabled_addons, make_method
-from sslx.methods.base import BASE_BATCH_KEYS, OVERLAP_KEYS, Method, evaluated_params
 from sslx.methods.accumulation import LossStateRule
+from sslx.methods.base import BASE_BATCH_KEYS, OVERLAP_KEYS, Method, evaluated_params
 from sslx.train import checkpoint as ckpt_lib
-from sslx.train import faults, preemption
+from sslx.train import faults, optim, preemption, sharding
 from sslx.train import flops as flops_lib
 from sslx.train import metrics as metrics_lib
-from sslx.train import optim, sharding
 from sslx.train.prefetch import DevicePrefetcher, union_across_processes
 from sslx.train.state import TrainState, ema_update, tree_l2
-
 
 # Every batch entry some method's step may read (scripts and tests that build device batches by
 # hand use it; the trainer sends each method's own `batch_keys`).
@@ -58,29 +57,39 @@ def make_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, 
   warmup = int(round(oc.warmup_epochs * steps_per_epoch))
   base_lr = schedules.base_learning_rate(oc.lr_per_256, config.batch_size)
   return {
-      "lr": schedules.cosine_schedule(base_lr, oc.min_lr, total_steps, warmup),
-      "weight_decay": schedules.cosine_schedule(oc.weight_decay, oc.weight_decay_end, total_steps),
-      "momentum": schedules.cosine_schedule(config.teacher.momentum, config.teacher.momentum_end,
-                                            total_steps),
+    "lr": schedules.cosine_schedule(base_lr, oc.min_lr, total_steps, warmup),
+    "weight_decay": schedules.cosine_schedule(oc.weight_decay, oc.weight_decay_end, total_steps),
+    "momentum": schedules.cosine_schedule(
+      config.teacher.momentum, config.teacher.momentum_end, total_steps
+    ),
   }
 
 
-def default_optimizer(config, params_shape, steps_per_epoch: int,
-                      total_steps: int) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
+def default_optimizer(
+  config, params_shape, steps_per_epoch: int, total_steps: int
+) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
   """AdamW from config.optim with the DINO schedules -> (tx, schedules)."""
   oc = config.optim
   scheds = make_schedules(config, steps_per_epoch, total_steps)
   tx = optim.make_optimizer(
-      params_shape, lr=scheds["lr"], weight_decay=scheds["weight_decay"], b1=oc.b1, b2=oc.b2,
-      eps=oc.eps, clip_grad=oc.clip_grad,
-      freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
-      decay_biases=oc.decay_biases, decay_norms=oc.get("decay_norms", False),
-      fixed=oc.get("frozen", ""))
+    params_shape,
+    lr=scheds["lr"],
+    weight_decay=scheds["weight_decay"],
+    b1=oc.b1,
+    b2=oc.b2,
+    eps=oc.eps,
+    clip_grad=oc.clip_grad,
+    freeze_steps=int(round(oc.freeze_last_layer_epochs * steps_per_epoch)),
+    decay_biases=oc.decay_biases,
+    decay_norms=oc.get("decay_norms", False),
+    fixed=oc.get("frozen", ""),
+  )
   return tx, scheds
 
 
-def make_train_step(config, method, tx, scheds: dict[str, Callable],
-                    method_scheds: dict[str, Callable]):
+def make_train_step(
+  config, method, tx, scheds: dict[str, Callable], method_scheds: dict[str, Callable]
+):
   """The pure update: augment on device -> loss -> grads -> optax -> EMA teacher.
 
   With config.optim.accum_steps = k > 1 the augmented batch is split into k micro-batches
@@ -98,35 +107,57 @@ def make_train_step(config, method, tx, scheds: dict[str, Callable],
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, r_aug, r_model = jax.random.split(state.rng, 3)
     if "canvas" in batch:  # config.data.crops_on = 'device'
-      batch = device_crops.canvas_crops(batch, config.data.global_crops.size,
-                                        config.data.local_crops.size, config.data.interpolation)
-    g, l = augment.augment_multicrop(r_aug, batch["global_crops"], batch["local_crops"],
-                                     config.augment)
+      batch = device_crops.canvas_crops(
+        batch,
+        config.data.global_crops.size,
+        config.data.local_crops.size,
+        config.data.interpolation,
+      )
+    g, l = augment.augment_multicrop(
+      r_aug, batch["global_crops"], batch["local_crops"], config.augment
+    )
     views = {**batch, "global": g, "local": l}
     sched = {k: f(state.step) for k, f in method_scheds.items()}
     sched["step"] = state.step
 
     grad_fn = jax.value_and_grad(
-        lambda params, loss_state, views, rng: method.loss(
-            params, state.teacher_params, loss_state, views, rng, sched), has_aux=True)
+      lambda params, loss_state, views, rng: method.loss(
+        params, state.teacher_params, loss_state, views, rng, sched
+      ),
+      has_aux=True,
+    )
     if accum_steps == 1:
       (loss, (loss_state, metrics)), grads = grad_fn(state.params, state.loss_state, views, r_model)
     else:
-      loss, loss_state, metrics, grads = _accumulate(grad_fn, state.params, state.loss_state,
-                                                     views, r_model, accum_steps,
-                                                     method.loss_state_rule)
+      loss, loss_state, metrics, grads = _accumulate(
+        grad_fn, state.params, state.loss_state, views, r_model, accum_steps, method.loss_state_rule
+      )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = scheds["momentum"](state.step)
-    teacher = (ema_update(state.teacher_params, method.teacher_params(params), momentum)
-               if method.has_teacher else None)
+    teacher = (
+      ema_update(state.teacher_params, method.teacher_params(params), momentum)
+      if method.has_teacher
+      else None
+    )
     metrics = dict(metrics)
     metrics.update(
-        loss=loss, lr=scheds["lr"](state.step), weight_decay=scheds["weight_decay"](state.step),
-        momentum=momentum, l2_grads=tree_l2(grads), l2_params=tree_l2(params),
-        l2_updates=tree_l2(updates))
-    new_state = state.replace(step=state.step + 1, params=params, teacher_params=teacher,
-                              opt_state=opt_state, loss_state=loss_state, rng=rng)
+      loss=loss,
+      lr=scheds["lr"](state.step),
+      weight_decay=scheds["weight_decay"](state.step),
+      momentum=momentum,
+      l2_grads=tree_l2(grads),
+      l2_params=tree_l2(params),
+      l2_updates=tree_l2(updates),
+    )
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      teacher_params=teacher,
+      opt_state=opt_state,
+      loss_state=loss_state,
+      rng=rng,
+    )
     return new_state, metrics
 
   return train_step
@@ -146,12 +177,15 @@ def check_accumulation(config, method) -> int:
   if k == 1:
     return 1
   if k < 1 or config.batch_size % k:
-    raise AccumulationError(f"config.optim.accum_steps={k} must be >= 1 and divide "
-                            f"config.batch_size={config.batch_size}")
+    raise AccumulationError(
+      f"config.optim.accum_steps={k} must be >= 1 and divide config.batch_size={config.batch_size}"
+    )
   rule = method.loss_state_rule
   if not isinstance(rule, LossStateRule):
-    raise TypeError(f"{type(method).__name__} must declare loss_state_rule (a "
-                    "sslx.methods.accumulation.LossStateRule) to run with accum_steps > 1")
+    raise TypeError(
+      f"{type(method).__name__} must declare loss_state_rule (a "
+      "sslx.methods.accumulation.LossStateRule) to run with accum_steps > 1"
+    )
   return k
 
 
@@ -169,6 +203,7 @@ def _accumulate(grad_fn, params, loss_state, views, rng, k: int, rule: LossState
   of the k increments (integer leaves: the mean increment rounded down). MEAN keeps a running
   sum of increments the size of the loss state (a frozen tokenizer kept there included).
   """
+
   def split(x):
     if not hasattr(x, "ndim") or x.ndim == 0:
       return None
@@ -192,8 +227,9 @@ def _accumulate(grad_fn, params, loss_state, views, rng, k: int, rule: LossState
     if threaded:
       state_or_sum = new_state
     else:
-      state_or_sum = jax.tree.map(lambda s, n, o: s + delta(n, o), state_or_sum, new_state,
-                                  loss_state)
+      state_or_sum = jax.tree.map(
+        lambda s, n, o: s + delta(n, o), state_or_sum, new_state, loss_state
+      )
     grads = jax.tree.map(jnp.add, grads, g)
     return (state_or_sum, grads, loss + l), metrics
 
@@ -202,17 +238,24 @@ def _accumulate(grad_fn, params, loss_state, views, rng, k: int, rule: LossState
   else:
     init = jax.tree.map(lambda x: jnp.zeros_like(delta(x, x)), loss_state)
   (state_or_sum, grads, loss), metrics = jax.lax.scan(
-      body, (init, zero_grads, jnp.zeros([], jnp.float32)), (jnp.arange(k), micro))
+    body, (init, zero_grads, jnp.zeros([], jnp.float32)), (jnp.arange(k), micro)
+  )
   if threaded:
     new_loss_state = state_or_sum
   else:
+
     def mean_update(old, total):
       step = total / k if jnp.issubdtype(total.dtype, jnp.floating) else total // k
       return (old.astype(total.dtype) + step).astype(old.dtype)
+
     new_loss_state = jax.tree.map(mean_update, loss_state, state_or_sum)
   mean = lambda x: x / k  # noqa: E731
-  return mean(loss), new_loss_state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), \
-      jax.tree.map(mean, grads)
+  return (
+    mean(loss),
+    new_loss_state,
+    jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics),
+    jax.tree.map(mean, grads),
+  )
 
 
 def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndarray]:
@@ -221,18 +264,20 @@ def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndar
   Each process sends its own slice of the batch to its devices and gathers the
   result back, so evaluation works unchanged on one CPU and on several hosts.
   """
-  features = knn.eval_forward(method.features, tuple(config.augment.mean),
-                              tuple(config.augment.std))
+  features = knn.eval_forward(
+    method.features, tuple(config.augment.mean), tuple(config.augment.std)
+  )
 
   shard = sharding.batch_sharding(mesh)
   n, p = jax.process_count(), jax.process_index()
 
   def fn(params, images: np.ndarray) -> np.ndarray:
     per = images.shape[0] // n
-    local = images[p * per:(p + 1) * per]
+    local = images[p * per : (p + 1) * per]
     feats = features(params, jax.make_array_from_process_local_data(shard, local))
     if n > 1:
       from jax.experimental import multihost_utils
+
       return np.asarray(multihost_utils.process_allgather(feats, tiled=True))
     return np.asarray(jax.device_get(feats))
 
@@ -249,9 +294,14 @@ def evaluate_knn(config, feature_fn, params, num_classes: int | None = None) -> 
   ec, dc = config.eval, config.data
   batches = lambda split: pipeline.eval_dataset(dc, split, batch_size=ec.batch_size)  # noqa: E731
   f = lambda images: feature_fn(params, images)  # noqa: E731
-  return knn.run_knn(f, batches(dc.eval_train_split), batches(dc.eval_test_split),
-                     num_classes=num_classes or pipeline.eval_num_classes(dc), k=ec.knn_k,
-                     temperature=ec.knn_temperature)
+  return knn.run_knn(
+    f,
+    batches(dc.eval_train_split),
+    batches(dc.eval_test_split),
+    num_classes=num_classes or pipeline.eval_num_classes(dc),
+    k=ec.knn_k,
+    temperature=ec.knn_temperature,
+  )
 
 
 def _check_finite(window: list, first_step: int, config, last_finite: int | None) -> None:
@@ -266,22 +316,33 @@ def _check_finite(window: list, first_step: int, config, last_finite: int | None
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
     step = first_step + int(bad[0]) + 1
-    raise TrainingDiverged(faults.divergence_message(
-        config, what=f"the loss became {losses[bad[0]]}", window=(step, step),
-        last_finite=last_finite))
+    raise TrainingDiverged(
+      faults.divergence_message(
+        config,
+        what=f"the loss became {losses[bad[0]]}",
+        window=(step, step),
+        last_finite=last_finite,
+      )
+    )
 
 
 def _check_state(state, config, window: tuple[int, int], last_finite: int | None) -> None:
   """Stops before a non-finite state is saved; `window` = (first, last) step it may stem from."""
   if not faults.state_is_finite(state):
-    raise TrainingDiverged(faults.divergence_message(
-        config, what="the parameters, teacher, optimiser or loss state became non-finite",
-        window=window, last_finite=last_finite))
+    raise TrainingDiverged(
+      faults.divergence_message(
+        config,
+        what="the parameters, teacher, optimiser or loss state became non-finite",
+        window=window,
+        last_finite=last_finite,
+      )
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Built:
   """What `build` returns: the method, the state's shapes and shardings, the jitted step."""
+
   method: Any
   state_shape: Any
   state_sharding: Any
@@ -289,8 +350,9 @@ class Built:
   init: Callable[[int], TrainState]  # seed -> sharded initial state
 
 
-def build(config, mesh, steps_per_epoch: int, total_steps: int,
-          method: Method | None = None) -> Built:
+def build(
+  config, mesh, steps_per_epoch: int, total_steps: int, method: Method | None = None
+) -> Built:
   """Method -> shapes (jax.eval_shape) -> shardings -> optimiser -> jitted step."""
   # Random bits that do not depend on how arrays are sharded: the same augmentation
   # on 1 or 8 devices.
@@ -302,8 +364,9 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int,
   # A method may bring its own optimiser (LARS, per-part optimisers...); the default is the
   # AdamW recipe of DINO/iBOT/SERE read from config.optim.
   tx_and_scheds = method.optimizer(params_shape, steps_per_epoch, total_steps)
-  tx, scheds = tx_and_scheds or default_optimizer(config, params_shape, steps_per_epoch,
-                                                  total_steps)
+  tx, scheds = tx_and_scheds or default_optimizer(
+    config, params_shape, steps_per_epoch, total_steps
+  )
   if config.get("skip_nonfinite_updates", 0):
     # Drops an update whose gradients are not finite (counted in the state), up to N in a row.
     tx = optax.apply_if_finite(tx, max_consecutive_errors=int(config.skip_nonfinite_updates))
@@ -311,25 +374,33 @@ def build(config, mesh, steps_per_epoch: int, total_steps: int,
   def init_state(rng):
     r_init, r_train = jax.random.split(rng)
     params, loss_state = method.init(r_init, image_shape)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      teacher_params=method.teacher_params(params) if method.has_teacher else None,
-                      opt_state=tx.init(params),
-                      loss_state=loss_state, rng=r_train)
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      teacher_params=method.teacher_params(params) if method.has_teacher else None,
+      opt_state=tx.init(params),
+      loss_state=loss_state,
+      rng=r_train,
+    )
 
   state_shape = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   state_sharding = sharding.param_sharding(mesh, state_shape, config.sharding.fsdp_min_size)
   method_scheds = method.schedules(steps_per_epoch, total_steps)
-  train_step = jax.jit(make_train_step(config, method, tx, scheds, method_scheds),
-                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
+  train_step = jax.jit(
+    make_train_step(config, method, tx, scheds, method_scheds),
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   init_jit = jax.jit(init_state, out_shardings=state_sharding)
-  return Built(method, state_shape, state_sharding, train_step,
-               lambda seed: init_jit(jax.random.PRNGKey(seed)))
+  return Built(
+    method, state_shape, state_sharding, train_step, lambda seed: init_jit(jax.random.PRNGKey(seed))
+  )
 
 
-def model_flops_per_device(config, mesh, steps_per_epoch: int, total_steps: int, state,
-                           batch) -> float | None:
+def model_flops_per_device(
+  config, mesh, steps_per_epoch: int, total_steps: int, state, batch
+) -> float | None:
   """Model FLOPs of one device's share of one train step, for MFU.
 
   Counted from the step's jaxpr (sslx/train/flops.py), since XLA's GPU cost analysis leaves out
@@ -350,11 +421,13 @@ def model_flops_per_device(config, mesh, steps_per_epoch: int, total_steps: int,
 
 class _QuietLibraries(logging_std.Filter):
   """Keeps orbax's and jax's per-operation INFO chatter out of the training log."""
+
   NOISY = ("/orbax/", "/jax/_src/xla_bridge", "/jax/_src/distributed")
 
   def filter(self, record):
     return record.levelno >= logging_std.WARNING or not any(
-        n in record.pathname for n in self.NOISY)
+      n in record.pathname for n in self.NOISY
+    )
 
 
 def quiet_libraries() -> None:
@@ -363,8 +436,9 @@ def quiet_libraries() -> None:
     handler.addFilter(_QuietLibraries())
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        stop_after: int | None = None) -> dict[str, Any]:
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+) -> dict[str, Any]:
   """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
 
   SIGTERM and SIGINT end the run after the current step with a checkpoint of it
@@ -397,27 +471,39 @@ def _resume_point(config, workdir: str, ckpt) -> None:
     if old is None:  # written before configs were stored: config.json is the best record
       where = os.path.join(workdir, "config.json")
       if not os.path.exists(where):
-        logging.warning("checkpoint %d has no stored config and %s is missing: the config "
-                        "cannot be compared", step, where)
+        logging.warning(
+          "checkpoint %d has no stored config and %s is missing: the config cannot be compared",
+          step,
+          where,
+        )
         return
       with open(where) as f:
         old = json.load(f)
-    allowed, unmatched = faults.check_resume_config(old, config, step=step, workdir=workdir,
-                                                    where=where)
+    allowed, unmatched = faults.check_resume_config(
+      old, config, step=step, workdir=workdir, where=where
+    )
     if allowed:
-      logging.info("resuming step %d with changed settings: %s", step,
-                   faults.describe_allowed(allowed))
+      logging.info(
+        "resuming step %d with changed settings: %s", step, faults.describe_allowed(allowed)
+      )
     if unmatched:
-      logging.warning("config keys in only one of the checkpoint's config and this one (a code "
-                      "change?): %s", ", ".join(unmatched))
+      logging.warning(
+        "config keys in only one of the checkpoint's config and this one (a code change?): %s",
+        ", ".join(unmatched),
+      )
     return
 
 
 def _set_aside(ckpt, step: int, error: BaseException) -> None:
   where = ckpt.set_aside(step)
   first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-  logging.warning("checkpoint step %d cannot be used (%s); moved it to %s and falling back to "
-                  "the previous checkpoint", step, first, where)
+  logging.warning(
+    "checkpoint step %d cannot be used (%s); moved it to %s and falling back to "
+    "the previous checkpoint",
+    step,
+    first,
+    where,
+  )
 
 
 def _restore_latest(ckpt, abstract_state, data_iter):
@@ -440,16 +526,20 @@ def _restore_latest(ckpt, abstract_state, data_iter):
   return None, None
 
 
-def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSignal
-         ) -> dict[str, Any]:
+def _run(
+  config, workdir: str, stop_after: int | None, stop: preemption.StopOnSignal
+) -> dict[str, Any]:
   quiet_libraries()
   # ---- Checks that need no compiling: settings, workdir, the checkpoint's config ------------
   faults.check_run_config(config)
   faults.check_workdir(workdir)
   is_main = jax.process_index() == 0
-  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                               async_save=config.checkpoint.get("async_save", True),
-                               cleanup_tmp=True)
+  ckpt = ckpt_lib.Checkpointer(
+    workdir,
+    max_to_keep=config.checkpoint.max_to_keep,
+    async_save=config.checkpoint.get("async_save", True),
+    cleanup_tmp=True,
+  )
   stop.set_sync_point(ckpt.reached_preemption)
   _resume_point(config, workdir, ckpt)
   config_json = faults.config_as_json(config)
@@ -461,8 +551,13 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
   mesh = sharding.make_mesh(config.mesh)
   per_process_batch = sharding.check_batch(config.batch_size, mesh)
   batch_shard = sharding.batch_sharding(mesh)
-  logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape),
-               mesh.devices.size, jax.devices()[0].platform, jax.process_count())
+  logging.info(
+    "mesh %s over %d devices (%s), %d process(es)",
+    dict(mesh.shape),
+    mesh.devices.size,
+    jax.devices()[0].platform,
+    jax.process_count(),
+  )
 
   # ---- Data ------------------------------------------------------------------
   steps_per_epoch = pipeline.steps_per_epoch(config.data, config.batch_size)
@@ -472,10 +567,14 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
   eval_classes = pipeline.eval_num_classes(config.data) if ec.knn_every_steps else None
   method = make_method(config)
   train_ds = pipeline.train_dataset(
-      config.data, seed=config.seed, batch_size=per_process_batch,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      patch_size=config.model.patch_size,
-      overlaps=bool(method.batch_keys & OVERLAP_KEYS))  # only an add-on such as SERE reads them
+    config.data,
+    seed=config.seed,
+    batch_size=per_process_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    patch_size=config.model.patch_size,
+    overlaps=bool(method.batch_keys & OVERLAP_KEYS),
+  )  # only an add-on such as SERE reads them
 
   # ---- Method, shapes, shardings, jit ----------------------------------------------
   built = build(config, mesh, steps_per_epoch, total_steps, method)
@@ -486,27 +585,42 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
     check(batch)
     return sharding.to_global(batch, batch_shard)
 
-  data_iter = DevicePrefetcher(iter(train_ds), put, tuple(sorted(built.method.batch_keys)),
-                               size=config.get("device_prefetch", 2))
-  state_shape, state_sharding, train_step = built.state_shape, built.state_sharding, built.train_step
+  data_iter = DevicePrefetcher(
+    iter(train_ds),
+    put,
+    tuple(sorted(built.method.batch_keys)),
+    size=config.get("device_prefetch", 2),
+  )
+  state_shape, state_sharding, train_step = (
+    built.state_shape,
+    built.state_sharding,
+    built.train_step,
+  )
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
   name = "+".join([config.method, *enabled_addons(config)])
-  logging.info("%s: %.2fM student parameters, %d steps (%d per epoch)", name,
-               n_params / 1e6, total_steps, steps_per_epoch)
+  logging.info(
+    "%s: %.2fM student parameters, %d steps (%d per epoch)",
+    name,
+    n_params / 1e6,
+    total_steps,
+    steps_per_epoch,
+  )
   state_memory = sharding.state_memory(state_shape, state_sharding, config.sharding.fsdp_min_size)
   logging.info("%s", state_memory.log_line())
   method = built.method
 
   # ---- Resume ------------------------------------------------------------------
   state, last_finite = _restore_latest(
-      ckpt, ckpt_lib.abstract_like(state_shape, state_sharding), data_iter)
+    ckpt, ckpt_lib.abstract_like(state_shape, state_sharding), data_iter
+  )
   if state is None and ckpt.set_aside_steps:
     # Starting afresh would also drop the old run's metrics: only when asked again.
     raise ckpt_lib.CheckpointError(
-        f"no usable checkpoint in {ckpt.directory}: step(s) "
-        f"{', '.join(map(str, ckpt.set_aside_steps))} could not be read and were moved to "
-        f"{os.path.join(workdir, 'checkpoints_damaged')} (reasons in the log above). Rerun to "
-        "train from the start in this workdir, or use another --workdir.")
+      f"no usable checkpoint in {ckpt.directory}: step(s) "
+      f"{', '.join(map(str, ckpt.set_aside_steps))} could not be read and were moved to "
+      f"{os.path.join(workdir, 'checkpoints_damaged')} (reasons in the log above). Rerun to "
+      "train from the start in this workdir, or use another --workdir."
+    )
   if state is None:
     state = built.init(config.seed)
   start_step = int(jax.device_get(state.step))
@@ -524,8 +638,13 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
     res = evaluate_knn(config, feature_fn, params, eval_classes)
     scalars = {f"knn/{k}": v for k, v in res.items()}
     writer.write_scalars(step, scalars)
-    logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%% (%.1f s)", step, res["top1"],
-                 res["top5"], time.time() - t0)
+    logging.info(
+      "step %d kNN top-1 %.2f%% top-5 %.2f%% (%.1f s)",
+      step,
+      res["top1"],
+      res["top5"],
+      time.time() - t0,
+    )
     return res
 
   if ec.knn_every_steps and start_step == 0 and ec.get("knn_at_start", False):
@@ -548,14 +667,22 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
       if compiled is None:
         t0 = time.time()
         compiled = train_step.lower(state, batch).compile()
-        flops = (model_flops_per_device(config, mesh, steps_per_epoch, total_steps, state, batch) or
-                 metrics_lib.step_flops(compiled))
+        flops = model_flops_per_device(
+          config, mesh, steps_per_epoch, total_steps, state, batch
+        ) or metrics_lib.step_flops(compiled)
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
-        logging.info("compiled the train step in %.1f s (%s GFLOP/step)", time.time() - t0,
-                     f"{flops / 1e9:.1f}" if flops else "unknown")
+        logging.info(
+          "compiled the train step in %.1f s (%s GFLOP/step)",
+          time.time() - t0,
+          f"{flops / 1e9:.1f}" if flops else "unknown",
+        )
         # XLA counts one device's share of a sharded step: pair it with one device's peak.
-        meter = metrics_lib.Throughput(global_batch_size=images_per_step, total_steps=total_steps,
-                                       flops_per_step=flops, peak_flops=peak)
+        meter = metrics_lib.Throughput(
+          global_batch_size=images_per_step,
+          total_steps=total_steps,
+          flops_per_step=flops,
+          peak_flops=peak,
+        )
         meter.update(step, time.time())
       state, step_metrics = compiled(state, batch)
       window.append(step_metrics["loss"])
@@ -574,8 +701,11 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
         if config.get("skip_nonfinite_updates", 0):
           scalars["optim/skipped_updates"] = float(jax.device_get(state.opt_state.total_notfinite))
         progress = meter.update(done, time.time())
-        for name, value in (("perf/img_per_sec", progress.images_per_second),
-                            ("perf/step_time", progress.seconds_per_step), ("perf/mfu", progress.mfu)):
+        for name, value in (
+          ("perf/img_per_sec", progress.images_per_second),
+          ("perf/step_time", progress.seconds_per_step),
+          ("perf/mfu", progress.mfu),
+        ):
           if value is not None:
             scalars[name] = value
         memory = metrics_lib.device_memory(jax.local_devices())
@@ -609,10 +739,17 @@ def _run(config, workdir: str, stop_after: int | None, stop: preemption.StopOnSi
   results["step"] = int(jax.device_get(state.step))
   if stop.requested and results["step"] < total_steps:  # a signal after the end changes nothing
     results["preempted"] = stop.requested
-    saved = (f"saved step {results['step']} to {ckpt.directory}" if results["step"] > start_step
-             else f"no new step since {'step ' + str(start_step) if start_step else 'the start'}")
-    logging.warning("stopped by %s: %s; rerun the same command to resume (exit status %d)",
-                    stop.requested, saved, preemption.PREEMPTED_EXIT_CODE)
+    saved = (
+      f"saved step {results['step']} to {ckpt.directory}"
+      if results["step"] > start_step
+      else f"no new step since {'step ' + str(start_step) if start_step else 'the start'}"
+    )
+    logging.warning(
+      "stopped by %s: %s; rerun the same command to resume (exit status %d)",
+      stop.requested,
+      saved,
+      preemption.PREEMPTED_EXIT_CODE,
+    )
   return results
 
 
@@ -624,8 +761,13 @@ def _report_bad_files(data_iter: DevicePrefetcher, train_ds, reported: set[int])
   if new:
     names = ", ".join(train_ds.make.source.describe(i) for i in new[:5])
     more = f" and {len(new) - 5} more" if len(new) > 5 else ""
-    logging.warning("data: %d unreadable file(s) replaced by other records (%d distinct so far): "
-                    "%s%s", len(new), len(data_iter.bad_indices), names, more)
+    logging.warning(
+      "data: %d unreadable file(s) replaced by other records (%d distinct so far): %s%s",
+      len(new),
+      len(data_iter.bad_indices),
+      names,
+      more,
+    )
   return set(data_iter.bad_indices)
 
 
@@ -646,10 +788,14 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first with "
-                            f"`python main.py --config=... --workdir={workdir}`")
-  params = evaluated_params(method, ckpt.restore_parts(
-      step, ("teacher_params" if method.has_teacher else "params", "loss_state")))
+    raise FileNotFoundError(
+      f"no checkpoint under {ckpt.directory}; train first with "
+      f"`python main.py --config=... --workdir={workdir}`"
+    )
+  params = evaluated_params(
+    method,
+    ckpt.restore_parts(step, ("teacher_params" if method.has_teacher else "params", "loss_state")),
+  )
   ckpt.close()
   res = evaluate_knn(config, make_feature_fn(method, mesh, config), params)
   logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%%", step, res["top1"], res["top5"])

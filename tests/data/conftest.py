@@ -2,11 +2,11 @@
 
 import os
 
-from absl import flags
 import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
+from absl import flags
+from PIL import Image
 from skimage import data as skdata
 
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -18,13 +18,25 @@ if not flags.FLAGS.is_parsed():
 
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
   """A small config.data for Fashion-MNIST; keyword overrides replace top-level keys."""
-  cfg = ml_collections.ConfigDict(dict(
-      source='fashion_mnist', path=FMNIST_DIR, tfds_name='', tfds_data_dir=None,
-      train_split='train', eval_train_split='train', eval_test_split='test',
+  cfg = ml_collections.ConfigDict(
+    dict(
+      source='fashion_mnist',
+      path=FMNIST_DIR,
+      tfds_name='',
+      tfds_data_dir=None,
+      train_split='train',
+      eval_train_split='train',
+      eval_test_split='test',
       global_crops=dict(number=2, size=32, scale=(0.4, 1.0)),
       local_crops=dict(number=3, size=16, scale=(0.05, 0.4)),
-      interpolation='bicubic', eval_resize=28, eval_size=28, workers=0, prefetch_buffer=2,
-      read_threads=2))
+      interpolation='bicubic',
+      eval_resize=28,
+      eval_size=28,
+      workers=0,
+      prefetch_buffer=2,
+      read_threads=2,
+    )
+  )
   for key, value in overrides.items():
     cfg[key] = value
   return cfg
@@ -38,8 +50,9 @@ def fmnist_cfg():
 
 
 def _save(path, array_or_image, **kwargs):
-  im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(
-      array_or_image)
+  im = (
+    array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+  )
   im.save(path, **kwargs)
 
 
@@ -75,7 +88,7 @@ def image_folder(tmp_path_factory):
   palette = Image.fromarray(chelsea[:30, :30]).convert('P')
   palette.info['transparency'] = 0
   add('palette', 'animals/palette.png', palette, (30, 30), transparency=0)
-  sixteen = (np.arange(24 * 36, dtype=np.uint16).reshape(24, 36) * 70)
+  sixteen = np.arange(24 * 36, dtype=np.uint16).reshape(24, 36) * 70
   add('sixteen', 'things/sixteen.png', Image.fromarray(sixteen), (24, 36))
   add('tiny', 'things/tiny.png', np.full((10, 10, 3), 77, np.uint8), (10, 10))
   (root / 'things' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a jpeg')
@@ -97,9 +110,15 @@ def _build_tiny_tfds(data_dir: str) -> None:
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'image': tfds.features.Image(shape=(None, None, 3)),
-          'label': tfds.features.ClassLabel(num_classes=3)}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            'image': tfds.features.Image(shape=(None, None, 3)),
+            'label': tfds.features.ClassLabel(num_classes=3),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {'train': self._generate_examples(7), 'test': self._generate_examples(3)}

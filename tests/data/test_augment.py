@@ -18,9 +18,20 @@ def _images(n=4, size=12, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), np.uint8))
 
 
-_photometric = jax.jit(augment.photometric, static_argnames=(
-    'blur_prob', 'solarize_prob', 'color_jitter_prob', 'grayscale_prob', 'brightness', 'contrast',
-    'saturation', 'hue', 'blur_sigma'))
+_photometric = jax.jit(
+  augment.photometric,
+  static_argnames=(
+    'blur_prob',
+    'solarize_prob',
+    'color_jitter_prob',
+    'grayscale_prob',
+    'brightness',
+    'contrast',
+    'saturation',
+    'hue',
+    'blur_sigma',
+  ),
+)
 
 
 def _run(images, seed=0, **kwargs):
@@ -56,11 +67,12 @@ def test_jitter_with_zero_strength_is_identity():
 
 def test_brightness_scales_each_image_by_one_factor():
   images = jnp.asarray(np.random.default_rng(1).integers(60, 150, (8, 10, 10, 3), np.uint8))
-  out = _run(images, color_jitter_prob=1.0, brightness=0.4, contrast=0.0, saturation=0.0,
-             hue=0.0)
+  out = _run(images, color_jitter_prob=1.0, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0)
   ratio = out / (np.asarray(images) / 255.0)
   per_image = ratio.reshape(8, -1)
-  np.testing.assert_allclose(per_image, np.broadcast_to(per_image[:, :1], per_image.shape), rtol=1e-5)
+  np.testing.assert_allclose(
+    per_image, np.broadcast_to(per_image[:, :1], per_image.shape), rtol=1e-5
+  )
   assert np.all((per_image[:, 0] >= 0.6 - 1e-6) & (per_image[:, 0] <= 1.4 + 1e-6))
   assert np.ptp(per_image[:, 0]) > 0.05
 
@@ -69,9 +81,11 @@ def test_contrast_and_saturation_blend_targets():
   x = jnp.asarray(np.random.default_rng(2).uniform(0.3, 0.7, (10, 10, 3)), jnp.float32)
   grey_mean = float(jnp.mean(augment.grayscale(x)))
   assert float(jnp.mean(augment.grayscale(augment.adjust_contrast(x, 1.3)))) == pytest.approx(
-      grey_mean, abs=1e-5)
-  np.testing.assert_allclose(augment.adjust_contrast(x, 0.0), np.full(x.shape, grey_mean),
-                             atol=1e-6)
+    grey_mean, abs=1e-5
+  )
+  np.testing.assert_allclose(
+    augment.adjust_contrast(x, 0.0), np.full(x.shape, grey_mean), atol=1e-6
+  )
   desaturated = np.asarray(augment.adjust_saturation(x, 0.0))
   np.testing.assert_allclose(desaturated[..., 0], desaturated[..., 2], atol=1e-6)
 
@@ -117,6 +131,7 @@ def test_blur_is_pil_gaussian_blur(sigma):
   bits and moves a fixed-point weight (at sigma 0.3: one grey level on 1.4% of the values)."""
   from PIL import Image, ImageFilter  # pylint: disable=g-import-not-at-top
   from skimage import data as skdata  # pylint: disable=g-import-not-at-top
+
   photo = skdata.astronaut()[100:164, 180:260]  # 64 x 80, edges and texture
   noise = np.asarray(_images(1, 48, seed=3)[0])
   for image in (photo, noise):
@@ -141,10 +156,21 @@ def test_augment_multicrop_per_view_probabilities():
   rng = np.random.default_rng(4)
   global_crops = jnp.asarray(rng.integers(0, 256, (b, 2, g, g, 3), np.uint8))
   local_crops = jnp.asarray(rng.integers(0, 256, (b, 4, l, l, 3), np.uint8))
-  cfg = ml_collections.ConfigDict(dict(
-      color_jitter_prob=0.0, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-      grayscale_prob=0.0, blur_probs=(1.0, 0.0, 0.0), solarize_probs=(0.0, 1.0, 0.0),
-      blur_sigma=(0.1, 2.0), mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      color_jitter_prob=0.0,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_prob=0.0,
+      blur_probs=(1.0, 0.0, 0.0),
+      solarize_probs=(0.0, 1.0, 0.0),
+      blur_sigma=(0.1, 2.0),
+      mean=augment.IMAGENET_MEAN,
+      std=augment.IMAGENET_STD,
+    )
+  )
   fn = jax.jit(functools.partial(augment.augment_multicrop, cfg=cfg))
   globals_out, locals_out = fn(jax.random.key(0), global_crops, local_crops)
   assert globals_out.shape == (b, 2, g, g, 3) and globals_out.dtype == jnp.float32
@@ -152,8 +178,9 @@ def test_augment_multicrop_per_view_probabilities():
   plain = lambda x: np.asarray(augment.normalize(jnp.asarray(x) / 255.0))  # noqa: E731
   raw_g = np.asarray(global_crops) / 255.0
   solarized = np.where(raw_g[:, 1] >= 128 / 255, 1 - raw_g[:, 1], raw_g[:, 1])
-  np.testing.assert_allclose(globals_out[:, 1], np.asarray(augment.normalize(solarized)),
-                             atol=1e-5)  # view 2: solarize only
+  np.testing.assert_allclose(
+    globals_out[:, 1], np.asarray(augment.normalize(solarized)), atol=1e-5
+  )  # view 2: solarize only
   np.testing.assert_allclose(locals_out, plain(local_crops), atol=1e-5)  # locals untouched
   view1 = np.asarray(globals_out[:, 0])
   assert np.abs(view1 - plain(global_crops[:, 0])).max() > 0.1  # view 1: always blurred

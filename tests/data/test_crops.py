@@ -3,8 +3,8 @@
 import math
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from sslx.data import crops
 
@@ -22,8 +22,14 @@ def test_box_reads_back_exactly_when_upsampling():
   # more: the crop's value range IS the box.
   image = _coordinate_image(45, 60)
   rng = np.random.default_rng(0)
-  out = crops.multi_crop(rng, image, image.shape[:2], crops.CropSpec(4, 64, (0.3, 1.0)),
-                         crops.CropSpec(6, 64, (0.05, 0.3)), interpolation='nearest')
+  out = crops.multi_crop(
+    rng,
+    image,
+    image.shape[:2],
+    crops.CropSpec(4, 64, (0.3, 1.0)),
+    crops.CropSpec(6, 64, (0.05, 0.3)),
+    interpolation='nearest',
+  )
   for kind in ('global', 'local'):
     for crop, box, flip in zip(out[f'{kind}_crops'], out[f'{kind}_boxes'], out[f'{kind}_flips']):
       x0, y0, w, h = box.astype(int)
@@ -61,8 +67,9 @@ def test_box_reads_back_with_bicubic_any_scale():
 def test_random_resized_crop_statistics():
   rng = np.random.default_rng(2)
   height, width, scale, ratio = 200, 300, (0.08, 1.0), (3 / 4, 4 / 3)
-  boxes = np.array([crops.random_resized_crop_box(rng, height, width, scale, ratio)
-                    for _ in range(3000)])
+  boxes = np.array(
+    [crops.random_resized_crop_box(rng, height, width, scale, ratio) for _ in range(3000)]
+  )
   x0, y0, w, h = boxes.T
   assert np.all((x0 >= 0) & (y0 >= 0) & (w >= 1) & (h >= 1))
   assert np.all((x0 + w <= width) & (y0 + h <= height))
@@ -83,11 +90,19 @@ def test_random_resized_crop_statistics():
 def test_random_resized_crop_fallback_is_centred_and_clamped():
   rng = np.random.default_rng(3)
   # A 10:1 strip cannot host a 3/4..4/3 box of >= 90% area: centre crop at the widest ratio.
-  assert crops.random_resized_crop_box(rng, 100, 1000, (0.9, 1.0)) == ((1000 - 133) // 2, 0,
-                                                                       133, 100)
+  assert crops.random_resized_crop_box(rng, 100, 1000, (0.9, 1.0)) == (
+    (1000 - 133) // 2,
+    0,
+    133,
+    100,
+  )
   # Tall strip: clamped to the narrowest ratio.
-  assert crops.random_resized_crop_box(rng, 1000, 100, (0.9, 1.0)) == (0, (1000 - 133) // 2,
-                                                                       100, 133)
+  assert crops.random_resized_crop_box(rng, 1000, 100, (0.9, 1.0)) == (
+    0,
+    (1000 - 133) // 2,
+    100,
+    133,
+  )
 
 
 def test_tiny_image_upsamples_and_same_seed_same_crops():

@@ -12,10 +12,16 @@ def official_patch_temps(warm, final, warmup_epochs, epochs, mim_start_epoch):
   """iBOT's per-epoch `teacher_temp2_schedule` (main_ibot.py, iBOTLoss.__init__ at da316d8):
   linspace(warm, final, warmup) then `final`, preceded by `mim_start_epoch` epochs of `warm`."""
   if mim_start_epoch == 0:
-    return np.concatenate([np.linspace(warm, final, warmup_epochs),
-                           np.ones(epochs - warmup_epochs) * final])
-  return np.concatenate([np.ones(mim_start_epoch) * warm, np.linspace(warm, final, warmup_epochs),
-                         np.ones(epochs - warmup_epochs - mim_start_epoch) * final])
+    return np.concatenate(
+      [np.linspace(warm, final, warmup_epochs), np.ones(epochs - warmup_epochs) * final]
+    )
+  return np.concatenate(
+    [
+      np.ones(mim_start_epoch) * warm,
+      np.linspace(warm, final, warmup_epochs),
+      np.ones(epochs - warmup_epochs - mim_start_epoch) * final,
+    ]
+  )
 
 
 @pytest.mark.parametrize("warmup,start", [(4, 0), (4, 3), (0, 3), (1, 2), (30, 50)])
@@ -28,8 +34,17 @@ def test_patch_temperature_equals_the_official_schedule(warmup, start):
 
 
 def test_no_masks_before_pred_start_epoch_and_the_same_crops(fmnist_cfg):
-  fmnist_cfg.masks = dict(scheme="ibot", ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), num_masked=0,
-                          min_area=4, max_area=0, aspect=0.3, exact=False, pred_start_epoch=0)
+  fmnist_cfg.masks = dict(
+    scheme="ibot",
+    ratios=(0.0, 0.3),
+    ratio_vars=(0.0, 0.2),
+    num_masked=0,
+    min_area=4,
+    max_area=0,
+    aspect=0.3,
+    exact=False,
+    pred_start_epoch=0,
+  )
   steps_per_epoch = 60000 // 8
 
   def batches(start_epoch):

@@ -19,8 +19,9 @@ def test_exact_mode_hits_the_count_every_time():
 
 
 def test_beit_mode_can_stop_short_but_never_overshoots():
-  counts = np.array([masks.block_mask(_rng(s), (14, 14), 75, scheme="beit", min_area=16).sum()
-                     for s in range(300)])
+  counts = np.array(
+    [masks.block_mask(_rng(s), (14, 14), 75, scheme="beit", min_area=16).sum() for s in range(300)]
+  )
   assert counts.max() <= 75
   # Released BEiT reaches 75 only about two thirds of the time (it gives up after 10 misses).
   assert 0.4 < np.mean(counts == 75) < 0.95

@@ -32,7 +32,9 @@ def test_flip_mirrors_x_in_that_crop_only():
   np.testing.assert_array_equal(rk, [0, 0, 1, 1])
 
 
-@pytest.mark.parametrize('box_k', [(10, 0, 10, 10), (0, 10, 10, 10), (10, 10, 5, 5), (30, 30, 4, 4)])
+@pytest.mark.parametrize(
+  'box_k', [(10, 0, 10, 10), (0, 10, 10, 10), (10, 10, 5, 5), (30, 30, 4, 4)]
+)
 def test_touching_or_disjoint_crops_are_invalid(box_k):
   rq, rk, valid = overlap_rects((0, 0, 10, 10), False, box_k, True)
   assert not valid
@@ -67,7 +69,14 @@ def test_float_boxes_nested_overlap():
 def test_batch_layout_matches_pairwise_calls():
   rng = np.random.default_rng(0)
   b, ng, nl = 5, 3, 4
-  gb, lb = _random_boxes(rng, (b, ng)), _random_boxes(rng, (b, nl), ) * np.float32([1, 1, 0.4, 0.4])
+  gb, lb = (
+    _random_boxes(rng, (b, ng)),
+    _random_boxes(
+      rng,
+      (b, nl),
+    )
+    * np.float32([1, 1, 0.4, 0.4]),
+  )
   gf, lf = rng.random((b, ng)) < 0.5, rng.random((b, nl)) < 0.5
   out = batch_overlaps(gb, gf, lb, lf)
   assert out['gg_rects'].shape == (b, ng, ng, 2, 4) and out['gg_rects'].dtype == np.float32
@@ -89,7 +98,9 @@ def test_batch_layout_matches_pairwise_calls():
   diag = out['gg_rects'][:, np.arange(ng), np.arange(ng), 0]
   full = np.where(gf[..., None], np.float32([1, 0, 0, 1]), np.float32([0, 0, 1, 1]))
   np.testing.assert_array_equal(diag, full)
-  np.testing.assert_array_equal(out['gg_rects'][..., 0, :], np.swapaxes(out['gg_rects'][..., 1, :], 1, 2))
+  np.testing.assert_array_equal(
+    out['gg_rects'][..., 0, :], np.swapaxes(out['gg_rects'][..., 1, :], 1, 2)
+  )
   # Random small locals must sometimes miss a global, or this test checks nothing about invalid pairs.
   assert 0 < out['lg_valid'].sum() < out['lg_valid'].size
   assert np.all(out['lg_rects'][~out['lg_valid']] == 0)
@@ -112,9 +123,14 @@ def test_rects_lie_in_the_unit_square_and_flip_orders_x():
   r, valid = out['gg_rects'], out['gg_valid']
   assert valid.mean() > 0.5
   assert np.all((r >= 0) & (r <= 1))
-  rv = r[valid]                                            # [P, 2, 4]
-  flips = np.stack([np.broadcast_to(gf[:, :, None], valid.shape)[valid],
-                    np.broadcast_to(gf[:, None, :], valid.shape)[valid]], axis=1)
+  rv = r[valid]  # [P, 2, 4]
+  flips = np.stack(
+    [
+      np.broadcast_to(gf[:, :, None], valid.shape)[valid],
+      np.broadcast_to(gf[:, None, :], valid.shape)[valid],
+    ],
+    axis=1,
+  )
   assert np.all((rv[..., 0] > rv[..., 2]) == flips)
   assert np.all(rv[..., 1] < rv[..., 3])
 
@@ -143,4 +159,6 @@ def test_bad_input_names_the_fix():
   with pytest.raises(ValueError, match='both local_boxes and local_flips'):
     batch_overlaps(np.ones((2, 2, 4)), np.zeros((2, 2), bool), np.ones((2, 3, 4)))
   with pytest.raises(ValueError, match='leading'):
-    batch_overlaps(np.ones((2, 2, 4)), np.zeros((2, 2), bool), np.ones((3, 3, 4)), np.zeros((3, 3), bool))
+    batch_overlaps(
+      np.ones((2, 2, 4)), np.zeros((2, 2), bool), np.ones((3, 3, 4)), np.zeros((3, 3), bool)
+    )

@@ -10,10 +10,21 @@ import pytest
 from sslx.data import pipeline, sources
 
 KEYS = {
-    'global_crops': np.uint8, 'local_crops': np.uint8, 'global_boxes': np.float32,
-    'global_flips': np.bool_, 'local_boxes': np.float32, 'local_flips': np.bool_,
-    'image_size': np.int32, 'label': np.int32, 'skipped': np.int32, 'bad_indices': np.int64, 'index': np.int64,
-    'gg_rects': np.float32, 'gg_valid': np.bool_, 'lg_rects': np.float32, 'lg_valid': np.bool_,
+  'global_crops': np.uint8,
+  'local_crops': np.uint8,
+  'global_boxes': np.float32,
+  'global_flips': np.bool_,
+  'local_boxes': np.float32,
+  'local_flips': np.bool_,
+  'image_size': np.int32,
+  'label': np.int32,
+  'skipped': np.int32,
+  'bad_indices': np.int64,
+  'index': np.int64,
+  'gg_rects': np.float32,
+  'gg_valid': np.bool_,
+  'lg_rects': np.float32,
+  'lg_valid': np.bool_,
 }
 
 
@@ -56,8 +67,10 @@ def test_train_batch_layout(fmnist_cfg):
   assert batch['gg_rects'].shape == (8, 2, 2, 2, 4) and batch['gg_valid'].shape == (8, 2, 2)
   assert batch['lg_rects'].shape == (8, 3, 2, 2, 4) and batch['lg_valid'].shape == (8, 3, 2)
   from sslx.data import overlap
-  want = overlap.batch_overlaps(batch['global_boxes'], batch['global_flips'],
-                                batch['local_boxes'], batch['local_flips'])
+
+  want = overlap.batch_overlaps(
+    batch['global_boxes'], batch['global_flips'], batch['local_boxes'], batch['local_flips']
+  )
   for key, value in want.items():
     np.testing.assert_array_equal(batch[key], value)
 
@@ -113,8 +126,12 @@ def test_processes_take_their_rows_of_the_same_global_batch(folder_cfg):
   _close(it)
   parts = []
   for process in range(2):
-    it, batches = _take(pipeline.train_dataset(folder_cfg, seed=0, batch_size=2,
-                                               process_index=process, process_count=2), 3)
+    it, batches = _take(
+      pipeline.train_dataset(
+        folder_cfg, seed=0, batch_size=2, process_index=process, process_count=2
+      ),
+      3,
+    )
     _close(it)
     parts.append(batches)
   for step in range(3):
@@ -142,13 +159,17 @@ def test_resume_from_state_gives_the_same_batches(fmnist_cfg):
   # Two processes of half the batch resume from the same state: the halves of the same batches.
   halves = []
   for process in range(2):
-    it = iter(pipeline.train_dataset(fmnist_cfg, seed=1, batch_size=4, process_index=process,
-                                     process_count=2))
+    it = iter(
+      pipeline.train_dataset(
+        fmnist_cfg, seed=1, batch_size=4, process_index=process, process_count=2
+      )
+    )
     it.set_state(state)
     halves.append(next(it))
     _close(it)
-  np.testing.assert_array_equal(np.concatenate([h['global_crops'] for h in halves]),
-                                expected[0]['global_crops'])
+  np.testing.assert_array_equal(
+    np.concatenate([h['global_crops'] for h in halves]), expected[0]['global_crops']
+  )
 
 
 def test_resume_refuses_another_data_order(fmnist_cfg):
@@ -192,8 +213,11 @@ def test_eval_dataset_pads_and_keeps_order(fmnist_cfg):
 def test_eval_dataset_sharded_over_processes(fmnist_cfg):
   per_process = []
   for process in range(3):
-    batches = list(pipeline.eval_dataset(fmnist_cfg, 'test', batch_size=1000,
-                                         process_index=process, process_count=3))
+    batches = list(
+      pipeline.eval_dataset(
+        fmnist_cfg, 'test', batch_size=1000, process_index=process, process_count=3
+      )
+    )
     per_process.append(batches)
   assert [len(b) for b in per_process] == [4, 4, 4]  # same count on every process
   total = sum(int(b['mask'].sum()) for batches in per_process for b in batches)
@@ -246,16 +270,26 @@ def test_tfds_training_stream(tfds_dir, cfg_factory):
   assert sorted(batch['image_size'][:, 0].tolist()) == list(range(20, 27))
   assert pipeline.num_classes(cfg) == 3
   assert list(itertools.islice(pipeline.eval_dataset(cfg, 'test', batch_size=2), 5))[1][
-      'mask'].tolist() == [True, False]
+    'mask'
+  ].tolist() == [True, False]
 
 
 def test_block_masks_ride_in_the_batch_without_changing_the_crops(fmnist_cfg):
   it, (plain,) = _take(pipeline.train_dataset(fmnist_cfg, seed=5, batch_size=8), 1)
   _close(it)
-  fmnist_cfg.masks = dict(scheme='beit', ratios=(0.0,), ratio_vars=(0.0,), num_masked=20,
-                          min_area=4, max_area=0, aspect=0.3, exact=True)
-  it, (masked, again) = _take(pipeline.train_dataset(fmnist_cfg, seed=5, batch_size=8,
-                                                     patch_size=4), 2)
+  fmnist_cfg.masks = dict(
+    scheme='beit',
+    ratios=(0.0,),
+    ratio_vars=(0.0,),
+    num_masked=20,
+    min_area=4,
+    max_area=0,
+    aspect=0.3,
+    exact=True,
+  )
+  it, (masked, again) = _take(
+    pipeline.train_dataset(fmnist_cfg, seed=5, batch_size=8, patch_size=4), 2
+  )
   _close(it)
   assert masked['global_masks'].shape == (8, 2, 8, 8) and masked['global_masks'].dtype == bool
   assert (masked['global_masks'].sum(axis=(2, 3)) == 20).all()  # exact count, every crop
@@ -293,11 +327,17 @@ def test_canvas_batch_in_shared_memory_pads_with_zeros():
   examples = []
   for i, (h, w) in enumerate([(5, 9), (16, 16), (12, 3)]):
     boxes = np.concatenate([rng.uniform(0, 4, (3, 2)), rng.uniform(1, 4, (3, 2))], axis=1)
-    examples.append({'canvas': rng.integers(1, 256, (h, w, 3), dtype=np.uint8),
-                     'canvas_extent': np.array([h, w], np.int32),
-                     'global_boxes': boxes[:2].astype(np.float32), 'global_flips': np.array([0, 1], bool),
-                     'local_boxes': boxes[2:].astype(np.float32), 'local_flips': np.array([1], bool),
-                     'label': np.int32(i)})
+    examples.append(
+      {
+        'canvas': rng.integers(1, 256, (h, w, 3), dtype=np.uint8),
+        'canvas_extent': np.array([h, w], np.int32),
+        'global_boxes': boxes[:2].astype(np.float32),
+        'global_flips': np.array([0, 1], bool),
+        'local_boxes': boxes[2:].astype(np.float32),
+        'local_flips': np.array([1], bool),
+        'label': np.int32(i),
+      }
+    )
   batch_fn = pipeline._Batch(16)  # pylint: disable=protected-access
   batch_fn.enable_shared_memory_output()
   batch = batch_fn(examples)

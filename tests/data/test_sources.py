@@ -7,8 +7,8 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 from skimage import data as skdata
 
 from sslx.data import sources
@@ -91,6 +91,7 @@ def test_canvas_records_fit_the_canvas_like_the_plain_records(image_folder, fmni
   """set_canvas: PIL images are shrunk without numpy in between, to the same pixels as from
   arrays, every mode included; the setting survives pickling (worker processes)."""
   from sslx.data import crops  # pylint: disable=g-import-not-at-top
+
   root, _ = image_folder
   plain, fitted = sources.ImageFolderSource(root), sources.ImageFolderSource(root)
   fitted.set_canvas(256, 'bicubic')
@@ -106,7 +107,9 @@ def test_canvas_records_fit_the_canvas_like_the_plain_records(image_folder, fmni
   fmnist = sources.FashionMnistSource(FMNIST_DIR, 'train')
   fmnist.set_canvas(20)
   clone = pickle.loads(pickle.dumps(fmnist))
-  assert clone[3]['image'].shape == (20, 20, 3) and tuple(clone[3]['canvas_scale']) == (20 / 28,) * 2
+  assert (
+    clone[3]['image'].shape == (20, 20, 3) and tuple(clone[3]['canvas_scale']) == (20 / 28,) * 2
+  )
   np.testing.assert_array_equal(clone[3]['image'], fmnist[3]['image'])
 
 
@@ -164,12 +167,14 @@ def test_draft_decode_keeps_original_coordinates(tmp_path):
   assert min(drafted.shape[:2]) >= 250
   # Same region seen through the draft decode: a box in original pixels maps by x * scale.
   from sslx.data import crops  # pylint: disable=g-import-not-at-top
+
   box = (400, 300, 640, 480)
   a = crops.resize_box(Image.fromarray(full), box, 64, 'bicubic', 1.0).astype(float)
   b = crops.resize_box(Image.fromarray(drafted), box, 64, 'bicubic', scale_d).astype(float)
   assert np.abs(a - b).mean() < 6.0
-  shifted = crops.resize_box(Image.fromarray(drafted), (440, 300, 640, 480), 64, 'bicubic',
-                             scale_d).astype(float)
+  shifted = crops.resize_box(
+    Image.fromarray(drafted), (440, 300, 640, 480), 64, 'bicubic', scale_d
+  ).astype(float)
   assert np.abs(a - shifted).mean() > 2 * np.abs(a - b).mean()  # the test can tell a misplacement
 
 
@@ -217,6 +222,7 @@ def test_exif_orientation_with_draft_decode(tmp_path):
   assert record['image'].shape == (400, 300, 3) and record['image_size'].tolist() == [1600, 1200]
   assert float(record['decode_scale']) == 0.25
   from sslx.data import crops  # pylint: disable=g-import-not-at-top
+
   box = (300, 500, 240, 320)  # x0, y0, w, h in upright original pixels
   a = crops.resize_box(Image.fromarray(full), box, 64, 'bicubic', 1.0).astype(float)
   b = crops.resize_box(Image.fromarray(record['image']), box, 64, 'bicubic', 0.25).astype(float)
@@ -225,12 +231,15 @@ def test_exif_orientation_with_draft_decode(tmp_path):
 
 def test_attention_images_are_upright(tmp_path):
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from sslx.train import attention_workdir  # pylint: disable=g-import-not-at-top
+
   stored = np.zeros((32, 64, 3), np.uint8)
   stored[:8] = 255  # a white band on the stored top edge: the right once turned 90 CW
   Image.fromarray(stored).save(tmp_path / 'phone.png', exif=_exif(6))
-  config = ml_collections.ConfigDict(dict(data=dict(eval_resize=32, eval_size=32,
-                                                    interpolation='bicubic')))
+  config = ml_collections.ConfigDict(
+    dict(data=dict(eval_resize=32, eval_size=32, interpolation='bicubic'))
+  )
   views, _ = attention_workdir.load_images(config, 1, [str(tmp_path)])
   assert views.shape == (1, 32, 32, 3)
   assert views[0, :, -2:].mean() > 200 and views[0, :, :8].mean() < 30
@@ -249,8 +258,7 @@ def test_empty_class_folder_is_not_a_class(tmp_path, caplog):
   (tmp_path / 'b' / 'readme.txt').write_text('no images here')
   source = sources.ImageFolderSource(str(tmp_path))
   assert source.classes == ('a', 'c') and source.num_classes == 2
-  by_value = {int(source[i]['image'][0, 0, 0]): int(source[i]['label'])
-              for i in range(len(source))}
+  by_value = {int(source[i]['image'][0, 0, 0]): int(source[i]['label']) for i in range(len(source))}
   assert by_value == {10: 0, 20: 0, 30: 1}
   assert caplog.text.count('hold no images') == 1 and 'are ignored: b' in caplog.text
   assert sources.class_folders(str(tmp_path)) == ('a', 'c')
@@ -258,6 +266,7 @@ def test_empty_class_folder_is_not_a_class(tmp_path, caplog):
 
 def test_splits_with_different_classes_share_labels(tmp_path, cfg_factory, caplog):
   from sslx.data import pipeline  # pylint: disable=g-import-not-at-top
+
   for split, classes in (('train', 'abc'), ('test', 'ac')):
     for name in 'abc':
       (tmp_path / split / name).mkdir(parents=True)
@@ -295,7 +304,7 @@ def test_bad_files_are_reported_and_substitutes_spread(bad_folder, caplog):
     got = record['bad_indices']
     assert got.shape == (sources.MAX_ATTEMPTS,) and got.dtype == np.int64
     failed = got[got >= 0].tolist()
-    assert int(record['skipped']) == len(failed) and (got[len(failed):] == -1).all()
+    assert int(record['skipped']) == len(failed) and (got[len(failed) :] == -1).all()
     assert set(failed) <= bad and (failed[:1] == [i]) == (i in bad)
     reported.update(failed)
     value = int(record['image'][0, 0, 0])
@@ -363,8 +372,10 @@ def test_tfds_not_prepared_says_how(tmp_path):
 
 
 def test_importing_sslx_data_needs_no_tensorflow():
-  code = ('import sys; import sslx.data.pipeline, sslx.data.augment, sslx.data.sources, '
-          'sslx.data.crops; bad = [m for m in ("tensorflow", "tensorflow_datasets") '
-          'if m in sys.modules]; assert not bad, bad')
+  code = (
+    'import sys; import sslx.data.pipeline, sslx.data.augment, sslx.data.sources, '
+    'sslx.data.crops; bad = [m for m in ("tensorflow", "tensorflow_datasets") '
+    'if m in sys.modules]; assert not bad, bad'
+  )
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   subprocess.run([sys.executable, '-c', code], check=True, cwd=root, timeout=120)

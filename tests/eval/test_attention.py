@@ -42,8 +42,9 @@ def test_mass_mask_keeps_the_smallest_top_set_holding_the_share():
   np.testing.assert_array_equal(attention.mass_mask(maps, 0.5), [[True, False], [False, False]])
   np.testing.assert_array_equal(attention.mass_mask(maps, 1.0), np.ones((2, 2), bool))
   # Unnormalised maps (the [CLS] weight is missing from the patches) give the same mask.
-  np.testing.assert_array_equal(attention.mass_mask(0.37 * maps, 0.6),
-                                attention.mass_mask(maps, 0.6))
+  np.testing.assert_array_equal(
+    attention.mass_mask(0.37 * maps, 0.6), attention.mass_mask(maps, 0.6)
+  )
   with pytest.raises(ValueError, match="keep"):
     attention.mass_mask(maps, 0.0)
 
@@ -64,10 +65,10 @@ def test_attention_figure_layout():
   fig = attention.attention_figure(images, maps, keep=0.6, scale=2, gap=1)
   ph = 16
   assert fig.shape == (2 * ph + 1, 5 * ph + 4, 3) and fig.dtype == np.uint8
-  head0 = fig[:ph, ph + 1:2 * ph + 1]
+  head0 = fig[:ph, ph + 1 : 2 * ph + 1]
   assert (head0[:8, 8:] == 255).all()  # the attended patch is white on the hot ramp
   assert (head0[:8, :8] == 0).all() and (head0[8:] == 0).all()
-  masked = fig[:ph, 4 * (ph + 1):]
+  masked = fig[:ph, 4 * (ph + 1) :]
   assert (masked[:8, 8:] == 200).all() and (masked[8:] == 50).all()  # outside the mask: dimmed
   assert (fig[ph, :] == 255).all()  # the gap between rows
   with pytest.raises(ValueError, match="uint8"):
@@ -99,14 +100,18 @@ def test_write_attention_on_image_files_of_any_mode(tmp_path):
   Image.fromarray(rng.integers(0, 255, (40, 30), np.uint8), "L").save(folder / "grey.png")
   Image.fromarray(rng.integers(0, 255, (20, 50, 4), np.uint8), "RGBA").save(folder / "alpha.png")
   c = _config("dino.py:smoke")
-  res = attention_workdir.write_attention(c, str(tmp_path / "w"), images=[str(folder)],
-                                          random_init=True)
+  res = attention_workdir.write_attention(
+    c, str(tmp_path / "w"), images=[str(folder)], random_init=True
+  )
   saved = np.load(res["npz"])
-  assert res["images"] == 2 and sorted(os.path.basename(n) for n in saved["names"]) == \
-      ["alpha.png", "grey.png"]
+  assert res["images"] == 2 and sorted(os.path.basename(n) for n in saved["names"]) == [
+    "alpha.png",
+    "grey.png",
+  ]
   with pytest.raises(attention_workdir.AttentionError, match="neither a file nor a folder"):
-    attention_workdir.write_attention(c, str(tmp_path / "w"), images=[str(tmp_path / "nope")],
-                                      random_init=True)
+    attention_workdir.write_attention(
+      c, str(tmp_path / "w"), images=[str(tmp_path / "nope")], random_init=True
+    )
 
 
 def test_write_attention_of_cae_reads_the_encoders_last_block(tmp_path):
@@ -115,7 +120,9 @@ def test_write_attention_of_cae_reads_the_encoders_last_block(tmp_path):
   saved = np.load(res["npz"])
   grid = c.data.eval_size // c.model.patch_size
   assert saved["maps"].shape == (2, res["heads"], grid, grid)
-  assert ((saved["maps"].sum(axis=(-2, -1)) > 0.3) & (saved["maps"].sum(axis=(-2, -1)) <= 1 + 1e-5)).all()
+  assert (
+    (saved["maps"].sum(axis=(-2, -1)) > 0.3) & (saved["maps"].sum(axis=(-2, -1)) <= 1 + 1e-5)
+  ).all()
 
 
 def test_attention_needs_a_vit_cls_teacher(tmp_path):
@@ -124,8 +131,18 @@ def test_attention_needs_a_vit_cls_teacher(tmp_path):
 
 
 def test_attention_without_a_checkpoint_is_one_line(tmp_path):
-  r = subprocess.run([sys.executable, "main.py", "--config=configs/dino.py:smoke",
-                      f"--workdir={tmp_path}", "--mode=attention"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      "--config=configs/dino.py:smoke",
+      f"--workdir={tmp_path}",
+      "--mode=attention",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 1, r.stderr[-2000:]
   assert "no checkpoint under" in r.stderr and "Traceback" not in r.stderr

@@ -15,6 +15,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 def _reference_knn(train_x, train_y, test_x, test_y, num_classes, k, temperature):
   """Brute-force float64 numpy version of the protocol, one query at a time."""
+
   def normalize(x):
     x = x.astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -29,7 +30,7 @@ def _reference_knn(train_x, train_y, test_x, test_y, num_classes, k, temperature
       votes[train_y[j]] += np.exp(sims[j] / temperature)
     ranked = np.argsort(-votes, kind="stable")
     top1 += ranked[0] == label
-    top5 += label in ranked[:min(5, num_classes)]
+    top5 += label in ranked[: min(5, num_classes)]
   return 100.0 * top1 / len(test_y), 100.0 * top5 / len(test_y)
 
 
@@ -43,8 +44,16 @@ def test_matches_bruteforce_reference(k, num_classes, chunk_size):
   train_x = (0.5 * means[train_y] + rng.normal(size=(400, 16))).astype(np.float32)
   test_x = (0.5 * means[test_y] + rng.normal(size=(150, 16))).astype(np.float32)
 
-  got = knn.knn_classify(train_x, train_y, test_x, test_y, num_classes=num_classes, k=k,
-                         temperature=0.07, chunk_size=chunk_size)
+  got = knn.knn_classify(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes=num_classes,
+    k=k,
+    temperature=0.07,
+    chunk_size=chunk_size,
+  )
   want_top1, want_top5 = _reference_knn(train_x, train_y, test_x, test_y, num_classes, k, 0.07)
   assert got["top1"] == pytest.approx(want_top1, abs=1e-9)
   assert got["top5"] == pytest.approx(want_top5, abs=1e-9)
@@ -57,12 +66,14 @@ def test_hand_case_weights_follow_temperature():
   train_y = np.array([0, 1, 1, 2])
   test_x = np.array([[2.0, 0.0]], np.float32)  # scale must not matter (cosine)
   # Sharp weights: the single close neighbour outvotes the two far ones.
-  sharp = knn.knn_classify(train_x, train_y, test_x, np.array([0]), num_classes=3, k=3,
-                           temperature=0.07)
+  sharp = knn.knn_classify(
+    train_x, train_y, test_x, np.array([0]), num_classes=3, k=3, temperature=0.07
+  )
   assert sharp["top1"] == 100.0
   # Flat weights: it is a plain majority vote, and class 1 wins.
-  flat = knn.knn_classify(train_x, train_y, test_x, np.array([0]), num_classes=3, k=3,
-                          temperature=1e4)
+  flat = knn.knn_classify(
+    train_x, train_y, test_x, np.array([0]), num_classes=3, k=3, temperature=1e4
+  )
   assert flat["top1"] == 0.0
   assert flat["top5"] == 100.0  # 3 classes: top-5 covers them all
 
@@ -89,12 +100,12 @@ def test_raw_pixel_features():
 def _batches(images, labels, batch_size):
   """Fixed-size batches with the last one padded and masked, like the eval pipeline."""
   for start in range(0, len(images), batch_size):
-    img, lab = images[start:start + batch_size], labels[start:start + batch_size]
+    img, lab = images[start : start + batch_size], labels[start : start + batch_size]
     pad = batch_size - len(img)
     yield {
-        "image": np.pad(img, ((0, pad), (0, 0), (0, 0), (0, 0))),
-        "label": np.pad(lab, (0, pad), constant_values=-1).astype(np.int32),
-        "mask": np.arange(batch_size) < len(img),
+      "image": np.pad(img, ((0, pad), (0, 0), (0, 0), (0, 0))),
+      "label": np.pad(lab, (0, pad), constant_values=-1).astype(np.int32),
+      "mask": np.arange(batch_size) < len(img),
     }
 
 
@@ -104,8 +115,10 @@ def test_extract_features_drops_padding_and_keeps_order():
   labels = np.arange(23, dtype=np.int32) % 5
   # bf16 output checks the float32 conversion; per-image mean makes rows identifiable.
   feature_fn = jax.jit(
-      lambda x: jnp.stack([jnp.mean(x, axis=(1, 2, 3)), jnp.arange(x.shape[0])], 1)
-      .astype(jnp.bfloat16))
+    lambda x: jnp.stack([jnp.mean(x, axis=(1, 2, 3)), jnp.arange(x.shape[0])], 1).astype(
+      jnp.bfloat16
+    )
+  )
   feats, labs = knn.extract_features(feature_fn, _batches(images, labels, 4))
   assert feats.shape == (23, 2) and feats.dtype == np.float32
   assert labs.dtype == np.int32
@@ -126,10 +139,18 @@ def test_run_knn_end_to_end():
   images = np.where(labels[:, None, None, None] == 1, 200, 20).astype(np.uint8)
   images = np.broadcast_to(images, (30, 4, 4, 3)).copy()
   images[:, 0, 0, 0] = rng.integers(0, 256, size=30)  # make every image distinct
-  feature_fn = jax.jit(lambda x: jnp.stack(
-      [jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)), jnp.full(x.shape[:1], 100.0)], 1))
-  result = knn.run_knn(feature_fn, _batches(images[:20], labels[:20], 8),
-                       _batches(images[20:], labels[20:], 8), num_classes=2, k=3)
+  feature_fn = jax.jit(
+    lambda x: jnp.stack(
+      [jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)), jnp.full(x.shape[:1], 100.0)], 1
+    )
+  )
+  result = knn.run_knn(
+    feature_fn,
+    _batches(images[:20], labels[:20], 8),
+    _batches(images[20:], labels[20:], 8),
+    num_classes=2,
+    k=3,
+  )
   assert result["num_train"] == 20 and result["num_test"] == 10
   assert result["top1"] == 100.0
 
@@ -142,6 +163,7 @@ def _read_idx(path, offset):
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="Fashion-MNIST not installed")
 def test_fashion_mnist_raw_pixels_reference_accuracy():
   """Raw pixels, 60k -> 10k, k=20, T=0.07, cosine: 84.59% top-1 (about 10 s on 2 cores)."""
+
   def images(split):
     path = os.path.join(FASHION_MNIST_DIR, f"{split}-images-idx3-ubyte.gz")
     return _read_idx(path, 16).reshape(-1, 28, 28, 1)
@@ -151,9 +173,15 @@ def test_fashion_mnist_raw_pixels_reference_accuracy():
 
   train_x, test_x = images("train"), images("t10k")
   assert train_x.shape == (60000, 28, 28, 1) and test_x.shape == (10000, 28, 28, 1)
-  result = knn.knn_classify(knn.raw_pixel_features(train_x), labels("train"),
-                            knn.raw_pixel_features(test_x), labels("t10k"),
-                            num_classes=10, k=20, temperature=0.07)
+  result = knn.knn_classify(
+    knn.raw_pixel_features(train_x),
+    labels("train"),
+    knn.raw_pixel_features(test_x),
+    labels("t10k"),
+    num_classes=10,
+    k=20,
+    temperature=0.07,
+  )
   assert result["top1"] == pytest.approx(84.59, abs=1e-6)
   assert 95.0 < result["top5"] <= 100.0
 
@@ -179,8 +207,9 @@ def test_eval_compiler_options_take_effect_and_keep_the_features():
   tuned = jax.jit(forward, compiler_options=options).lower(x, w1, w2).compile()
   # (Whether the default fuses depends on the CPU YNNPACK finds; the tuned module never may.)
   assert "ynn_fusion" not in tuned.as_text()
-  np.testing.assert_allclose(np.asarray(tuned(x, w1, w2)), np.asarray(default(x, w1, w2)),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(tuned(x, w1, w2)), np.asarray(default(x, w1, w2)), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_one_channel_if_grey_keeps_the_cosine_knn():
@@ -193,10 +222,22 @@ def test_one_channel_if_grey_keeps_the_cosine_knn():
   one_train, one_test = knn.one_channel_if_grey(train, test)
   assert one_train.shape == (50, 4, 4, 1) and one_test.shape == (10, 4, 4, 1)
   np.testing.assert_array_equal(one_train, grey[:50])
-  three = knn.knn_classify(knn.raw_pixel_features(train), labels[:50],
-                           knn.raw_pixel_features(test), labels[50:], num_classes=3, k=5)
-  one = knn.knn_classify(knn.raw_pixel_features(one_train), labels[:50],
-                         knn.raw_pixel_features(one_test), labels[50:], num_classes=3, k=5)
+  three = knn.knn_classify(
+    knn.raw_pixel_features(train),
+    labels[:50],
+    knn.raw_pixel_features(test),
+    labels[50:],
+    num_classes=3,
+    k=5,
+  )
+  one = knn.knn_classify(
+    knn.raw_pixel_features(one_train),
+    labels[:50],
+    knn.raw_pixel_features(one_test),
+    labels[50:],
+    num_classes=3,
+    k=5,
+  )
   assert one == three
   colour = test.copy()
   colour[3, 1, 2, 1] ^= 1  # one pixel of one test image is no longer grey: nothing is reduced

@@ -8,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sslx.config_check import load_config_file
 from sslx.eval import probe
-from sslx.train import checkpoint, probe_workdir, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = probe.ProbeSettings(lr=0.5, batch_size=64, epochs=8, warmup_epochs=1.0)
@@ -20,7 +18,7 @@ def _batches(x, y, bs=100, pad=True):
   """Eval-style batches; the last one padded with mask=False rows like pipeline.eval_dataset."""
   out = []
   for i in range(0, len(x), bs):
-    xb, yb = x[i:i + bs], y[i:i + bs]
+    xb, yb = x[i : i + bs], y[i : i + bs]
     mask = np.ones(len(yb), bool)
     if pad and len(yb) < bs:
       extra = bs - len(yb)
@@ -36,8 +34,13 @@ def test_linear_probe_separates_gaussian_blobs_and_drops_padding():
   centers = rng.normal(size=(4, 16)) * 3
   y = rng.integers(0, 4, 650).astype(np.int32)
   x = (centers[y] + rng.normal(size=(650, 16))).astype(np.float32)
-  res = probe.linear_probe(lambda a: a, _batches(x[:500], y[:500]), _batches(x[500:], y[500:]),
-                           num_classes=4, settings=FAST)
+  res = probe.linear_probe(
+    lambda a: a,
+    _batches(x[:500], y[:500]),
+    _batches(x[500:], y[500:]),
+    num_classes=4,
+    settings=FAST,
+  )
   assert res["num_train"] == 500 and res["num_test"] == 150  # padding rows dropped
   assert res["top1"] > 95.0
 
@@ -54,10 +57,20 @@ def test_attentive_probe_finds_the_informative_token_that_averaging_misses():
   x[np.arange(n), pos, 0] = 6.0  # marker
   x[np.arange(n), pos, 1] = np.where(y == 1, 3.0, -3.0)
   s = probe.ProbeSettings(lr=0.1, batch_size=64, epochs=10, warmup_epochs=1.0)
-  att = probe.attentive_probe(lambda a: a, _batches(x[:1000], y[:1000]), _batches(x[1000:], y[1000:]),
-                              num_classes=2, settings=s)
-  lin = probe.linear_probe(lambda a: a.mean(1), _batches(x[:1000], y[:1000]),
-                           _batches(x[1000:], y[1000:]), num_classes=2, settings=s)
+  att = probe.attentive_probe(
+    lambda a: a,
+    _batches(x[:1000], y[:1000]),
+    _batches(x[1000:], y[1000:]),
+    num_classes=2,
+    settings=s,
+  )
+  lin = probe.linear_probe(
+    lambda a: a.mean(1),
+    _batches(x[:1000], y[:1000]),
+    _batches(x[1000:], y[1000:]),
+    num_classes=2,
+    settings=s,
+  )
   assert att["top1"] > 90.0
   assert lin["top1"] < att["top1"] - 10.0
 
@@ -69,29 +82,14 @@ def test_probe_heads_have_batchnorm_without_affine():
   assert v["params"]["query_token"].shape == (1, 1, 8)
   assert "bias" not in v["params"]["cross_attn"]["k"]
   with pytest.raises(ValueError, match="optimizer"):
-    probe.train_and_score(probe.LinearHead(2), np.zeros((4, 3), np.float32), np.zeros(4, np.int32),
-                          np.zeros((2, 3), np.float32), np.zeros(2, np.int32),
-                          probe.ProbeSettings(optimizer="adam"))
+    probe.train_and_score(
+      probe.LinearHead(2),
+      np.zeros((4, 3), np.float32),
+      np.zeros(4, np.int32),
+      np.zeros((2, 3), np.float32),
+      np.zeros(2, np.int32),
+      probe.ProbeSettings(optimizer="adam"),
+    )
 
 
-@pytest.mark.parametrize("config_name", ["cae", "dino"])
-def test_probes_run_on_any_methods_checkpoint(tmp_path, config_name):
-  c = load_config_file(os.path.join(ROOT, f"configs/{config_name}.py:smoke"))
-  # A step-1 checkpoint of the method's own initial state, written the trainer's way
-  # (skips compiling a train step; tests/train covers training).
-  built = trainer.build(c, sharding.make_mesh(c.mesh), steps_per_epoch=10, total_steps=10)
-  state = built.init(c.seed)
-  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
-  ckpt.save(1, state.replace(step=state.step + 1), None)
-  ckpt.close()
-  with c.unlocked():
-    c.probe = dict(linear=dict(epochs=1, batch_size=64), attentive=dict(epochs=1, batch_size=64),
-                   max_train=256, max_test=200, seed=0)
-  res = probe_workdir.evaluate(c, str(tmp_path), "attentive_probe")
-  assert res["step"] == 1 and res["num_train"] == 256 and res["num_test"] == 200
-  assert 0 <= res["top1"] <= 100
-  # --random_init evaluates the very weights the trainer starts from.
-  step, fresh = probe_workdir.teacher_of(c, str(tmp_path), built.method, random_init=True)
-  assert step == 0
-  for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state.teacher_params)):
-    np.testing.assert_array_equal(a, b)
+# Probes on real checkpoints of every method: tests/train/test_every_mode.py.

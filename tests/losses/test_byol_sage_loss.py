@@ -20,7 +20,8 @@ def test_byol_loss_is_the_sum_of_both_directions():
   q1, q2, z1, z2 = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(4))
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   hand = np.mean(np.sum((unit(np.asarray(q1)) - unit(np.asarray(z2))) ** 2, -1)) + np.mean(
-      np.sum((unit(np.asarray(q2)) - unit(np.asarray(z1))) ** 2, -1))
+    np.sum((unit(np.asarray(q2)) - unit(np.asarray(z1))) ** 2, -1)
+  )
   np.testing.assert_allclose(float(byol.byol_loss(q1, q2, z1, z2)), hand, rtol=1e-5)
   assert 0.0 <= hand <= 8.0
 
@@ -38,8 +39,11 @@ def test_generation_loss_weights_and_terms():
   fake = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
   total, terms = sage.generation_loss(x, xh, real, fake, sage.DEFAULT_WEIGHTS)
   mse = lambda a, b: np.mean((np.asarray(a) - np.asarray(b)) ** 2)  # noqa: E731
-  hand = mse(x, xh) / 10 + mse(real["proj"], fake["proj"]) / 10 + sum(
-      mse(real[k], fake[k]) / 30 for k in ("c3", "c4", "c5"))
+  hand = (
+    mse(x, xh) / 10
+    + mse(real["proj"], fake["proj"]) / 10
+    + sum(mse(real[k], fake[k]) / 30 for k in ("c3", "c4", "c5"))
+  )
   np.testing.assert_allclose(float(total), hand, rtol=1e-5)
   assert set(terms) == {"pixel", "c3", "c4", "c5", "proj"}
   np.testing.assert_allclose(float(terms["c4"]), mse(real["c4"], fake["c4"]), rtol=1e-5)
@@ -52,8 +56,9 @@ def test_generation_loss_ablations():
   np.testing.assert_allclose(float(total), 0.1)
   assert set(terms) == {"pixel"}
   feats = {"proj": jnp.ones((1, 2))}
-  total, terms = sage.generation_loss(x, xh, feats, {"proj": jnp.zeros((1, 2))},
-                                      {"pixel": 0.0, "proj": 0.5})  # no pixel MSE
+  total, terms = sage.generation_loss(
+    x, xh, feats, {"proj": jnp.zeros((1, 2))}, {"pixel": 0.0, "proj": 0.5}
+  )  # no pixel MSE
   np.testing.assert_allclose(float(total), 0.5)
   assert set(terms) == {"proj"}
   with pytest.raises(ValueError, match="c3"):

@@ -33,13 +33,16 @@ def test_hand_checked_total_loss():
 def test_token_loss_is_the_mean_cross_entropy():
   logits = jnp.log(jnp.asarray([[[1.0, 3.0], [2.0, 2.0]]]))  # softmax [.25, .75], [.5, .5]
   ids = jnp.asarray([[1, 0]])
-  assert float(L.token_loss(logits, ids)) == pytest.approx(-(np.log(0.75) + np.log(0.5)) / 2, rel=1e-6)
+  assert float(L.token_loss(logits, ids)) == pytest.approx(
+    -(np.log(0.75) + np.log(0.5)) / 2, rel=1e-6
+  )
 
 
 def test_targets_receive_no_gradient():
   pred = jnp.asarray([[[0.3, -0.2, 0.5]]])
   target = jnp.asarray([[[1.0, 2.0, 4.0]]])
-  g_pred, g_target = jax.grad(lambda p, t: L.alignment_loss(p, t) + L.pixel_loss(p, t),
-                              argnums=(0, 1))(pred, target)
+  g_pred, g_target = jax.grad(
+    lambda p, t: L.alignment_loss(p, t) + L.pixel_loss(p, t), argnums=(0, 1)
+  )(pred, target)
   assert np.all(np.asarray(g_target) == 0.0)
   assert np.any(np.asarray(g_pred) != 0.0)

@@ -19,8 +19,14 @@ def test_patch_loss_hand_case_with_an_unmasked_image():
   t = rng.normal(size=(1, 3, 4, 5)).astype(np.float32)
   c = rng.normal(size=(5,)).astype(np.float32) * 0.1
   m = np.array([[[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]]], bool)  # image 1 has no mask
-  got = ibot.ibot_patch_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(m), jnp.asarray(c),
-                             student_temp=0.1, teacher_temp=0.07)
+  got = ibot.ibot_patch_loss(
+    jnp.asarray(s),
+    jnp.asarray(t),
+    jnp.asarray(m),
+    jnp.asarray(c),
+    student_temp=0.1,
+    teacher_temp=0.07,
+  )
   p_t = _softmax((t - c) / 0.07)
   log_p_s = np.log(_softmax(s / 0.1))
   ce = -(p_t * log_p_s).sum(-1)[0]  # [B, N]
@@ -36,11 +42,13 @@ def test_patch_loss_is_zero_without_masks_and_has_no_teacher_gradient():
   none = jnp.zeros((2, 2, 3), bool)
   assert float(ibot.ibot_patch_loss(s, t, none, c, student_temp=0.1, teacher_temp=0.04)) == 0.0
   some = none.at[0, 0, 1].set(True)
-  g_t = jax.grad(lambda t: ibot.ibot_patch_loss(s, t, some, c, student_temp=0.1,
-                                                teacher_temp=0.04))(t)
+  g_t = jax.grad(
+    lambda t: ibot.ibot_patch_loss(s, t, some, c, student_temp=0.1, teacher_temp=0.04)
+  )(t)
   assert float(jnp.abs(g_t).max()) == 0.0
-  g_s = jax.grad(lambda s: ibot.ibot_patch_loss(s, t, some, c, student_temp=0.1,
-                                                teacher_temp=0.04))(s)
+  g_s = jax.grad(
+    lambda s: ibot.ibot_patch_loss(s, t, some, c, student_temp=0.1, teacher_temp=0.04)
+  )(s)
   # Only the masked position of the masked view gets a gradient.
   assert float(jnp.abs(g_s[0, 0, 1]).max()) > 0
   assert float(jnp.abs(g_s.at[0, 0, 1].set(0.0)).max()) == 0.0
@@ -55,8 +63,9 @@ def test_patch_center_averages_all_patches():
 def test_patch_loss_shape_errors_are_clear():
   x = jnp.zeros((1, 2, 3, 4))
   with pytest.raises(ValueError, match="masks must be"):
-    ibot.ibot_patch_loss(x, x, jnp.zeros((1, 2, 4), bool), jnp.zeros(4), student_temp=0.1,
-                         teacher_temp=0.04)
+    ibot.ibot_patch_loss(
+      x, x, jnp.zeros((1, 2, 4), bool), jnp.zeros(4), student_temp=0.1, teacher_temp=0.04
+    )
 
 
 def test_infonce_hand_case_and_two_t_scale():
@@ -71,7 +80,8 @@ def test_infonce_hand_case_and_two_t_scale():
   # q1 = q, q2 = k, k1 = q, k2 = k: ctr(q1, k2) + ctr(q2, k1) = ctr(q, k) + ctr(k, q).
   total = mocov3.mocov3_loss(jnp.asarray(q), jnp.asarray(k), jnp.asarray(q), jnp.asarray(k), 0.2)
   np.testing.assert_allclose(
-      total, want + float(mocov3.infonce(jnp.asarray(k), jnp.asarray(q), 0.2)), rtol=1e-5)
+    total, want + float(mocov3.infonce(jnp.asarray(k), jnp.asarray(q), 0.2)), rtol=1e-5
+  )
 
 
 def test_infonce_keys_get_no_gradient_and_matching_pairs_lower_the_loss():

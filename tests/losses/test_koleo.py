@@ -67,6 +67,7 @@ def test_dino_sere_koleo_trains_and_logs_each_term(tmp_path):
   import json
 
   from sslx.train import trainer
+
   config = _config()
   with config.unlocked():
     config.total_steps = 2
@@ -78,6 +79,7 @@ def test_dino_sere_koleo_trains_and_logs_each_term(tmp_path):
   for term in ("loss_koleo", "loss_before_koleo", "loss_spatial", "loss_channel", "loss_base"):
     assert np.isfinite(last[term]), term
   # The total is the SERE mix plus 0.1 x KoLeo (two global crops: the sum of two losses).
-  assert last["loss"] == pytest.approx(last["loss_before_koleo"] + 0.1 * last["loss_koleo"],
-                                       rel=1e-5)
+  assert last["loss"] == pytest.approx(
+    last["loss_before_koleo"] + 0.1 * last["loss_koleo"], rel=1e-5
+  )
   assert last["loss_koleo"] > 0

@@ -34,7 +34,9 @@ SERE_CFG = dict(num_heads=4, grid_gg=4, grid_lg=3, temp_pixel=0.5, temp_channel=
 # Jitted: one XLA program per loss compiles faster than dispatching every small op eagerly.
 _dino_loss = jax.jit(dino.dino_loss, static_argnames=("student_temp",))
 _patch_loss = jax.jit(ibot.ibot_patch_loss, static_argnames=("student_temp",))
-_spatial = jax.jit(sere.sere_spatial_loss, static_argnames=("num_heads", "grid_gg", "grid_lg", "temps_on"))
+_spatial = jax.jit(
+  sere.sere_spatial_loss, static_argnames=("num_heads", "grid_gg", "grid_lg", "temps_on")
+)
 _channel = jax.jit(sere.sere_channel_loss, static_argnames=("temps_on",))
 
 
@@ -45,16 +47,24 @@ def g():
 
 
 def _close(got, want, rtol=RTOL, atol=ATOL):
-  np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=rtol, atol=atol)
+  np.testing.assert_allclose(
+    np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=rtol, atol=atol
+  )
 
 
 # ------------------------------------------------------------------------------------------- schedules
 
-@pytest.mark.parametrize("prefix,warm,final", [("dino.temp_schedule", 0.04, 0.07),
-                                               ("ibot.temp_schedule", 0.04, 0.07),
-                                               ("ibot.temp2_schedule", 0.05, 0.06)])
+
+@pytest.mark.parametrize(
+  "prefix,warm,final",
+  [
+    ("dino.temp_schedule", 0.04, 0.07),
+    ("ibot.temp_schedule", 0.04, 0.07),
+    ("ibot.temp2_schedule", 0.05, 0.06),
+  ],
+)
 def test_teacher_temperature_schedule_matches_official(g, prefix, warm, final):
-  official = g[prefix]                                   # one entry per epoch (100 epochs, 30 of warm-up)
+  official = g[prefix]  # one entry per epoch (100 epochs, 30 of warm-up)
   steps_per_epoch = 7
   sched = epoch_linspace_schedule(warm, final, 30, steps_per_epoch)
   steps = np.arange(len(official)) * steps_per_epoch + 3  # a step inside each epoch
@@ -63,20 +73,23 @@ def test_teacher_temperature_schedule_matches_official(g, prefix, warm, final):
 
 # ------------------------------------------------------------------------------------------------ DINO
 
+
 def test_dino_loss_and_center_two_steps(g):
   """Two consecutive DINOLoss calls (epochs 3 and 40) from a non-zero centre; sslx carries its own centre."""
   center = jnp.asarray(g["dino.center0"])
   for step in range(2):
     p = f"dino.step{step}."
-    student, teacher = jnp.asarray(g[p + "student"]), jnp.asarray(g[p + "teacher"])   # [S|T, B, K]
-    loss = _dino_loss(student, teacher, center, student_temp=STUDENT_TEMP,
-                          teacher_temp=float(g[p + "temp"]))
+    student, teacher = jnp.asarray(g[p + "student"]), jnp.asarray(g[p + "teacher"])  # [S|T, B, K]
+    loss = _dino_loss(
+      student, teacher, center, student_temp=STUDENT_TEMP, teacher_temp=float(g[p + "temp"])
+    )
     _close(loss, g[p + "loss"])
     center = dino.update_center(center, teacher, momentum=DINO_CENTER_MOMENTUM)
     _close(center, g[p + "center"])
 
 
 # ------------------------------------------------------------------------------------------------ iBOT
+
 
 def test_ibot_cls_patch_losses_and_centers_two_steps(g):
   """iBOTLoss: [CLS] term = DINO's cross-view loss over globals + locals, patch term on the masked
@@ -85,28 +98,41 @@ def test_ibot_cls_patch_losses_and_centers_two_steps(g):
   center2 = jnp.asarray(g["ibot.center2_0"])
   for step in range(2):
     p = f"ibot.step{step}."
-    student_cls = jnp.concatenate([g[p + "student_cls"], g[p + "student_local_cls"]], axis=0)  # [S, B, K]
+    student_cls = jnp.concatenate(
+      [g[p + "student_cls"], g[p + "student_local_cls"]], axis=0
+    )  # [S, B, K]
     teacher_cls = jnp.asarray(g[p + "teacher_cls"])
-    masks = g[p + "masks"]                                          # [T, B, h, w]
-    masks = jnp.asarray(masks.reshape(masks.shape[:2] + (-1,)))      # row-major [T, B, N]
-    cls = _dino_loss(student_cls, teacher_cls, center, student_temp=STUDENT_TEMP,
-                         teacher_temp=float(g[p + "temp"]))
-    patch = _patch_loss(jnp.asarray(g[p + "student_patch"]), jnp.asarray(g[p + "teacher_patch"]), masks,
-                                 center2, student_temp=STUDENT_TEMP, teacher_temp=float(g[p + "temp2"]))
+    masks = g[p + "masks"]  # [T, B, h, w]
+    masks = jnp.asarray(masks.reshape(masks.shape[:2] + (-1,)))  # row-major [T, B, N]
+    cls = _dino_loss(
+      student_cls, teacher_cls, center, student_temp=STUDENT_TEMP, teacher_temp=float(g[p + "temp"])
+    )
+    patch = _patch_loss(
+      jnp.asarray(g[p + "student_patch"]),
+      jnp.asarray(g[p + "teacher_patch"]),
+      masks,
+      center2,
+      student_temp=STUDENT_TEMP,
+      teacher_temp=float(g[p + "temp2"]),
+    )
     _close(cls, g[p + "cls"])
     _close(patch, g[p + "patch"])
     _close(cls + patch, g[p + "loss"])
     center = dino.update_center(center, teacher_cls, momentum=IBOT_CENTER_MOMENTUM)
-    center2 = ibot.update_patch_center(center2, jnp.asarray(g[p + "teacher_patch"]), momentum=IBOT_CENTER_MOMENTUM2)
+    center2 = ibot.update_patch_center(
+      center2, jnp.asarray(g[p + "teacher_patch"]), momentum=IBOT_CENTER_MOMENTUM2
+    )
     _close(center, g[p + "center"])
     _close(center2, g[p + "center2"])
 
 
 # ------------------------------------------------------------------------------------------------ SERE
 
+
 def _overlaps(g):
-  return batch_overlaps(g["sere.global_boxes"], g["sere.global_flips"], g["sere.local_boxes"],
-                        g["sere.local_flips"])
+  return batch_overlaps(
+    g["sere.global_boxes"], g["sere.global_flips"], g["sere.local_boxes"], g["sere.local_flips"]
+  )
 
 
 def _as_official_grid(rects, valid, size):
@@ -125,10 +151,12 @@ def test_sere_grids_match_official_get_grid(g):
     _close(got, g[key].reshape(b, s_gg * s_gg, 2), rtol=0)
   # Local v vs global q: official lists are indexed [q, v]; sslx's rects [B, v, q].
   for side, key in ((0, "sere.grid_lg_local"), (1, "sere.grid_lg_global")):
-    got = _as_official_grid(ov["lg_rects"][..., side, :], ov["lg_valid"], s_lg)     # [B, Nl, Ng, P, 2]
+    got = _as_official_grid(ov["lg_rects"][..., side, :], ov["lg_valid"], s_lg)  # [B, Nl, Ng, P, 2]
     want = g[key].transpose(2, 1, 0, 3, 4, 5).reshape(got.shape)
     _close(got, want, rtol=0)
-  assert not ov["gg_valid"][1, 0, 1] and not ov["lg_valid"][0, 0].any() and not ov["lg_valid"][0, 1, 0]
+  assert (
+    not ov["gg_valid"][1, 0, 1] and not ov["lg_valid"][0, 0].any() and not ov["lg_valid"][0, 1, 0]
+  )
 
 
 def _sere_views(g, with_local):
@@ -141,9 +169,20 @@ def test_sere_spatial_loss_matches_official(g, with_local):
   ov = _overlaps(g)
   sg, tg, sl = _sere_views(g, with_local)
   loss, metrics = _spatial(
-      sg, tg, sl, ov["gg_rects"], ov["gg_valid"], ov["lg_rects"] if with_local else None,
-      ov["lg_valid"] if with_local else None, num_heads=SERE_CFG["num_heads"], grid_gg=SERE_CFG["grid_gg"],
-      grid_lg=SERE_CFG["grid_lg"], temp=SERE_CFG["temp_pixel"], other_temp=1.0, temps_on="teacher")
+    sg,
+    tg,
+    sl,
+    ov["gg_rects"],
+    ov["gg_valid"],
+    ov["lg_rects"] if with_local else None,
+    ov["lg_valid"] if with_local else None,
+    num_heads=SERE_CFG["num_heads"],
+    grid_gg=SERE_CFG["grid_gg"],
+    grid_lg=SERE_CFG["grid_lg"],
+    temp=SERE_CFG["temp_pixel"],
+    other_temp=1.0,
+    temps_on="teacher",
+  )
   _close(loss, g["sere.pixel" if with_local else "sere.pixel_gg"])
   _close(metrics["spatial_gg"], g["sere.pixel_gg"])
 
@@ -151,13 +190,15 @@ def test_sere_spatial_loss_matches_official(g, with_local):
 @pytest.mark.parametrize("with_local", [True, False], ids=["global+local", "global_only"])
 def test_sere_channel_loss_matches_official(g, with_local):
   sg, tg, sl = _sere_views(g, with_local)
-  loss, metrics = _channel(sg, tg, sl, temp=SERE_CFG["temp_channel"], other_temp=1.0,
-                                         temps_on="teacher")
+  loss, metrics = _channel(
+    sg, tg, sl, temp=SERE_CFG["temp_channel"], other_temp=1.0, temps_on="teacher"
+  )
   _close(loss, g["sere.channel" if with_local else "sere.channel_gg"])
   _close(metrics["channel_gg"], g["sere.channel_gg"])
 
 
 # --------------------------------------------------------------------------------------------- MoCo v3
+
 
 @pytest.mark.parametrize("temperature", [0.2, 1.0])
 def test_mocov3_contrastive_loss_matches_official(g, temperature):

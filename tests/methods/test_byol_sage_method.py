@@ -71,8 +71,10 @@ def test_sage_random_evaluator_gets_no_gradient_and_decoder_output_in_range():
   method = make_method(c)
   params, loss_state = jax.jit(lambda r: method.init(r, (32, 32, 3)))(jax.random.PRNGKey(0))
   assert "evaluator" in loss_state and "evaluator" not in params
-  views = {"global": jax.random.uniform(jax.random.PRNGKey(1), (4, 2, 32, 32, 3), minval=-1,
-                                        maxval=1), "local": jnp.zeros((4, 0, 16, 16, 3))}
+  views = {
+    "global": jax.random.uniform(jax.random.PRNGKey(1), (4, 2, 32, 32, 3), minval=-1, maxval=1),
+    "local": jnp.zeros((4, 0, 16, 16, 3)),
+  }
   teacher = method.teacher_params(params)
 
   def f(params, evaluator):
@@ -80,13 +82,16 @@ def test_sage_random_evaluator_gets_no_gradient_and_decoder_output_in_range():
     return method.loss(params, teacher, state, views, jax.random.PRNGKey(2), {})
 
   (loss, (new_state, metrics)), (g_params, g_eval) = jax.jit(
-      jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, loss_state["evaluator"])
+    jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+  )(params, loss_state["evaluator"])
   assert np.isfinite(float(loss))
   assert float(metrics["gen_c3"]) > 0 and float(metrics["gen_pixel"]) > 0
   # The evaluator is stop-gradient'ed inside the loss: zero gradient, and unchanged state.
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_eval))
   assert float(jnp.abs(jax.tree.leaves(g_params["decoder"])[0]).max()) > 0
-  for a, b in zip(jax.tree.leaves(new_state["evaluator"]), jax.tree.leaves(loss_state["evaluator"])):
+  for a, b in zip(
+    jax.tree.leaves(new_state["evaluator"]), jax.tree.leaves(loss_state["evaluator"])
+  ):
     np.testing.assert_array_equal(a, b)
   c5 = jnp.ones((4, 4, 4, 32))
   recon, _ = method.reconstruct(params, loss_state["decoder_stats"], c5, train=False)
@@ -107,11 +112,13 @@ def test_sage_missing_evaluator_fails_before_compiling(tmp_path):
 
 def test_sage_config_errors():
   with pytest.raises(SageConfigError, match="up_channels"):
-    make_method(config("sage.py:smoke", **{"decoder.up_channels": (8, 8),
-                                           "sage.ablation": "mse_only"}))
+    make_method(
+      config("sage.py:smoke", **{"decoder.up_channels": (8, 8), "sage.ablation": "mse_only"})
+    )
   with pytest.raises(SageConfigError, match="augment.mean"):
-    make_method(config("sage.py:smoke", **{"augment.mean": (0.3, 0.3, 0.3),
-                                           "sage.ablation": "mse_only"}))
+    make_method(
+      config("sage.py:smoke", **{"augment.mean": (0.3, 0.3, 0.3), "sage.ablation": "mse_only"})
+    )
   with pytest.raises(SageConfigError, match="ablation"):
     make_method(config("sage.py:smoke", **{"sage.ablation": "nope"}))
 
@@ -120,6 +127,7 @@ def test_sage_encoder_lr_is_mmcv_by_epoch_cosine_with_linear_warmup():
   """SaGe r50_bs64_acc8_ep300.py: lr 4.8, 300 epochs, mmcv CosineAnnealing(by_epoch, min_lr 0)
   with warm-up 'linear' over 10 epochs from ratio 1e-4: the cosine runs over all 300 epochs."""
   from sslx.methods.byol import lars_lr_schedule
+
   c = config("sage.py")
   spe = 10
   total = 300 * spe

@@ -26,18 +26,26 @@ def _config(name, **updates):
 
 
 def _views(c, batch_size=4):
-  it = iter(pipeline.train_dataset(c.data, seed=0, batch_size=batch_size,
-                                   patch_size=c.model.patch_size))
+  it = iter(
+    pipeline.train_dataset(c.data, seed=0, batch_size=batch_size, patch_size=c.model.patch_size)
+  )
   host = next(it)
   it.close()
   g, l = jax.jit(lambda r, g, l: augment.augment_multicrop(r, g, l, c.augment))(
-      jax.random.PRNGKey(1), host["global_crops"], host["local_crops"])
-  return {**{k: jnp.asarray(v) for k, v in host.items() if k not in ("label", "index")},
-          "global": g, "local": l}
+    jax.random.PRNGKey(1), host["global_crops"], host["local_crops"]
+  )
+  return {
+    **{k: jnp.asarray(v) for k, v in host.items() if k not in ("label", "index")},
+    "global": g,
+    "local": l,
+  }
 
 
-SCHED = {"teacher_temp": jnp.float32(0.04), "teacher_patch_temp": jnp.float32(0.07),
-         "step": jnp.int32(0)}
+SCHED = {
+  "teacher_temp": jnp.float32(0.04),
+  "teacher_patch_temp": jnp.float32(0.07),
+  "step": jnp.int32(0),
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,9 @@ def test_ibot_without_masks_is_dino_with_the_ibot_head(ibot_setup):
   dc = _config("dino")
   with dc.unlocked():
     dc.head.norm_last_layer = c.head.norm_last_layer
-  loss_d, (state_d, _) = jax.jit(Dino(dc).loss)(teacher, teacher, {"center": state["center"]},
-                                                 views, rng, SCHED)
+  loss_d, (state_d, _) = jax.jit(Dino(dc).loss)(
+    teacher, teacher, {"center": state["center"]}, views, rng, SCHED
+  )
   assert float(m_i["loss_patch"]) == 0.0
   np.testing.assert_allclose(loss_i, loss_d, rtol=1e-6)
   np.testing.assert_allclose(state_i["center"], state_d["center"], rtol=1e-5, atol=1e-8)
@@ -73,16 +82,19 @@ def test_masks_reach_only_the_student_global_crops(ibot_setup):
   fwd = jax.jit(method.forward)
   rng = jax.random.PRNGKey(3)
   masked = fwd(params, teacher, views, rng)
-  plain = fwd(params, teacher, {**views, "global_masks": jnp.zeros_like(views["global_masks"])},
-              rng)
+  plain = fwd(
+    params, teacher, {**views, "global_masks": jnp.zeros_like(views["global_masks"])}, rng
+  )
   np.testing.assert_array_equal(masked["teacher_logits"], plain["teacher_logits"])
   np.testing.assert_array_equal(masked["teacher_patch"], plain["teacher_patch"])
   ng = views["global"].shape[1]
   np.testing.assert_array_equal(masked["student_logits"][ng:], plain["student_logits"][ng:])
   assert float(jnp.abs(masked["student_logits"][:ng] - plain["student_logits"][:ng]).max()) > 0
   # SERE reads the student's global backbone outputs: those of the masked views.
-  assert float(jnp.abs(masked["student_global"]["prenorm"]
-                       - plain["student_global"]["prenorm"]).max()) > 0
+  assert (
+    float(jnp.abs(masked["student_global"]["prenorm"] - plain["student_global"]["prenorm"]).max())
+    > 0
+  )
 
 
 def test_ibot_teacher_has_no_mask_token_and_sere_wraps_ibot():
@@ -108,11 +120,13 @@ def test_mocov3_teacher_is_backbone_and_projector_and_patch_embed_stays_fixed():
   after = jax.device_get(state.params)
   assert np.isfinite(float(metrics["loss"]))
   for leaf in ("kernel", "bias"):  # frozen random patch embedding: no step, no decay
-    np.testing.assert_array_equal(after["backbone"]["patch_embed"][leaf],
-                                  before["backbone"]["patch_embed"][leaf])
+    np.testing.assert_array_equal(
+      after["backbone"]["patch_embed"][leaf], before["backbone"]["patch_embed"][leaf]
+    )
   assert not np.array_equal(after["backbone"]["cls_token"], before["backbone"]["cls_token"])
-  assert not np.array_equal(after["predictor"]["linear_0"]["kernel"],
-                            before["predictor"]["linear_0"]["kernel"])
+  assert not np.array_equal(
+    after["predictor"]["linear_0"]["kernel"], before["predictor"]["linear_0"]["kernel"]
+  )
 
 
 def test_mocov3_rejects_local_crops():

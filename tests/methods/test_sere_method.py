@@ -31,9 +31,13 @@ def batch():
   host = next(it)
   it.close()
   g, l = jax.jit(lambda r, g, l: augment.augment_multicrop(r, g, l, c.augment))(
-      jax.random.PRNGKey(1), host["global_crops"], host["local_crops"])
-  return {**{k: jnp.asarray(v) for k, v in host.items() if k not in ("label", "index")},
-          "global": g, "local": l}
+    jax.random.PRNGKey(1), host["global_crops"], host["local_crops"]
+  )
+  return {
+    **{k: jnp.asarray(v) for k, v in host.items() if k not in ("label", "index")},
+    "global": g,
+    "local": l,
+  }
 
 
 def _loss(method, params, batch):
@@ -51,7 +55,9 @@ def test_make_method_wraps_only_when_enabled():
 def test_the_base_methods_interface_passes_through():
   config = _config()
   plain = make_method(_config(enabled=False))
-  assert isinstance(plain, Dino) and plain.optimizer(None, 1, 1) is None  # DINO keeps the trainer's AdamW recipe
+  assert (
+    isinstance(plain, Dino) and plain.optimizer(None, 1, 1) is None
+  )  # DINO keeps the trainer's AdamW recipe
 
   class WithHooks(Dino):
     loss_state_rule = LossStateRule.THREADED
@@ -93,7 +99,11 @@ def test_base_loss_is_untouched_and_the_mix_is_official(batch):
   assert float(total) == pytest.approx(2.0 * float(base), rel=1e-6)
   mixed = make_method(_config(alpha=0.2, beta=0.5))
   total2, (_, m2) = _loss(mixed, params, batch)
-  want = 1.65 * float(m2["loss_base"]) + 0.2 * float(m2["loss_spatial"]) + 0.5 * float(m2["loss_channel"])
+  want = (
+    1.65 * float(m2["loss_base"])
+    + 0.2 * float(m2["loss_spatial"])
+    + 0.5 * float(m2["loss_channel"])
+  )
   assert float(total2) == pytest.approx(want, rel=1e-6)
 
 
@@ -105,8 +115,9 @@ def test_batch_without_overlap_is_finite_and_spatial_is_log_s2(batch):
     no_overlap[key] = jnp.zeros_like(batch[key])
   for key in ("gg_valid", "lg_valid"):
     no_overlap[key] = jnp.zeros_like(batch[key])
-  (total, (_, m)), grads = jax.value_and_grad(
-      lambda p: _loss(method, p, no_overlap), has_aux=True)(params)
+  (total, (_, m)), grads = jax.value_and_grad(lambda p: _loss(method, p, no_overlap), has_aux=True)(
+    params
+  )
   assert np.isfinite(float(total))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   # smoke: 7x7 global tokens -> 6x6 grid; 4x4 local tokens -> 4x4 grid.
@@ -122,17 +133,21 @@ def test_teacher_gets_no_gradient(batch):
   params, _ = method.init(jax.random.PRNGKey(0), (28, 28, 3))
   sched = {"teacher_temp": jnp.float32(0.04), "step": jnp.int32(0)}
   loss_state = {"center": jnp.zeros([method.config.head.out_dim])}
-  g = jax.jit(jax.grad(lambda t: method.loss(params, t, loss_state, batch, jax.random.PRNGKey(2),
-                                             sched)[0]))(params)
+  g = jax.jit(
+    jax.grad(lambda t: method.loss(params, t, loss_state, batch, jax.random.PRNGKey(2), sched)[0])
+  )(params)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) == 0.0
 
 
-@pytest.mark.parametrize("override,match", [
+@pytest.mark.parametrize(
+  "override,match",
+  [
     (dict(grid_gg=1), "at least 2x2"),
     (dict(grid_gg=64), "far finer than the 7x7 token grid"),
     (dict(num_heads=5), "does not divide"),
     (dict(temps_on="both"), "temps_on"),
-])
+  ],
+)
 def test_bad_sere_configs_are_rejected(override, match):
   method = make_method(_config(**override))
   with pytest.raises(SereConfigError, match=match):

@@ -66,7 +66,7 @@ def test_every_batchnorm_in_sslx_uses_the_two_pass_variance():
       while depth:
         depth += {"(": 1, ")": -1}.get(text[i], 0)
         i += 1
-      calls.append((path.name, text[m.end():i]))
+      calls.append((path.name, text[m.end() : i]))
   assert len(calls) >= 6, calls
   bad = [name for name, args in calls if "use_fast_variance=False" not in args]
   assert not bad, f"nn.BatchNorm without use_fast_variance=False in {bad}"

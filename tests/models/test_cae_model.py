@@ -12,8 +12,9 @@ D, HEADS = 32, 2
 
 
 def _encoder():
-  return cae_model.CAEEncoder(patch_size=4, embed_dim=D, depth=2, num_heads=HEADS,
-                              drop_path_rate=0.0)
+  return cae_model.CAEEncoder(
+    patch_size=4, embed_dim=D, depth=2, num_heads=HEADS, drop_path_rate=0.0
+  )
 
 
 def _keep(n_keep, b=2, n=49, seed=0):
@@ -66,12 +67,14 @@ def test_sincos_positions_rows_first_then_columns():
   r, c = 2, 1
   row = pos[r * 4 + c]
   om = np.array([1.0, 0.01])
-  np.testing.assert_allclose(row, np.concatenate(
-      [np.sin(r * om), np.cos(r * om), np.sin(c * om), np.cos(c * om)]), atol=1e-6)
+  np.testing.assert_allclose(
+    row, np.concatenate([np.sin(r * om), np.cos(r * om), np.sin(c * om), np.cos(c * om)]), atol=1e-6
+  )
 
 
 def _reference_block(p, x_q, x_vis, pos_q, pos_vis):
   """RegressorBlock written out from the spec with the block's own parameters."""
+
   def ln(name, x):
     m = x.mean(-1, keepdims=True)
     v = x.var(-1, keepdims=True)
@@ -106,12 +109,14 @@ def test_regressor_block_matches_the_stated_qkv_composition():
   params = jax.jit(lambda: block.init(jax.random.PRNGKey(0), x_q, x_vis, pos_q, pos_vis, False))()
   params = params["params"]
   # Non-trivial biases and LN parameters so that a wrong composition shows.
-  params = jax.tree.map(lambda t: t + 0.1 * jax.random.normal(jax.random.PRNGKey(t.size), t.shape),
-                        params)
+  params = jax.tree.map(
+    lambda t: t + 0.1 * jax.random.normal(jax.random.PRNGKey(t.size), t.shape), params
+  )
   got = jax.jit(lambda p: block.apply({"params": p}, x_q, x_vis, pos_q, pos_vis, False))(params)
   p = jax.tree.map(np.asarray, params)
-  np.testing.assert_allclose(got, _reference_block(p, x_q, x_vis, pos_q, pos_vis),
-                             rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(
+    got, _reference_block(p, x_q, x_vis, pos_q, pos_vis), rtol=2e-4, atol=2e-4
+  )
   # No k bias exists (BEiT); values carry no positions.
   assert "bias" not in params["cross_attn"]["k"] and "k_bias" not in params["cross_attn"]
 
@@ -127,16 +132,25 @@ def test_regressor_keeps_the_visible_latents_fixed_across_blocks():
   # Chain the blocks by hand, feeding every block the *original* visible latents.
   x = jnp.broadcast_to(p["mask_token"], pos_m.shape)
   for i in range(3):
-    x = beit.RegressorBlock(HEADS).apply({"params": p[f"block_{i}"]}, x, x_vis, pos_m, pos_vis,
-                                         False)
+    x = beit.RegressorBlock(HEADS).apply(
+      {"params": p[f"block_{i}"]}, x, x_vis, pos_m, pos_vis, False
+    )
   x = beit.layer_norm("n").apply({"params": p["norm"]}, x)
   np.testing.assert_allclose(out, x, atol=1e-5)
   assert out.shape == (2, 5, D)
 
 
 def test_cae_forward_shapes_and_init():
-  model = cae_model.CAE(out_dim=48, patch_size=4, embed_dim=D, depth=2, num_heads=HEADS,
-                        regressor_depth=1, decoder_depth=1, decoder_embed_dim=16)
+  model = cae_model.CAE(
+    out_dim=48,
+    patch_size=4,
+    embed_dim=D,
+    depth=2,
+    num_heads=HEADS,
+    regressor_depth=1,
+    decoder_depth=1,
+    decoder_embed_dim=16,
+  )
   images = jnp.ones((2, 28, 28, 3))
   mask = jnp.asarray(np.arange(49) >= 25)[None].repeat(2, 0)
   vis, msk = cae_model.split_by_mask(mask, 24)

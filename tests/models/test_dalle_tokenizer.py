@@ -12,8 +12,10 @@ from sslx.models import dalle
 
 def _state_dict(n_hid=8, n_blk=1, vocab=16, seed=0):
   rng = np.random.default_rng(seed)
-  return {k: rng.normal(size=s).astype(np.float32) * 0.1
-          for k, s in dalle.expected_shapes(n_hid, n_blk, 3, vocab).items()}
+  return {
+    k: rng.normal(size=s).astype(np.float32) * 0.1
+    for k, s in dalle.expected_shapes(n_hid, n_blk, 3, vocab).items()
+  }
 
 
 def test_synthetic_checkpoint_round_trips(tmp_path):
@@ -25,10 +27,13 @@ def test_synthetic_checkpoint_round_trips(tmp_path):
   # Every array lands under its torch name, unchanged.
   p = variables["params"]
   np.testing.assert_array_equal(p["input"]["w"], sd["blocks.input.w"])
-  np.testing.assert_array_equal(p["group_2"]["block_1"]["id_path"]["w"],
-                                sd["blocks.group_2.block_1.id_path.w"])
-  np.testing.assert_array_equal(p["group_4"]["block_2"]["res_path"]["conv_4"]["b"],
-                                sd["blocks.group_4.block_2.res_path.conv_4.b"])
+  np.testing.assert_array_equal(
+    p["group_2"]["block_1"]["id_path"]["w"], sd["blocks.group_2.block_1.id_path.w"]
+  )
+  np.testing.assert_array_equal(
+    p["group_4"]["block_2"]["res_path"]["conv_4"]["b"],
+    sd["blocks.group_4.block_2.res_path.conv_4.b"],
+  )
   # The loaded tree is exactly the tree the Flax module builds (same names and shapes).
   x = jnp.zeros((1, 56, 56, 3))
   fresh = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))
@@ -52,12 +57,15 @@ def test_block_is_identity_plus_scaled_residual(tmp_path):
   np.testing.assert_allclose(out, x, atol=1e-6)
 
 
-@pytest.mark.parametrize("edit, match", [
+@pytest.mark.parametrize(
+  "edit, match",
+  [
     (lambda sd: sd.pop("blocks.group_3.block_1.res_path.conv_2.w"), "missing blocks.group_3"),
     (lambda sd: sd.update({"blocks.output.conv.b": np.zeros(5, np.float32)}), r"shape \(5,\)"),
     (lambda sd: sd.update({"blocks.extra.w": np.zeros(1, np.float32)}), "unexpected blocks.extra"),
     (lambda sd: sd.pop("blocks.input.w"), "no 'blocks.input.w'"),
-])
+  ],
+)
 def test_malformed_checkpoints_are_rejected_by_name(tmp_path, edit, match):
   sd = _state_dict()
   edit(sd)

@@ -20,7 +20,8 @@ def test_masked_forward_depends_on_images_only_through_unmasked_patches():
   params = model.init(jax.random.PRNGKey(1), x, train=False)
   # A trained mask token is not zero: make it so, the property must hold for any value.
   params = jax.tree_util.tree_map_with_path(
-      lambda p, v: v + 0.3 if "mask_token" in jax.tree_util.keystr(p) else v, params)
+    lambda p, v: v + 0.3 if "mask_token" in jax.tree_util.keystr(p) else v, params
+  )
   mask = jnp.zeros((2, 4, 4), bool).at[:, 1, 2].set(True).at[0, 3, 0].set(True)
   f = lambda img, m=mask: model.apply(params, img, train=False, mask=m)  # noqa: E731
   base = f(x)
@@ -41,12 +42,15 @@ def test_sincos_positions_match_the_formula_and_have_no_parameter():
   assert pe.shape == (15, 8)
   # Patch (row 1, col 2) -> index 7; omega = [1, 1e-2] for dim 8; the row comes first.
   omega = np.array([1.0, 0.01])
-  want = np.concatenate([np.sin(1 * omega), np.cos(1 * omega), np.sin(2 * omega), np.cos(2 * omega)])
+  want = np.concatenate(
+    [np.sin(1 * omega), np.cos(1 * omega), np.sin(2 * omega), np.cos(2 * omega)]
+  )
   np.testing.assert_allclose(pe[7], want, rtol=1e-6)
   # moco-v3 vits.py build_2d_sincos_position_embedding, transcribed to numpy (square grid).
   n, dim = 4, 16
-  grid_w, grid_h = np.meshgrid(np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32),
-                               indexing="ij")
+  grid_w, grid_h = np.meshgrid(
+    np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32), indexing="ij"
+  )
   om = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float32) / (dim // 4))
   out_w, out_h = np.outer(grid_w.ravel(), om), np.outer(grid_h.ravel(), om)
   official = np.concatenate([np.sin(out_w), np.cos(out_w), np.sin(out_h), np.cos(out_h)], axis=1)
@@ -80,7 +84,8 @@ def test_ibot_head_shares_dino_head_parameters_and_layers():
   assert "last_layer2" in ps and separate.apply({"params": ps}, cls, patches)[1].shape == (3, 5, 7)
   with pytest.raises(ValueError, match="patch_out_dim"):
     heads.IBOTHead(out_dim=12, patch_out_dim=7, shared_head=True, **kw).init(
-        jax.random.PRNGKey(2), cls, patches)
+      jax.random.PRNGKey(2), cls, patches
+    )
 
 
 def test_moco_mlp_last_bn_has_no_affine_and_uses_batch_statistics():

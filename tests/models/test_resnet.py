@@ -27,8 +27,13 @@ def _shapes(model, size):
 
 def test_resnet50_imagenet_stages_and_size():
   shapes, n = _shapes(ResNet(depth=50), 224)
-  assert shapes == {"c2": (2, 56, 56, 256), "c3": (2, 28, 28, 512), "c4": (2, 14, 14, 1024),
-                    "c5": (2, 7, 7, 2048), "pooled": (2, 2048)}
+  assert shapes == {
+    "c2": (2, 56, 56, 256),
+    "c3": (2, 28, 28, 512),
+    "c4": (2, 14, 14, 1024),
+    "c5": (2, 7, 7, 2048),
+    "pooled": (2, 2048),
+  }
   assert n == 23_508_032  # torchvision resnet50 without fc: 25,557,032 - 2,049,000
 
 
@@ -41,7 +46,11 @@ def test_resnet18_stages_and_size():
 def test_cifar_stem_narrow_resnet18_at_32px():
   shapes, _ = _shapes(ResNet(depth=18, width=8, stem="cifar"), 32)
   assert [shapes[k][1:] for k in ("c2", "c3", "c4", "c5")] == [
-      (32, 32, 8), (16, 16, 16), (8, 8, 32), (4, 4, 64)]
+    (32, 32, 8),
+    (16, 16, 16),
+    (8, 8, 32),
+    (4, 4, 64),
+  ]
   assert stage_channels(18, 8) == (8, 16, 32, 64)
   assert stage_channels(50) == (256, 512, 1024, 2048)
 
@@ -96,8 +105,9 @@ def test_batchnorm_statistics_are_global_over_devices():
   (the per-device statistics of 2 examples would differ from the 8-example ones)."""
   runs = []
   for n in (1, 4):
-    r = subprocess.run([sys.executable, "-c", BN_SCRIPT, str(n), ROOT], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+      [sys.executable, "-c", BN_SCRIPT, str(n), ROOT], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
   assert runs[1]["shards"] == 4

@@ -46,8 +46,11 @@ def test_round_trip_is_exact(name):
     params, stats = torch_layout.resnet_from_torch(sd, variables["params"])
     back = {"params": params, "batch_stats": stats}
   else:
-    back = {"params": torch_layout.vit_from_torch(sd, variables["params"],
-                                                  pos_embed=cases.fixed_pos_embed(name))}
+    back = {
+      "params": torch_layout.vit_from_torch(
+        sd, variables["params"], pos_embed=cases.fixed_pos_embed(name)
+      )
+    }
   assert jax.tree.structure(back) == jax.tree.structure(variables)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(a, b)
@@ -56,8 +59,9 @@ def test_round_trip_is_exact(name):
 def test_scanned_blocks_export_like_unrolled_ones():
   x = cases.images("vit")
   plain = cases.module("vit").init(jax.random.PRNGKey(0), x, train=False)["params"]
-  scanned_like = cases.module("vit", scan_blocks=True).init(jax.random.PRNGKey(0), x,
-                                                             train=False)["params"]
+  scanned_like = cases.module("vit", scan_blocks=True).init(jax.random.PRNGKey(0), x, train=False)[
+    "params"
+  ]
   assert "blocks" in scanned_like
   sd = torch_layout.vit_to_torch(plain)
   scanned = torch_layout.vit_from_torch(sd, scanned_like)
@@ -73,8 +77,9 @@ def test_scanned_blocks_export_like_unrolled_ones():
 
 def test_mask_token_is_left_out():
   x = cases.images("vit")
-  params = cases.module("vit", use_mask_token=True).init(jax.random.PRNGKey(0), x,
-                                                          train=False)["params"]
+  params = cases.module("vit", use_mask_token=True).init(jax.random.PRNGKey(0), x, train=False)[
+    "params"
+  ]
   assert "mask_token" in params
   sd = torch_layout.vit_to_torch(params)
   assert not any("mask" in k for k in sd)
@@ -109,10 +114,14 @@ def test_fixed_positions_refuse_other_positions():
 
 def test_beit_encoder_rejects_a_k_bias():
   variables = cases.variables("cae_encoder")
-  sd = torch_layout.vit_to_torch(variables["params"], pos_embed=cases.fixed_pos_embed("cae_encoder"))
+  sd = torch_layout.vit_to_torch(
+    variables["params"], pos_embed=cases.fixed_pos_embed("cae_encoder")
+  )
   sd["blocks.1.attn.qkv.bias"] = sd["blocks.1.attn.qkv.bias"] + 1.0
   with pytest.raises(torch_layout.LayoutError, match="non-zero k part"):
-    torch_layout.vit_from_torch(sd, variables["params"], pos_embed=cases.fixed_pos_embed("cae_encoder"))
+    torch_layout.vit_from_torch(
+      sd, variables["params"], pos_embed=cases.fixed_pos_embed("cae_encoder")
+    )
 
 
 def test_resnet_wrong_depth_is_named():

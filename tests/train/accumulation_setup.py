@@ -17,8 +17,12 @@ from sslx.data import pipeline
 from sslx.train import sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NO_AUGMENT = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0),
-                  solarize_probs=(0.0, 0.0, 0.0))
+NO_AUGMENT = dict(
+  color_jitter_prob=0.0,
+  grayscale_prob=0.0,
+  blur_probs=(0.0, 0.0, 0.0),
+  solarize_probs=(0.0, 0.0, 0.0),
+)
 # The tests compare maths, not speed: LLVM's backend optimisations off halves the compile time
 # of a step on the 2-core CPU, and every k is compiled the same way.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -40,8 +44,11 @@ def smoke_config(name: str, batch_size: int = 8):
 
 def host_batches(config, n: int) -> list[dict[str, np.ndarray]]:
   """n batches of the smoke pipeline, the keys the step reads."""
-  it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=config.batch_size,
-                                   patch_size=config.model.patch_size))
+  it = iter(
+    pipeline.train_dataset(
+      config.data, seed=0, batch_size=config.batch_size, patch_size=config.model.patch_size
+    )
+  )
   out = []
   for _ in range(n):
     host = next(it)
@@ -61,7 +68,8 @@ class Steps:
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh)
     self.init_state = jax.device_get(
-        trainer.build(config, self.mesh, steps_per_epoch=100, total_steps=100).init(config.seed))
+      trainer.build(config, self.mesh, steps_per_epoch=100, total_steps=100).init(config.seed)
+    )
     self._compiled = {}
 
   def _step(self, k: int, state, batch):
@@ -78,8 +86,9 @@ class Steps:
     """Steps with accum_steps = k over `batches` -> (per-step metrics, final state), numpy."""
     shard = sharding.batch_sharding(self.mesh)
     # A fresh device copy each run: the step donates (deletes) its input state.
-    state = jax.device_put(self.init_state, jax.tree.map(lambda _: sharding.replicated(self.mesh),
-                                                         self.init_state))
+    state = jax.device_put(
+      self.init_state, jax.tree.map(lambda _: sharding.replicated(self.mesh), self.init_state)
+    )
     metrics = []
     for host in batches:
       state, m = self._step(k, state, sharding.to_global(host, shard))

@@ -36,18 +36,29 @@ except sharding.ShardingError as e:
   sys.exit(0)
 built = trainer.build(config, mesh, steps_per_epoch=100, total_steps=100)
 state = built.init(config.seed)
-it = iter(pipeline.train_dataset(config.data, seed=0, batch_size=per_process,
-                                 patch_size=config.model.patch_size))
+it = iter(
+  pipeline.train_dataset(
+    config.data, seed=0, batch_size=per_process, patch_size=config.model.patch_size
+  )
+)
 losses, grad_norms = [], []
 for _ in range(2):
   host = next(it)
-  batch = sharding.to_global({k: host[k] for k in trainer.DEVICE_KEYS if k in host},
-                             sharding.batch_sharding(mesh))
+  batch = sharding.to_global(
+    {k: host[k] for k in trainer.DEVICE_KEYS if k in host}, sharding.batch_sharding(mesh)
+  )
   state, metrics = built.train_step(state, batch)
   losses.append(float(metrics["loss"]))
   grad_norms.append(float(metrics["l2_grads"]))
 leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))]
-print(json.dumps({
-    "devices": len(jax.devices()), "losses": losses, "grad_norms": grad_norms,
-    "params": np.concatenate([x.ravel() for x in leaves]).tolist(),
-    "center": np.asarray(state.loss_state.get("center", np.zeros(1))).tolist()}))
+print(
+  json.dumps(
+    {
+      "devices": len(jax.devices()),
+      "losses": losses,
+      "grad_norms": grad_norms,
+      "params": np.concatenate([x.ravel() for x in leaves]).tolist(),
+      "center": np.asarray(state.loss_state.get("center", np.zeros(1))).tolist(),
+    }
+  )
+)

@@ -10,7 +10,6 @@ scale, so the gradient norm and the loss are compared tightly as well.
 
 import numpy as np
 import pytest
-
 from accumulation_setup import Steps, flat, host_batches, smoke_config
 
 CASES = {"dino": ("center",), "ibot": ("center", "center_patch")}
@@ -36,8 +35,9 @@ def test_accumulated_steps_equal_the_big_batch_step(runs):
       np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, err_msg=f"{name} k={k}")
       np.testing.assert_allclose(got["l2_grads"], want["l2_grads"], rtol=1e-4)
     for key in CASES[name]:  # one centre update per step, from the whole batch's teacher outputs
-      np.testing.assert_allclose(state.loss_state[key], big.loss_state[key], atol=1e-6,
-                                 err_msg=f"{name} {key} k={k}")
+      np.testing.assert_allclose(
+        state.loss_state[key], big.loss_state[key], atol=1e-6, err_msg=f"{name} {key} k={k}"
+      )
       assert np.abs(big.loss_state[key]).max() > 1e-3  # the centre did move
     np.testing.assert_allclose(flat(state.params), flat(big.params), atol=2e-5)
     np.testing.assert_allclose(flat(state.teacher_params), flat(big.teacher_params), atol=2e-5)

@@ -8,7 +8,6 @@ big-batch step, and its step counter (loss state) advances once per step.
 
 import numpy as np
 import pytest
-
 from accumulation_setup import Steps, flat, host_batches, micro_batch, smoke_config
 
 

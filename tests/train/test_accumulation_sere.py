@@ -9,7 +9,6 @@ big-batch step. Tolerances as in test_accumulation_dino_ibot.py.
 
 import numpy as np
 import pytest
-
 from accumulation_setup import Steps, flat, host_batches, smoke_config
 
 KS = (2, 4)
@@ -19,7 +18,7 @@ def tiled(batch, k_max=max(KS)):
   """The first B/k_max images, each repeated k_max times in a row: micro-batch j of any k
   dividing k_max takes examples j, j + k, ... and so holds every image equally often."""
   b = next(iter(batch.values())).shape[0]
-  return {key: np.repeat(v[:b // k_max], k_max, axis=0) for key, v in batch.items()}
+  return {key: np.repeat(v[: b // k_max], k_max, axis=0) for key, v in batch.items()}
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,14 @@ def test_skipped_images_are_distinct_files_across_resume(tmp_path, caplog):
     config.checkpoint.every_steps = 2
   # What the batches of steps 1..4 hold (64 records, batch 16: one epoch, each file met once at
   # most; the count must grow with them).
-  it = iter(pipeline.train_dataset(config.data, seed=config.seed, batch_size=config.batch_size,
-                                   patch_size=config.model.patch_size))
+  it = iter(
+    pipeline.train_dataset(
+      config.data,
+      seed=config.seed,
+      batch_size=config.batch_size,
+      patch_size=config.model.patch_size,
+    )
+  )
   seen, want = set(), {}
   for step in range(1, 5):
     bad = next(it)["bad_indices"]
@@ -54,7 +60,9 @@ def test_skipped_images_are_distinct_files_across_resume(tmp_path, caplog):
       if "data/skipped_images" in row:
         rows[row["step"]] = row["data/skipped_images"]
   assert rows == {s: float(n) for s, n in want.items()}
-  named = [r.getMessage() for r in caplog.records if "unreadable file(s) replaced" in r.getMessage()]
+  named = [
+    r.getMessage() for r in caplog.records if "unreadable file(s) replaced" in r.getMessage()
+  ]
   for i in range(4):  # every bad file met is named in exactly one summary line
     hits = sum(m.count(f"bad{i}.jpg") for m in named)
     assert hits == (1 if any(f"bad{i}.jpg" in m for m in named) else 0)

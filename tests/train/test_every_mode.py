@@ -4,14 +4,21 @@ checkpoint and at random init), linear and attentive probes, export and the atte
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from sslx.config_check import load_config_file
-from sslx.methods.base import UnsupportedMode
-from sslx.train import attention_workdir, checkpoint, export_workdir, probe_workdir, sharding
-from sslx.train import trainer
+from sslx.methods.base import UnsupportedMode, evaluated_params
+from sslx.train import (
+  attention_workdir,
+  checkpoint,
+  export_workdir,
+  probe_workdir,
+  sharding,
+  trainer,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ["dino", "ibot", "mocov3", "cae", "byol", "sage", "sere_dino", "dino_koleo"]
@@ -40,12 +47,22 @@ def _config(name, folder):
       c.koleo.enabled = True
     if name == "sage":
       c.sage.ablation = "random_evaluator"  # no BYOL checkpoint needed
-    c.data.update(source="image_folder", path=folder, eval_train_split="train",
-                  eval_test_split="test", eval_resize=c.data.global_crops.size,
-                  eval_size=c.data.global_crops.size)
+    c.data.update(
+      source="image_folder",
+      path=folder,
+      eval_train_split="train",
+      eval_test_split="test",
+      eval_resize=c.data.global_crops.size,
+      eval_size=c.data.global_crops.size,
+    )
     c.eval.update(batch_size=6, knn_k=3)
-    c.probe = dict(linear=dict(epochs=1, batch_size=4), attentive=dict(epochs=1, batch_size=4),
-                   max_train=0, max_test=0, seed=0)
+    c.probe = dict(
+      linear=dict(epochs=1, batch_size=4),
+      attentive=dict(epochs=1, batch_size=4),
+      max_train=10,
+      max_test=5,
+      seed=0,
+    )
   return c
 
 
@@ -65,11 +82,16 @@ def test_every_mode(name, folder, tmp_path):
   knn = trainer.evaluate_workdir(c, workdir)
   assert knn["step"] == 1 and 0 <= knn["top1"] <= 100
   fresh = probe_workdir.evaluate(c, workdir, "knn", random_init=True)
-  # The checkpoint holds the initial state, so --random_init gives the same kNN.
+  # The checkpoint holds the initial state, so --random_init gives the same kNN, from the very
+  # weights the trainer starts from.
   assert fresh["top1"] == pytest.approx(knn["top1"])
+  step, weights = probe_workdir.teacher_of(c, workdir, built.method, random_init=True)
+  assert step == 0
+  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(evaluated_params(built.method, state))):
+    np.testing.assert_array_equal(a, b)
   for mode in ("linear_probe", "attentive_probe"):
     res = probe_workdir.evaluate(c, workdir, mode)
-    assert res["num_train"] == 12 and res["num_test"] == 6 and 0 <= res["top1"] <= 100, mode
+    assert res["num_train"] == 10 and res["num_test"] == 5 and 0 <= res["top1"] <= 100, mode
   exported = export_workdir.export(c, workdir, "teacher")
   assert exported["tensors"] > 0 and os.path.exists(exported["path"])
   if name in VITS:

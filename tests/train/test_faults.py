@@ -51,8 +51,14 @@ def losses_by_step(workdir):
 
 def tiny_state(value: float, step: int) -> TrainState:
   w = jax.random.normal(jax.random.PRNGKey(step), (64, 64)) + value
-  return TrainState(step=jnp.array(step, jnp.int32), params={"w": w}, teacher_params={"w": w},
-                    opt_state=(), loss_state={}, rng=jax.random.PRNGKey(0))
+  return TrainState(
+    step=jnp.array(step, jnp.int32),
+    params={"w": w},
+    teacher_params={"w": w},
+    opt_state=(),
+    loss_state={},
+    rng=jax.random.PRNGKey(0),
+  )
 
 
 # ---- Preemption: real signals to a training subprocess ------------------------------------------
@@ -71,14 +77,29 @@ def _wait_for_step(workdir, step, proc, timeout=240):
 
 def _interrupt(workdir, sig, after_step, cache):
   """Starts main.py in `workdir`, sends `sig` once `after_step` is logged; returns (rc, stderr)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   proc = subprocess.Popen(
-      [sys.executable, "main.py", "--config=configs/dino.py:smoke", f"--workdir={workdir}",
-       "--config.log_every_steps=1", "--config.total_steps=400",
-       "--config.checkpoint.every_steps=1000"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "main.py",
+      "--config=configs/dino.py:smoke",
+      f"--workdir={workdir}",
+      "--config.log_every_steps=1",
+      "--config.total_steps=400",
+      "--config.checkpoint.every_steps=1000",
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     _wait_for_step(workdir, after_step, proc)
     proc.send_signal(sig)
@@ -108,8 +129,11 @@ def test_sigterm_and_sigint_save_the_step_reached_and_resume_exactly(tmp_path):
   steps = [r["step"] for r in metric_rows(workdir)]
   assert steps == list(range(1, saved[-1] + 1))  # each step once
   reference = str(tmp_path / "ref")
-  trainer.run(smoke_config(total_steps=400, **{"checkpoint.every_steps": 1000}), reference,
-              stop_after=saved[-1])
+  trainer.run(
+    smoke_config(total_steps=400, **{"checkpoint.every_steps": 1000}),
+    reference,
+    stop_after=saved[-1],
+  )
   want, got = losses_by_step(reference), losses_by_step(workdir)
   for step in range(1, saved[-1] + 1):
     assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
@@ -146,11 +170,13 @@ def _all_finite(tree):
 
 
 def test_poisoned_update_is_never_checkpointed_and_a_rerun_falls_back_past_a_damaged_one(
-    tmp_path, monkeypatch, caplog):
+  tmp_path, monkeypatch, caplog
+):
   workdir = str(tmp_path)
   # Logged every 5 steps: the state check before each save, not the one at logging, must catch it.
-  config = smoke_config(log_every_steps=5, **{"checkpoint.every_steps": 1,
-                                              "checkpoint.max_to_keep": 3})
+  config = smoke_config(
+    log_every_steps=5, **{"checkpoint.every_steps": 1, "checkpoint.max_to_keep": 3}
+  )
   monkeypatch.setitem(METHODS, "dino", PoisonFromStep3)
   with pytest.raises(trainer.TrainingDiverged) as e:
     trainer.run(config, workdir)
@@ -159,12 +185,20 @@ def test_poisoned_update_is_never_checkpointed_and_a_rerun_falls_back_past_a_dam
   assert "float32" not in msg  # the smoke config already computes in float32
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
   assert ckpt.all_steps() == [1, 2, 3]
-  assert all(_all_finite(ckpt.restore_parts(s, ("params", "teacher_params", "opt_state")))
-             for s in ckpt.all_steps())
+  assert all(
+    _all_finite(ckpt.restore_parts(s, ("params", "teacher_params", "opt_state")))
+    for s in ckpt.all_steps()
+  )
   ckpt.close()
   # Damage the latest checkpoint: the rerun must say so, set it aside and resume from step 2.
-  data = max((p for p in glob.glob(f"{workdir}/checkpoints/3/state/**/*", recursive=True)
-              if os.path.isfile(p)), key=os.path.getsize)
+  data = max(
+    (
+      p
+      for p in glob.glob(f"{workdir}/checkpoints/3/state/**/*", recursive=True)
+      if os.path.isfile(p)
+    ),
+    key=os.path.getsize,
+  )
   with open(data, "r+b") as f:
     f.truncate(os.path.getsize(data) // 2)
   monkeypatch.setitem(METHODS, "dino", dino.Dino)
@@ -172,7 +206,9 @@ def test_poisoned_update_is_never_checkpointed_and_a_rerun_falls_back_past_a_dam
   caplog.set_level("INFO")
   assert trainer.run(sane, workdir)["step"] == 6
   assert "checkpoint step 3 cannot be used" in caplog.text
-  assert "changed settings: checkpoint.every_steps (1 -> 3), log_every_steps (5 -> 1)" in caplog.text
+  assert (
+    "changed settings: checkpoint.every_steps (1 -> 3), log_every_steps (5 -> 1)" in caplog.text
+  )
   assert os.path.isdir(f"{workdir}/checkpoints_damaged/3")
   assert [r["step"] for r in metric_rows(workdir)] == [3, 4, 5, 6]
   with open(f"{workdir}/config.json") as f:
@@ -219,13 +255,24 @@ def _workdir_with_checkpoint(path, config):
   return str(path)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("head.out_dim", 128), ("model.depth", 3), ("model.embed_dim", 48), ("method", "ibot"),
-    ("batch_size", 32), ("optim.lr_per_256", 1e-3), ("seed", 1), ("total_steps", 12),
-    ("data.global_crops.size", 32), ("skip_nonfinite_updates", 3),
-])
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("head.out_dim", 128),
+    ("model.depth", 3),
+    ("model.embed_dim", 48),
+    ("method", "ibot"),
+    ("batch_size", 32),
+    ("optim.lr_per_256", 1e-3),
+    ("seed", 1),
+    ("total_steps", 12),
+    ("data.global_crops.size", 32),
+    ("skip_nonfinite_updates", 3),
+  ],
+)
 def test_a_change_of_shapes_method_or_schedules_is_refused_before_building(
-    tmp_path, monkeypatch, key, value):
+  tmp_path, monkeypatch, key, value
+):
   workdir = _workdir_with_checkpoint(tmp_path, smoke_config())
   with open(os.path.join(workdir, "config.json")) as f:
     before = f.read()
@@ -241,13 +288,28 @@ def test_a_change_of_shapes_method_or_schedules_is_refused_before_building(
 
 def test_harmless_changes_are_allowed_and_the_rule_is_data():
   old = smoke_config()
-  new = smoke_config(log_every_steps=7, **{"checkpoint.every_steps": 9, "eval.knn_k": 5,
-                                           "data.workers": 2, "device_prefetch": 3,
-                                           "mesh.fsdp": 2, "data.path": "/elsewhere"})
+  new = smoke_config(
+    log_every_steps=7,
+    **{
+      "checkpoint.every_steps": 9,
+      "eval.knn_k": 5,
+      "data.workers": 2,
+      "device_prefetch": 3,
+      "mesh.fsdp": 2,
+      "data.path": "/elsewhere",
+    },
+  )
   refused, allowed, _ = faults.config_changes(faults.config_as_json(old), new)
   assert not refused
-  assert set(allowed) == {"log_every_steps", "checkpoint.every_steps", "eval.knn_k",
-                          "data.workers", "device_prefetch", "mesh.fsdp", "data.path"}
+  assert set(allowed) == {
+    "log_every_steps",
+    "checkpoint.every_steps",
+    "eval.knn_k",
+    "data.workers",
+    "device_prefetch",
+    "mesh.fsdp",
+    "data.path",
+  }
   assert faults.is_resume_safe("eval.anything") and not faults.is_resume_safe("evaluation")
 
 
@@ -269,13 +331,20 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, capl
   for step in (1, 2):
     ckpt.save(step, tiny_state(float(step), step), None, {"a": 1})
   ckpt.close()
-  data = max((p for p in glob.glob(f"{tmp_path}/checkpoints/2/state/**/*", recursive=True)
-              if os.path.isfile(p)), key=os.path.getsize)
+  data = max(
+    (
+      p
+      for p in glob.glob(f"{tmp_path}/checkpoints/2/state/**/*", recursive=True)
+      if os.path.isfile(p)
+    ),
+    key=os.path.getsize,
+  )
   with open(data, "r+b") as f:
     f.truncate(os.path.getsize(data) // 2)
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   state, step = trainer._restore_latest(  # pylint: disable=protected-access
-      ckpt, jax.eval_shape(lambda: tiny_state(0.0, 0)), None)
+    ckpt, jax.eval_shape(lambda: tiny_state(0.0, 0)), None
+  )
   assert step == 1 and int(state.step) == 1
   assert "checkpoint step 2 cannot be used" in caplog.text
   assert ckpt.all_steps() == [1] and os.listdir(tmp_path / "checkpoints_damaged") == ["2"]
@@ -293,7 +362,8 @@ def test_no_usable_checkpoint_is_reported_not_silently_restarted(tmp_path):
       f.write("{")
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   assert trainer._restore_latest(  # pylint: disable=protected-access
-      ckpt, jax.eval_shape(lambda: tiny_state(0.0, 0)), None) == (None, None)
+    ckpt, jax.eval_shape(lambda: tiny_state(0.0, 0)), None
+  ) == (None, None)
   assert ckpt.set_aside_steps == [2, 1]  # run() turns this into a CheckpointError
   ckpt.close()
 
@@ -305,7 +375,8 @@ def test_non_finite_checkpoint_of_an_older_version_is_not_resumed(tmp_path):
   ckpt.close()
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   _, step = trainer._restore_latest(  # pylint: disable=protected-access
-      ckpt, jax.eval_shape(lambda: tiny_state(0.0, 0)), None)
+    ckpt, jax.eval_shape(lambda: tiny_state(0.0, 0)), None
+  )
   ckpt.close()
   assert step == 1
 
@@ -329,7 +400,9 @@ def test_disk_full_during_a_save_is_one_line_naming_the_last_checkpoint(tmp_path
     raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
 
   monkeypatch.setattr(ckpt._manager, "save", full)  # pylint: disable=protected-access
-  with pytest.raises(checkpoint.CheckpointError, match=r"disk full .* step 2 .*\(step 1\) is intact"):
+  with pytest.raises(
+    checkpoint.CheckpointError, match=r"disk full .* step 2 .*\(step 1\) is intact"
+  ):
     ckpt.save(2, tiny_state(2.0, 2), None)
   ckpt.close()
 
@@ -337,7 +410,9 @@ def test_disk_full_during_a_save_is_one_line_naming_the_last_checkpoint(tmp_path
 # ---- One-line errors --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("updates, message", [
+@pytest.mark.parametrize(
+  "updates, message",
+  [
     ({"method": "dinno"}, "config.method='dinno' is not a method; valid: byol, cae, dino"),
     ({"checkpoint.every_steps": 0}, "config.checkpoint.every_steps=0"),
     ({"log_every_steps": 0}, "config.log_every_steps=0"),
@@ -345,7 +420,8 @@ def test_disk_full_during_a_save_is_one_line_naming_the_last_checkpoint(tmp_path
     ({"total_steps": 0, "total_epochs": 0}, "trains nothing"),
     ({"checkpoint.max_to_keep": 0}, "config.checkpoint.max_to_keep=0"),
     ({"eval.knn_every_steps": -1}, "config.eval.knn_every_steps=-1"),
-])
+  ],
+)
 def test_bad_settings_stop_before_anything_is_written(tmp_path, updates, message):
   with pytest.raises(errors.UserError, match=re.escape(message)):
     trainer.run(smoke_config(**updates), str(tmp_path / "w"))
@@ -367,15 +443,27 @@ def test_unusable_workdirs_are_one_line(tmp_path, monkeypatch):
     faults.check_workdir(str(tmp_path / "ro"))
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (("--workdir={tmp}/file",), "exists and is not a directory"),
     (("--workdir={tmp}/w", "--config.total_steps=-5"), "config.total_steps=-5"),
-])
+  ],
+)
 def test_cli_errors_are_one_line_with_status_1(tmp_path, args, message):
   (tmp_path / "file").write_text("x")
-  r = subprocess.run([sys.executable, "main.py", "--config=configs/dino.py:smoke",
-                      *(a.format(tmp=tmp_path) for a in args)],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      "--config=configs/dino.py:smoke",
+      *(a.format(tmp=tmp_path) for a in args),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 1, r.stderr[-2000:]
   lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr

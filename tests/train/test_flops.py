@@ -23,10 +23,12 @@ def test_batched_dot_scan_and_cond():
 
   def scanned(w):
     return jax.lax.scan(lambda c, _: (c @ w, None), jnp.ones((2, 4)), length=6)[0]
+
   assert flops.function_flops(scanned, jnp.ones((4, 4))) == 6 * 2 * 2 * 4 * 4
 
   def branchy(p, a):
     return jax.lax.cond(p, lambda a: a @ a @ a, lambda a: a @ a, a)
+
   assert flops.function_flops(branchy, True, jnp.ones((4, 4))) == 2 * 2 * 4 * 4 * 4
 
 
@@ -43,17 +45,23 @@ def test_trainer_counts_fused_attention_as_explicit():
   # be counted on a CPU, where that kernel does not exist).
   from configs import dino
   from sslx.train import sharding, trainer
+
   config = dino.get_config("smoke")
   mesh = sharding.make_mesh(config.mesh)
   built = trainer.build(config, mesh, steps_per_epoch=10, total_steps=10)
   state = built.state_shape
   g, l = config.data.global_crops, config.data.local_crops
-  batch = jax.eval_shape(lambda: {
+  batch = jax.eval_shape(
+    lambda: {
       "global_crops": jnp.zeros((16, g.number, g.size, g.size, 3), jnp.uint8),
       "local_crops": jnp.zeros((16, l.number, l.size, l.size, 3), jnp.uint8),
-      "global_boxes": jnp.zeros((16, g.number, 4)), "global_flips": jnp.zeros((16, g.number), bool),
-      "local_boxes": jnp.zeros((16, l.number, 4)), "local_flips": jnp.zeros((16, l.number), bool),
-      "image_size": jnp.zeros((16, 2), jnp.int32)})
+      "global_boxes": jnp.zeros((16, g.number, 4)),
+      "global_flips": jnp.zeros((16, g.number), bool),
+      "local_boxes": jnp.zeros((16, l.number, 4)),
+      "local_flips": jnp.zeros((16, l.number), bool),
+      "image_size": jnp.zeros((16, 2), jnp.int32),
+    }
+  )
   explicit = trainer.model_flops_per_device(config, mesh, 10, 10, state, batch)
   assert explicit and explicit > 0
   with config.unlocked():

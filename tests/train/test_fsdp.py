@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from sslx.config_check import load_config_file
 from sslx.train import sharding, trainer
@@ -27,10 +28,13 @@ def _specs(config, fsdp: int) -> tuple[dict[str, tuple], sharding.StateMemory]:
   mesh = AbstractMesh((1, fsdp), sharding.AXES)
   shardings = sharding.param_sharding(mesh, built.state_shape, config.sharding.fsdp_min_size)
   leaves = jax.tree_util.tree_flatten_with_path(built.state_shape)[0]
-  specs = {"/".join(sharding._names(p)): (x.shape, s.spec) for (p, x), s in zip(
-      leaves, jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)))}
-  return specs, sharding.state_memory(built.state_shape, shardings,
-                                      config.sharding.fsdp_min_size)
+  specs = {
+    "/".join(sharding._names(p)): (x.shape, s.spec)
+    for (p, x), s in zip(
+      leaves, jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    )
+  }
+  return specs, sharding.state_memory(built.state_shape, shardings, config.sharding.fsdp_min_size)
 
 
 @pytest.mark.parametrize("scan_blocks", [False, True])
@@ -41,14 +45,19 @@ def test_vit_s16_block_weights_are_split_at_the_default_rule(scan_blocks):
   specs, memory = _specs(config, 8)
   block = "backbone/blocks/block" if scan_blocks else "backbone/block_0"
   layer = (None,) if scan_blocks else ()  # the stacked layer axis is never split
-  want = {"attn/qkv/kernel": P(*layer, None, "fsdp"), "attn/proj/kernel": P(*layer, "fsdp", None),
-          "fc1/kernel": P(*layer, None, "fsdp"), "fc2/kernel": P(*layer, "fsdp", None)}
+  want = {
+    "attn/qkv/kernel": P(*layer, None, "fsdp"),
+    "attn/proj/kernel": P(*layer, "fsdp", None),
+    "fc1/kernel": P(*layer, None, "fsdp"),
+    "fc2/kernel": P(*layer, "fsdp", None),
+  }
   for name, spec in want.items():
     for field in ("params", "teacher_params"):
       assert specs[f"{field}/{block}/{name}"][1] == spec, (field, name)
     # Adam's moments are laid out like their parameter.
-    moments = [v[1] for k, v in specs.items()
-               if k.startswith("opt_state") and k.endswith(f"{block}/{name}")]
+    moments = [
+      v[1] for k, v in specs.items() if k.startswith("opt_state") and k.endswith(f"{block}/{name}")
+    ]
     assert len(moments) == 2 and all(m == spec for m in moments), (name, moments)
   assert specs[f"params/{block}/norm1/scale"][1] == P()  # small: replicated
   # Everything big is split: per device ~1/8 of the state (the replicated biases and norms add
@@ -71,8 +80,13 @@ def test_fsdp_spec_never_splits_the_stacked_layer_axis_and_leaves_indivisible_te
 
 
 def test_fsdp_step_equals_the_data_parallel_step_on_4_devices():
-  r = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_step.py"), "4"],
-                     capture_output=True, text=True, timeout=900, cwd=ROOT)
+  r = subprocess.run(
+    [sys.executable, os.path.join(HERE, "fsdp_step.py"), "4"],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=ROOT,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   dp, fsdp = (json.loads(line) for line in r.stdout.strip().splitlines()[-2:])
   assert (dp["mesh"], fsdp["mesh"]) == ({"data": 4, "fsdp": 1}, {"data": 1, "fsdp": 4})
@@ -86,8 +100,11 @@ def test_fsdp_step_equals_the_data_parallel_step_on_4_devices():
   # Block 0's qkv kernel [32, 96] is split 4 ways on its output dimension in the student, the
   # teacher and both Adam moments; data-parallel keeps it whole.
   assert fsdp["qkv_shape"] == [32, 96]
-  assert fsdp["qkv_shards"] == {"params": [[32, 24]], "teacher_params": [[32, 24]],
-                                "opt_state": [[32, 24], [32, 24]]}
+  assert fsdp["qkv_shards"] == {
+    "params": [[32, 24]],
+    "teacher_params": [[32, 24]],
+    "opt_state": [[32, 24], [32, 24]],
+  }
   assert dp["qkv_shards"]["opt_state"] == [[32, 96], [32, 96]]
   assert fsdp["sharded"] > 0 and dp["sharded"] == 0
   for field in ("params", "teacher_params", "opt_state"):

@@ -25,11 +25,17 @@ def byol_smoke():
 
 
 def test_decay_and_adapt_mask_excludes_biases_and_batchnorm():
-  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones(4),
-            "bias": jnp.ones(4)}, "fc": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
+  params = {
+    "conv": {"kernel": jnp.ones((3, 3, 2, 4))},
+    "bn": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+    "fc": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
+  }
   mask = decay_and_adapt_mask(params)
-  assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
-                  "fc": {"kernel": True, "bias": False}}
+  assert mask == {
+    "conv": {"kernel": True},
+    "bn": {"scale": False, "bias": False},
+    "fc": {"kernel": True, "bias": False},
+  }
 
 
 def test_lars_step_matches_a_hand_computation():
@@ -40,9 +46,13 @@ def test_lars_step_matches_a_hand_computation():
     config.optim.weight_decay = wd = 0.01  # large enough to matter in the check
   tx = method.lars(lambda step: lr)
   rng = np.random.default_rng(0)
-  params = {"fc": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
-                   "bias": jnp.asarray(rng.normal(size=3), jnp.float32)},
-            "bn": {"scale": jnp.asarray(rng.normal(size=3), jnp.float32)}}
+  params = {
+    "fc": {
+      "kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
+    },
+    "bn": {"scale": jnp.asarray(rng.normal(size=3), jnp.float32)},
+  }
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
   state = tx.init(params)
   updates, state = tx.update(grads, state, params)
@@ -51,14 +61,17 @@ def test_lars_step_matches_a_hand_computation():
   trust = eta * np.linalg.norm(w) / np.linalg.norm(u)  # optax: eta |w| / |g + wd w|
   np.testing.assert_allclose(updates["fc"]["kernel"], -lr * trust * u, rtol=1e-5)
   # Excluded: no decay, no trust ratio, just the (momentum-0 first step) SGD update.
-  np.testing.assert_allclose(updates["fc"]["bias"], -lr * np.asarray(grads["fc"]["bias"]),
-                             rtol=1e-6)
-  np.testing.assert_allclose(updates["bn"]["scale"], -lr * np.asarray(grads["bn"]["scale"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    updates["fc"]["bias"], -lr * np.asarray(grads["fc"]["bias"]), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    updates["bn"]["scale"], -lr * np.asarray(grads["bn"]["scale"]), rtol=1e-6
+  )
   # Second step: heavy-ball momentum 0.9 on the lr-scaled updates.
   updates2, _ = tx.update(grads, state, params)
-  np.testing.assert_allclose(updates2["fc"]["bias"], -lr * 1.9 * np.asarray(grads["fc"]["bias"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    updates2["fc"]["bias"], -lr * 1.9 * np.asarray(grads["fc"]["bias"]), rtol=1e-5
+  )
 
 
 def test_byol_schedules():
@@ -69,10 +82,12 @@ def test_byol_schedules():
   # 10 warm-up epochs of 10 steps, then a per-step cosine over the remaining 900 steps.
   _, scheds = Byol(config).optimizer(None, steps_per_epoch=10, total_steps=1000)
   assert float(scheds["lr"](999)) < 1e-3
-  np.testing.assert_allclose(float(scheds["lr"](200)), 4.8 * (1 + np.cos(np.pi * 100 / 900)) / 2,
-                             rtol=1e-5)
-  np.testing.assert_allclose(float(scheds["lr"](201)), 4.8 * (1 + np.cos(np.pi * 101 / 900)) / 2,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(scheds["lr"](200)), 4.8 * (1 + np.cos(np.pi * 100 / 900)) / 2, rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    float(scheds["lr"](201)), 4.8 * (1 + np.cos(np.pi * 101 / 900)) / 2, rtol=1e-5
+  )
   np.testing.assert_allclose(float(scheds["lr"](99)), 4.8, rtol=1e-6)  # end of warm-up
   np.testing.assert_allclose(float(scheds["momentum"](0)), 0.99, rtol=1e-7)
   np.testing.assert_allclose(float(scheds["momentum"](500)), 0.995, rtol=1e-6)
@@ -81,9 +96,11 @@ def test_byol_schedules():
 
 # ---- gradient accumulation ---------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class LinearToy(Method):
   """A BN-free method: a linear map of the mean view regressed onto the other view's mean."""
+
   config: ml_collections.ConfigDict
   loss_state_rule = LossStateRule.THREADED
 
@@ -118,11 +135,20 @@ def _toy_step(accum_steps: int, method_cls=LinearToy):
   step = jax.jit(trainer.make_train_step(config, method, tx, scheds, {}))
   params, loss_state = method.init(jax.random.PRNGKey(0), (8, 8, 3))
   teacher = jax.tree.map(lambda x: x + 0.1, params)
-  state = TrainState(step=jnp.zeros([], jnp.int32), params=params, teacher_params=teacher,
-                     opt_state=tx.init(params), loss_state=loss_state,
-                     rng=jax.random.PRNGKey(1))
-  batch = {"global_crops": jnp.asarray(np.random.default_rng(0).integers(
-      0, 255, (8, 2, 8, 8, 3)), jnp.uint8), "local_crops": jnp.zeros((8, 0, 4, 4, 3), jnp.uint8)}
+  state = TrainState(
+    step=jnp.zeros([], jnp.int32),
+    params=params,
+    teacher_params=teacher,
+    opt_state=tx.init(params),
+    loss_state=loss_state,
+    rng=jax.random.PRNGKey(1),
+  )
+  batch = {
+    "global_crops": jnp.asarray(
+      np.random.default_rng(0).integers(0, 255, (8, 2, 8, 8, 3)), jnp.uint8
+    ),
+    "local_crops": jnp.zeros((8, 0, 4, 4, 3), jnp.uint8),
+  }
   new_state, metrics = step(state, batch)
   return state, new_state, metrics
 
@@ -167,6 +193,7 @@ def test_accumulation_needs_a_rule_and_a_dividing_k():
   with pytest.raises(TypeError, match="loss_state_rule"):
     _toy_step(2, NoRule)
   from sslx.methods import make_method
+
   for name in ("dino", "ibot", "mocov3", "cae", "sere_dino", "sere_ibot", "sere_mocov3", "byol"):
     config = load_config_file(os.path.join(ROOT, f"configs/{name}.py:smoke"))
     with config.unlocked():

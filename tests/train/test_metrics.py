@@ -52,8 +52,10 @@ def test_fallback_writer_writes_same_jsonl_and_logs(tmp_path, monkeypatch, caplo
   with caplog.at_level(py_logging.INFO):
     _write_some(writer)
   rows = _read_jsonl(workdir)
-  assert rows == [{"step": 1, "loss": 2.5, "lr": pytest.approx(0.1)},
-                  {"step": 2, "loss": 2.0, "knn/top1": 50}]
+  assert rows == [
+    {"step": 1, "loss": 2.5, "lr": pytest.approx(0.1)},
+    {"step": 2, "loss": 2.0, "knn/top1": 50},
+  ]
   assert "loss=2.5" in caplog.text and "knn/top1=50" in caplog.text
   assert not glob.glob(os.path.join(workdir, "events.out.tfevents*"))
 
@@ -93,21 +95,29 @@ def test_non_main_process_writes_no_files(tmp_path):
 def test_modules_import_without_tensorflow_and_log_visibly(tmp_path):
   # Accelerator images have no TensorFlow: importing must not need it and the writer must fall back.
   code = (
-      "import sys; sys.modules['tensorflow'] = None\n"
-      "import sslx.eval.knn, sslx.train.metrics as m\n"
-      f"w = m.create_writer({str(tmp_path)!r})\n"
-      "assert isinstance(w, m.FallbackWriter), type(w)\n"
-      "w.write_scalars(3, {'loss': 1.5}); w.close()\n")
-  proc = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=120,
-                        capture_output=True, text=True)
+    "import sys; sys.modules['tensorflow'] = None\n"
+    "import sslx.eval.knn, sslx.train.metrics as m\n"
+    f"w = m.create_writer({str(tmp_path)!r})\n"
+    "assert isinstance(w, m.FallbackWriter), type(w)\n"
+    "w.write_scalars(3, {'loss': 1.5}); w.close()\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    check=True,
+    cwd=REPO_ROOT,
+    timeout=120,
+    capture_output=True,
+    text=True,
+  )
   assert _read_jsonl(str(tmp_path)) == [{"step": 3, "loss": 1.5}]
   # absl logs nothing below WARNING by default: the writer must have made its metrics visible.
   assert "[3] loss=1.5" in proc.stderr
 
 
 def test_throughput_rates_eta_and_mfu():
-  tp = metrics.Throughput(global_batch_size=256, total_steps=5000, flops_per_step=1e12,
-                          peak_flops=10e12)
+  tp = metrics.Throughput(
+    global_batch_size=256, total_steps=5000, flops_per_step=1e12, peak_flops=10e12
+  )
   first = tp.update(100, wall_time=50.0)
   assert first.seconds_per_step is None and first.eta_seconds is None and first.mfu is None
   p = tp.update(1200, wall_time=50.0 + 1100 * 0.25)
@@ -124,11 +134,18 @@ def test_throughput_rates_eta_and_mfu():
 
 
 def test_format_progress_and_duration():
-  progress = metrics.Progress(step=1200, total_steps=5000, seconds_per_step=0.31,
-                              images_per_second=812.3, eta_seconds=1180.2, mfu=0.412)
+  progress = metrics.Progress(
+    step=1200,
+    total_steps=5000,
+    seconds_per_step=0.31,
+    images_per_second=812.3,
+    eta_seconds=1180.2,
+    mfu=0.412,
+  )
   line = metrics.format_progress(progress, {"loss": np.float32(5.12345)})
-  assert line == ("step 1200/5000 (24.0%) | loss 5.123 | 812 img/s | 0.31 s/step | "
-                  "ETA 0:19:40 | MFU 41.2%")
+  assert line == (
+    "step 1200/5000 (24.0%) | loss 5.123 | 812 img/s | 0.31 s/step | ETA 0:19:40 | MFU 41.2%"
+  )
   assert metrics.format_progress(metrics.Progress(step=0, total_steps=10)) == "step 0/10 (0.0%)"
   assert metrics.format_duration(3725) == "1:02:05"
   assert metrics.format_duration(90000.4) == "25:00:00"
@@ -156,7 +173,9 @@ def test_step_flops_handles_odd_cost_analyses():
   assert metrics.step_flops(types.SimpleNamespace(cost_analysis=broken)) is None
 
 
-@pytest.mark.parametrize("kind,want", [
+@pytest.mark.parametrize(
+  "kind,want",
+  [
     ("NVIDIA H100 80GB HBM3", 989.4e12),
     ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA H200", 989.4e12),
@@ -169,7 +188,8 @@ def test_step_flops_handles_odd_cost_analyses():
     ("TPU v5", 459e12),
     ("TPU v6 lite", 918e12),
     ("Some new chip", None),
-])
+  ],
+)
 def test_peak_flops_per_device(kind, want):
   device = types.SimpleNamespace(device_kind=kind, platform="gpu")
   assert metrics.peak_flops_per_device(device) == want
@@ -190,13 +210,21 @@ class _FakeDevice:
 
 
 def test_device_memory_reports_the_most_loaded_device_in_gib():
-  gib = 2 ** 30
-  devices = [_FakeDevice({"bytes_in_use": 1 * gib, "peak_bytes_in_use": 3 * gib, "bytes_limit": 80 * gib}),
-             _FakeDevice({"bytes_in_use": 2 * gib, "peak_bytes_in_use": 5 * gib, "bytes_limit": 80 * gib}),
-             _FakeDevice(None), _FakeDevice(error=NotImplementedError("no stats"))]
-  assert metrics.device_memory(devices) == {"memory/in_use_gib": 2.0, "memory/peak_gib": 5.0,
-                                            "memory/limit_gib": 80.0}
+  gib = 2**30
+  devices = [
+    _FakeDevice({"bytes_in_use": 1 * gib, "peak_bytes_in_use": 3 * gib, "bytes_limit": 80 * gib}),
+    _FakeDevice({"bytes_in_use": 2 * gib, "peak_bytes_in_use": 5 * gib, "bytes_limit": 80 * gib}),
+    _FakeDevice(None),
+    _FakeDevice(error=NotImplementedError("no stats")),
+  ]
+  assert metrics.device_memory(devices) == {
+    "memory/in_use_gib": 2.0,
+    "memory/peak_gib": 5.0,
+    "memory/limit_gib": 80.0,
+  }
   assert metrics.device_memory([_FakeDevice({"bytes_in_use": gib // 2})]) == {
-      "memory/in_use_gib": 0.5, "memory/peak_gib": 0.5}
+    "memory/in_use_gib": 0.5,
+    "memory/peak_gib": 0.5,
+  }
   # CPUs report nothing: no memory scalars, no error.
   assert metrics.device_memory([_FakeDevice(None), _FakeDevice(error=RuntimeError("x"))]) == {}

@@ -13,9 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _multidevice(n, batch=16, name="dino"):
-  r = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_step.py"), str(n), str(batch),
-                      name],
-                     capture_output=True, text=True, timeout=600, cwd=ROOT)
+  r = subprocess.run(
+    [sys.executable, os.path.join(HERE, "multidevice_step.py"), str(n), str(batch), name],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads(r.stdout.strip().splitlines()[-1])
 

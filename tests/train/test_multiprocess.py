@@ -18,9 +18,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 STEPS = 4
 # Every checkpoint is kept so that the 2-process run's step-2 checkpoint can be resumed in 1.
-FLAGS = ["--config=configs/dino.py:smoke", f"--config.total_steps={STEPS}",
-         "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
-         "--config.checkpoint.max_to_keep=5"]
+FLAGS = [
+  "--config=configs/dino.py:smoke",
+  f"--config.total_steps={STEPS}",
+  "--config.log_every_steps=1",
+  "--config.checkpoint.every_steps=2",
+  "--config.checkpoint.max_to_keep=5",
+]
 
 
 def _free_port() -> int:
@@ -31,8 +35,9 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             **extra)
+  env.update(
+    JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra
+  )
   return env
 
 
@@ -43,12 +48,22 @@ def _launch(workdir: str, processes: int, devices_each: int, extra_flags=()) -> 
   for i in range(processes):
     extra = {}
     if processes > 1:
-      extra = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-                   JAX_PROCESS_ID=str(i), SSLX_INIT_TIMEOUT="120")
-    procs.append(subprocess.Popen(
+      extra = dict(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES=str(processes),
+        JAX_PROCESS_ID=str(i),
+        SSLX_INIT_TIMEOUT="120",
+      )
+    procs.append(
+      subprocess.Popen(
         [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS, *extra_flags],
-        env=_env(devices_each, **extra), cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True))
+        env=_env(devices_each, **extra),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
@@ -98,42 +113,67 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
 
 
 def _main_error(env_extra: dict, timeout=60) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "main.py", "--workdir=/nonexistent/never_written", *FLAGS],
-                        env=_env(1, **env_extra), cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "main.py", "--workdir=/nonexistent/never_written", *FLAGS],
+    env=_env(1, **env_extra),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-@pytest.mark.parametrize("env,message", [
+@pytest.mark.parametrize(
+  "env,message",
+  [
     (dict(JAX_COORDINATOR_ADDRESS="127.0.0.1:1"), "JAX_NUM_PROCESSES and JAX_PROCESS_ID missing"),
-    (dict(JAX_COORDINATOR_ADDRESS="127.0.0.1:1", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="2"),
-     r"JAX_PROCESS_ID=2 must be in \[0, JAX_NUM_PROCESSES=2\)"),
-    (dict(JAX_NUM_PROCESSES="two", JAX_PROCESS_ID="0", JAX_COORDINATOR_ADDRESS="h:1"),
-     "JAX_NUM_PROCESSES='two' is not an integer"),
-])
+    (
+      dict(JAX_COORDINATOR_ADDRESS="127.0.0.1:1", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="2"),
+      r"JAX_PROCESS_ID=2 must be in \[0, JAX_NUM_PROCESSES=2\)",
+    ),
+    (
+      dict(JAX_NUM_PROCESSES="two", JAX_PROCESS_ID="0", JAX_COORDINATOR_ADDRESS="h:1"),
+      "JAX_NUM_PROCESSES='two' is not an integer",
+    ),
+  ],
+)
 def test_partial_or_contradictory_environment_is_one_line(env, message):
   r = _main_error(env)
   assert r.returncode == 1
   lines = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
   assert len(lines) == 1 and "Traceback" not in r.stderr
   import re
+
   assert re.search(message, lines[0]), lines[0]
 
 
 def test_unreachable_coordinator_is_one_line_after_the_timeout():
   port = _free_port()  # nothing listens there
-  r = _main_error(dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                       JAX_PROCESS_ID="1", SSLX_INIT_TIMEOUT="2"))
+  r = _main_error(
+    dict(
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID="1",
+      SSLX_INIT_TIMEOUT="2",
+    )
+  )
   assert r.returncode == 1
-  assert f"error: the coordinator JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} was not reachable " \
-         "within 2 s" in r.stderr
+  assert (
+    f"error: the coordinator JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} was not reachable "
+    "within 2 s" in r.stderr
+  )
 
 
 def test_launch_arguments_from_the_environment():
-  explicit = dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:1234", JAX_NUM_PROCESSES="4",
-                  JAX_PROCESS_ID="3", JAX_LOCAL_DEVICE_IDS="0,1")
+  explicit = dict(
+    JAX_COORDINATOR_ADDRESS="10.0.0.1:1234",
+    JAX_NUM_PROCESSES="4",
+    JAX_PROCESS_ID="3",
+    JAX_LOCAL_DEVICE_IDS="0,1",
+  )
   assert distributed.launch_arguments(explicit) == dict(
-      coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
-      local_device_ids=[0, 1])
+    coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, local_device_ids=[0, 1]
+  )
   assert distributed.launch_arguments({}) is None
   # Launchers JAX detects by itself: initialise without arguments.
   assert distributed.launch_arguments(dict(SLURM_NTASKS="8", SLURM_JOB_ID="7")) == {}
@@ -142,7 +182,8 @@ def test_launch_arguments_from_the_environment():
   assert distributed.launch_arguments(dict(SLURM_NTASKS="1", SLURM_JOB_ID="7")) is None
   assert distributed.launch_arguments(dict(SSLX_DISTRIBUTED="0", **explicit)) is None
   with pytest.raises(distributed.LaunchError, match="host:port"):
-    distributed.launch_arguments(dict(JAX_COORDINATOR_ADDRESS="10.0.0.1", JAX_NUM_PROCESSES="2",
-                                      JAX_PROCESS_ID="0"))
+    distributed.launch_arguments(
+      dict(JAX_COORDINATOR_ADDRESS="10.0.0.1", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
+    )
   with pytest.raises(distributed.LaunchError, match="JAX_LOCAL_DEVICE_IDS is set"):
     distributed.launch_arguments(dict(JAX_LOCAL_DEVICE_IDS="0"))

@@ -58,8 +58,12 @@ def test_per_tensor_clip():
 def test_per_tensor_clip_treats_scanned_blocks_layer_by_layer():
   tx = optim.clip_per_tensor(3.0)
   layers = [jnp.full((4,), v) for v in (10.0, 0.1, 2.0)]  # norms 20, 0.2, 4
-  g = {"backbone": {"blocks": {"block": {"fc1": {"kernel": jnp.stack(layers)}}},
-                    "block_3": {"fc1": {"kernel": layers[0]}}}}
+  g = {
+    "backbone": {
+      "blocks": {"block": {"fc1": {"kernel": jnp.stack(layers)}}},
+      "block_3": {"fc1": {"kernel": layers[0]}},
+    }
+  }
   out, _ = tx.update(g, tx.init(g))
   stacked = out["backbone"]["blocks"]["block"]["fc1"]["kernel"]
   for i, layer in enumerate(layers):
@@ -69,22 +73,45 @@ def test_per_tensor_clip_treats_scanned_blocks_layer_by_layer():
 
 
 def test_decay_mask_dino_vs_sere():
-  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "ln": {"scale": jnp.ones(2)},
-            # torch's weight_g [out, 1] and iBOT's masked_embed [1, D] are 2-D there: decayed.
-            "last_layer": {"kernel": jnp.ones((2, 3)), "g": jnp.ones(3)}, "mask_token": jnp.ones(2)}
+  params = {
+    "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+    "ln": {"scale": jnp.ones(2)},
+    # torch's weight_g [out, 1] and iBOT's masked_embed [1, D] are 2-D there: decayed.
+    "last_layer": {"kernel": jnp.ones((2, 3)), "g": jnp.ones(3)},
+    "mask_token": jnp.ones(2),
+  }
   dino = optim.decay_mask(params, decay_biases=False)
   sere = optim.decay_mask(params, decay_biases=True)
-  assert dino == {"dense": {"kernel": True, "bias": False}, "ln": {"scale": False},
-                  "last_layer": {"kernel": True, "g": True}, "mask_token": True}
-  assert sere == {"dense": {"kernel": True, "bias": True}, "ln": {"scale": False},
-                  "last_layer": {"kernel": True, "g": True}, "mask_token": True}
+  assert dino == {
+    "dense": {"kernel": True, "bias": False},
+    "ln": {"scale": False},
+    "last_layer": {"kernel": True, "g": True},
+    "mask_token": True,
+  }
+  assert sere == {
+    "dense": {"kernel": True, "bias": True},
+    "ln": {"scale": False},
+    "last_layer": {"kernel": True, "g": True},
+    "mask_token": True,
+  }
 
 
 def _make(freeze_steps):
-  params = {"body": {"kernel": jnp.ones((3, 3))}, "head": {"last_layer": {"kernel": jnp.ones((3, 2))}}}
+  params = {
+    "body": {"kernel": jnp.ones((3, 3))},
+    "head": {"last_layer": {"kernel": jnp.ones((3, 2))}},
+  }
   tx = optim.make_optimizer(
-      params, lr=schedules.cosine_schedule(1e-2, 1e-2, 10), weight_decay=lambda s: 0.1,
-      b1=0.9, b2=0.999, eps=1e-8, clip_grad=None, freeze_steps=freeze_steps, decay_biases=False)
+    params,
+    lr=schedules.cosine_schedule(1e-2, 1e-2, 10),
+    weight_decay=lambda s: 0.1,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    clip_grad=None,
+    freeze_steps=freeze_steps,
+    decay_biases=False,
+  )
   return params, tx
 
 
@@ -100,8 +127,9 @@ def test_frozen_last_layer_skips_adamw_entirely_then_starts_fresh():
   assert float(jnp.abs(updates[0]["head"]["last_layer"]["kernel"]).max()) == 0.0
   assert float(jnp.abs(updates[1]["head"]["last_layer"]["kernel"]).max()) == 0.0
   # Unfrozen at step 2: its first Adam step (bias-corrected) equals the body's first step.
-  np.testing.assert_allclose(updates[2]["head"]["last_layer"]["kernel"][0, 0],
-                             updates[0]["body"]["kernel"][0, 0], rtol=1e-6)
+  np.testing.assert_allclose(
+    updates[2]["head"]["last_layer"]["kernel"][0, 0], updates[0]["body"]["kernel"][0, 0], rtol=1e-6
+  )
 
 
 def test_no_freeze_means_all_params_move():
@@ -115,8 +143,17 @@ def test_weight_decay_is_applied_with_its_schedule_and_mask():
   # Regression: a callable mask handed to inject_hyperparams was taken for a schedule,
   # which silently switched weight decay off.
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
-  tx = optim.make_optimizer(params, lr=lambda s: 0.1, weight_decay=lambda s: 0.4 + s, b1=0.9,
-                            b2=0.999, eps=1e-8, clip_grad=None, freeze_steps=0, decay_biases=False)
+  tx = optim.make_optimizer(
+    params,
+    lr=lambda s: 0.1,
+    weight_decay=lambda s: 0.4 + s,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    clip_grad=None,
+    freeze_steps=0,
+    decay_biases=False,
+  )
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   u0, state = tx.update(zeros, state, params)

@@ -69,8 +69,10 @@ def test_nan_stops_with_the_step_window_and_keeps_the_last_good_checkpoint(tmp_p
   config = smoke_config(method="nan_dino")
   workdir = str(tmp_path)
   # Steps are counted from 1 as in the log: the loss of the 4th step (0-based step 3) is NaN.
-  with pytest.raises(trainer.TrainingDiverged,
-                     match=r"loss became nan at step 4;.*the last checkpoint, step 3, is finite"):
+  with pytest.raises(
+    trainer.TrainingDiverged,
+    match=r"loss became nan at step 4;.*the last checkpoint, step 3, is finite",
+  ):
     trainer.run(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
   assert ckpt.all_steps() == [3]
@@ -148,6 +150,7 @@ def test_evaluation_forwards_are_compiled_with_the_eval_options(monkeypatch):
   from sslx.eval import knn
   from sslx.methods import make_method
   from sslx.train import probe_workdir
+
   calls = []
 
   def options():
@@ -181,8 +184,9 @@ def test_knn_at_start_and_end_report_and_change_no_loss(tmp_path):
     config = smoke_config(total_steps=3)
     with config.unlocked():
       config.data.update(source="image_folder", path=str(tmp_path / "data"), eval_resize=28)
-      config.eval.update(knn_every_steps=knn_steps, knn_at_start=bool(knn_steps), batch_size=8,
-                         knn_k=5)
+      config.eval.update(
+        knn_every_steps=knn_steps, knn_at_start=bool(knn_steps), batch_size=8, knn_k=5
+      )
     runs[name] = (trainer.run(config, str(tmp_path / name)), losses_by_step(str(tmp_path / name)))
   results, losses = runs["knn"]
   assert results["knn_init"]["num_test"] == 24 and results["knn"]["num_test"] == 24
