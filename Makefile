@@ -35,10 +35,12 @@ data:
 test: setup data
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
-# The one formatting and lint style (ruff.toml); `make format` rewrites files to it.
+# The one formatting and lint style (ruff.toml) and the type check of sslx/ (mypy.ini);
+# `make format` rewrites files to the style.
 lint: setup
 	$(VENV)/bin/ruff format --check --diff .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 format: setup
 	$(VENV)/bin/ruff format .

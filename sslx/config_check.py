@@ -17,6 +17,8 @@ def load_config_file(spec: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path!r} not found")
   module_spec = importlib.util.spec_from_file_location("_sslx_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} is not a Python module")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()

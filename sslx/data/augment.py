@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from sslx.config_blocks import IMAGENET_MEAN, IMAGENET_STD
+
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 SOLARIZE_THRESHOLD = 128.0 / 255.0
 
@@ -273,9 +273,7 @@ def normalize(
   x: jax.Array, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> jax.Array:
   """(x - mean) / std over the last (channel) axis, float32."""
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-  return (x.astype(jnp.float32) - mean) / std
+  return (x.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:

@@ -112,13 +112,13 @@ def _pixel_einsum(spec: str, weights: Array, pixels: Array) -> Array:
   16-bit tensor-core passes with float32 accumulation; on a CPU it equals the float32 product.
   """
   px = pixels.astype(jnp.bfloat16)
-  out, rest = None, weights.astype(jnp.float32)
+  rest = weights.astype(jnp.float32)
+  terms = []
   for _ in range(3):
     piece = rest.astype(jnp.bfloat16)
     rest = rest - piece.astype(jnp.float32)
-    term = jnp.einsum(spec, piece, px, preferred_element_type=jnp.float32)
-    out = term if out is None else out + term
-  return out
+    terms.append(jnp.einsum(spec, piece, px, preferred_element_type=jnp.float32))
+  return terms[0] + terms[1] + terms[2]
 
 
 def _round_half_up(x: Array) -> Array:

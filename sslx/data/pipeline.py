@@ -18,6 +18,7 @@ grain is imported inside the functions, so this module imports on hosts without 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,8 +34,15 @@ if TYPE_CHECKING:
 DataError = sources.DataError
 
 
+def _pair(values: Any, name: str) -> tuple[float, float]:
+  """(low, high) from a config sequence; a wrong length is the user's to fix."""
+  if len(values) != 2:
+    raise DataError(f'{name} must hold two numbers (low, high), got {tuple(values)}.')
+  return float(values[0]), float(values[1])
+
+
 def _crop_spec(cfg: Any) -> crops_lib.CropSpec:
-  return crops_lib.CropSpec(int(cfg.number), int(cfg.size), tuple(float(s) for s in cfg.scale))
+  return crops_lib.CropSpec(int(cfg.number), int(cfg.size), _pair(cfg.scale, 'crop scale'))
 
 
 def _derive_seed(*values: int) -> int:
@@ -349,7 +357,7 @@ class TrainIterator:
   def __init__(self, stream: TrainStream, step: int = 0):
     self.stream = stream
     self.step = int(step)
-    self._it = None
+    self._it: Iterator[dict[str, Any]] | None = None
 
   def __iter__(self) -> TrainIterator:
     return self
@@ -443,7 +451,7 @@ def train_dataset(
       f"config.data.crops_on='device'; use one of {sorted(device_crops.FILTERS)} "
       "or crops_on='host'."
     )
-  ratio = tuple(float(r) for r in data_cfg.get('crop_ratio', crops_lib.DEFAULT_RATIO))
+  ratio = _pair(data_cfg.get('crop_ratio', crops_lib.DEFAULT_RATIO), 'config.data.crop_ratio')
   source = train_source(data_cfg)
   global_batch = batch_size * process_count
   if len(source) < global_batch:
@@ -506,19 +514,20 @@ def eval_num_classes(data_cfg: Any) -> int:
       sub-folders; a TFDS dataset without a 'label' feature).
   """
   off = 'or train without the kNN: --config.eval.knn_every_steps=0'
-  classes = {}
+  classes: dict[str, int] = {}
   for split in dict.fromkeys((data_cfg.eval_train_split, data_cfg.eval_test_split)):
     try:
       source = sources.make_source(data_cfg, split)
     except DataError as e:
       raise DataError(f'{e} ({off}).') from e
-    classes[split] = sources.source_num_classes(source)
-    if classes[split] is None:
+    count = sources.source_num_classes(source)
+    if count is None:
       raise DataError(
         f'the evaluation split {split!r} ({source!r}) has no labels: the kNN and '
         'the probes need labelled images (for an image folder, '
         f'<path>/{split}/<class>/... sub-folders), {off}.'
       )
+    classes[split] = count
   return max(classes.values())
 
 
@@ -541,7 +550,7 @@ class _EvalRecord:
     self.size = size
     self.interpolation = interpolation
 
-  def __call__(self, position: int) -> dict[str, np.ndarray]:
+  def __call__(self, position: int) -> dict[str, np.ndarray | np.generic]:
     index = self.process_index + int(position) * self.process_count
     if index >= len(self.source):
       return {
@@ -563,7 +572,7 @@ class _EvalBatch:
     self.record = record
     self.batch_size = batch_size
 
-  def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
+  def __call__(self, batch_index: int) -> dict[str, np.ndarray | np.generic]:
     start = int(batch_index) * self.batch_size
     examples = [self.record(position) for position in range(start, start + self.batch_size)]
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}

@@ -61,7 +61,7 @@ class DataError(errors.UserError):
   """A data source is missing, empty or misconfigured; the message says how to fix it."""
 
 
-Record = dict[str, np.ndarray]
+Record = dict[str, np.ndarray | np.generic]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def _orientation(im: Image.Image) -> int:
 
 
 def decode_image(
-  source: str | bytes | os.PathLike,
+  source: str | bytes | bytearray | os.PathLike,
   min_side: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
   """Decodes an encoded image (a path or the file's bytes) to RGB; see ``_decode``.
@@ -128,7 +128,7 @@ def decode_image(
 
 
 def _decode(
-  source: str | bytes | os.PathLike,
+  source: str | bytes | bytearray | os.PathLike,
   min_side: int | None = None,
 ) -> tuple[Image.Image | np.ndarray, np.ndarray, float]:
   """Decodes an encoded image (a path or the file's bytes) to RGB, turned upright.
@@ -150,6 +150,7 @@ def _decode(
     Any PIL / OS error for unreadable data (the sources catch it and substitute another record).
   """
   fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+  # PIL opens paths and file objects alike.
   with Image.open(fp) as im:
     width, height = im.size
     scale = 1.0
@@ -158,7 +159,7 @@ def _decode(
       if drafted is not None:
         scale = drafted[1][2] / width
     im.load()
-    upright = im
+    upright: Image.Image = im
     orientation = _orientation(im)
     if orientation in _SWAPS_SIDES or orientation in _KEEPS_SIDES:
       # After the (draft) decode: the transpose then works on the reduced pixels, and a draft
@@ -197,7 +198,7 @@ class _SubstitutingSource:
   def __len__(self) -> int:
     raise NotImplementedError
 
-  def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+  def _read(self, index: int) -> tuple[Image.Image | np.ndarray, np.ndarray, float, int]:
     raise NotImplementedError
 
   def describe(self, index: int) -> str:
@@ -339,13 +340,13 @@ class FashionMnistSource(_SubstitutingSource):
     }
 
   def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(state['path'], state['split'])
+    FashionMnistSource.__init__(self, state['path'], state['split'])
     self.set_canvas(*state['canvas'])
 
   def __len__(self) -> int:
     return int(self._labels.shape[0])
 
-  def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+  def _read(self, index: int) -> tuple[Image.Image | np.ndarray, np.ndarray, float, int]:
     grey = self._images[index]
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     return rgb, np.array(grey.shape, np.int32), 1.0, int(self._labels[index])
@@ -360,7 +361,7 @@ def _is_image_file(name: str) -> bool:
 
 def list_images(folder: str) -> list[str]:
   """Image files under ``folder`` (recursively, hidden entries skipped), in sorted order."""
-  found = []
+  found: list[str] = []
   for root, dirs, files in os.walk(folder, followlinks=True):
     dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
     found.extend(os.path.join(root, f) for f in sorted(files) if _is_image_file(f))
@@ -504,7 +505,7 @@ class ImageFolderSource(_SubstitutingSource):
     """The file path of record ``index``."""
     return self.path(index)
 
-  def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+  def _read(self, index: int) -> tuple[Image.Image | np.ndarray, np.ndarray, float, int]:
     image, size, scale = _decode(self.path(index), self.min_side)
     return image, size, scale, int(self._labels[index])
 
@@ -602,7 +603,7 @@ class TfdsSource(_SubstitutingSource):
     """``name/split[index]``."""
     return f'{self.name}/{self.split}[{index}]'
 
-  def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+  def _read(self, index: int) -> tuple[Image.Image | np.ndarray, np.ndarray, float, int]:
     example = self._data()[index]
     image = example['image']
     label = int(example['label']) if 'label' in example else -1
@@ -645,12 +646,12 @@ def _split_classes(data_cfg: Any, root: str, split: str) -> tuple[str, ...] | No
       split,
     )
   )
-  per_split = {
+  folders = {
     own_split: class_folders(os.path.join(root, own_split))
     for own_split in names
     if own_split and os.path.isdir(os.path.join(root, own_split))
   }
-  per_split = {name: set(found) for name, found in per_split.items() if found is not None}
+  per_split = {name: set(found) for name, found in folders.items() if found is not None}
   union = tuple(sorted(set().union(*per_split.values())))
   key = (os.path.abspath(root),) + tuple(sorted(per_split))
   if any(found != set(union) for found in per_split.values()) and key not in _WARNED_SPLITS:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sslx.data import augment
+from sslx.normalize import l2_normalize
 
 FeatureFn = Callable[[np.ndarray], jax.Array | np.ndarray]
 
@@ -110,12 +111,6 @@ def one_channel_if_grey(*image_sets: np.ndarray) -> tuple[np.ndarray, ...]:
   if image_sets and all(grey(images) for images in image_sets):
     return tuple(images[..., :1] for images in image_sets)
   return image_sets
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  # Same convention as a norm clamped at 1e-12: an all-zero vector stays zero instead of NaN.
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, 1e-12)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "num_top"))
@@ -233,7 +228,7 @@ def knn_classify(
 
   chunk_size = min(chunk_size, num_test)
   num_top = min(5, num_classes)
-  bank = _l2_normalize(jnp.asarray(train_features))
+  bank = l2_normalize(jnp.asarray(train_features))
   bank_labels = jnp.asarray(train_labels, dtype=jnp.int32)
   temperature = jnp.float32(temperature)
 
@@ -251,7 +246,7 @@ def knn_classify(
       _count_correct_chunk(
         bank,
         bank_labels,
-        _l2_normalize(jnp.asarray(queries[sl])),
+        l2_normalize(jnp.asarray(queries[sl])),
         jnp.asarray(query_labels[sl]),
         jnp.asarray(valid[sl]),
         temperature,

@@ -174,7 +174,7 @@ def train_and_score(
     return optax.apply_updates(params, updates), stats, opt_state, loss
 
   rng = np.random.default_rng(settings.seed)
-  losses = []
+  losses: list[float] = []
   for _ in range(settings.epochs):
     order = rng.permutation(n)
     losses = []

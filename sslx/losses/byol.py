@@ -12,12 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sslx.normalize import l2_normalize
+
 Array = jax.Array
-
-
-def _normalize(x: Array, eps: float = 1e-12) -> Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def regression_loss(prediction: Array, target: Array) -> Array:
@@ -29,7 +26,7 @@ def regression_loss(prediction: Array, target: Array) -> Array:
     raise ValueError(
       f"prediction and target must both be [B, D], got {prediction.shape} and {target.shape}"
     )
-  cos = jnp.sum(_normalize(prediction) * _normalize(target), axis=-1)
+  cos = jnp.sum(l2_normalize(prediction) * l2_normalize(target), axis=-1)
   return jnp.mean(2.0 - 2.0 * cos)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sslx.normalize import l2_normalize
+
 
 def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
   """-mean_i log(||x_i - x_nn(i)|| + eps) over the L2-normalised rows of x [B, D].
@@ -15,8 +17,7 @@ def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
   `PairwiseDistance(p=2, eps)`, i.e. ||x_i - x_nn + eps||, in float32. The neighbour choice is not
   differentiated (an argmax), the distance is. B must be >= 2.
   """
-  x = x.astype(jnp.float32)
-  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  x = l2_normalize(x, eps=eps)
   dots = x @ x.T
   n = x.shape[0]
   dots = jnp.where(jnp.eye(n, dtype=bool), -1.0, dots)

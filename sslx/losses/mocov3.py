@@ -12,13 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sslx.normalize import l2_normalize
+
 Array = jax.Array
-
-
-def _normalize(x: Array, eps: float = 1e-12) -> Array:
-  """torch F.normalize in float32."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def infonce(q: Array, k: Array, temperature: float) -> Array:
@@ -34,8 +30,8 @@ def infonce(q: Array, k: Array, temperature: float) -> Array:
   """
   if q.ndim != 2 or q.shape != k.shape:
     raise ValueError(f"q and k must both be [B, D], got {q.shape} and {k.shape}")
-  qn = _normalize(q)
-  kn = jax.lax.stop_gradient(_normalize(k))
+  qn = l2_normalize(q)
+  kn = jax.lax.stop_gradient(l2_normalize(k))
   logits = jnp.einsum("nc,mc->nm", qn, kn, precision=jax.lax.Precision.HIGHEST) / temperature
   log_p = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.mean(jnp.diagonal(log_p)) * (2.0 * temperature)

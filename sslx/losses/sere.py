@@ -286,7 +286,7 @@ def _sampled(w: Array, f: Array, spec: str) -> Array:
 
 
 def _mean_over_terms(parts: list[tuple[Array, int]]) -> Array:
-  total = sum(loss * n for loss, n in parts)
+  total = sum((loss * n for loss, n in parts), jnp.zeros((), jnp.float32))
   return total / sum(n for _, n in parts)
 
 

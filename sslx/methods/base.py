@@ -86,6 +86,10 @@ class Method(abc.ABC):
   supports_addons: ClassVar[bool] = False
   extra_batch_keys: ClassVar[frozenset[str]] = frozenset()
 
+  def __init__(self, config: ml_collections.ConfigDict):
+    # Methods are usually frozen dataclasses with `config` as their field, which replaces this.
+    self.config = config
+
   # ---- required -------------------------------------------------------------------------
   @abc.abstractmethod
   def init(self, rng: jax.Array, image_shape: tuple[int, int, int]) -> tuple[Any, Any]:

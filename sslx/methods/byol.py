@@ -44,6 +44,7 @@ from sslx.losses import byol as byol_losses
 from sslx.methods.accumulation import LossStateRule
 from sslx.methods.base import Method
 from sslx.models import mlp, resnet, torch_layout
+from sslx.normalize import l2_normalize
 
 
 def _dtype(name: str):
@@ -167,7 +168,7 @@ class Byol(Method):
       ),
     }
 
-  def lars(self, lr: schedules.Schedule) -> optax.GradientTransformation:
+  def lars(self, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     oc = self.config.optim
     return optax.lars(
       lr,
@@ -187,7 +188,7 @@ class Byol(Method):
     return self.lars(scheds["lr"]), scheds
 
   # ---- forward and loss ----------------------------------------------------------
-  def forward(
+  def forward_bn(
     self, params: Any, teacher_params: Any, loss_state: Any, views: Mapping[str, jax.Array]
   ) -> tuple[dict[str, Any], Any]:
     """Both networks on each global view separately (per-view BN statistics).
@@ -248,7 +249,7 @@ class Byol(Method):
     loss = byol_losses.byol_loss(q1, q2, z1, z2)
     # Collapse diagnostic: per-dimension std of the normalised target projections
     # (about 1/sqrt(D) when healthy, 0 when collapsed).
-    zn = z1 / jnp.maximum(jnp.linalg.norm(z1, axis=-1, keepdims=True), 1e-12)
+    zn = l2_normalize(z1)
     return loss, {"loss_byol": loss, "target_std": jnp.mean(jnp.std(zn, axis=0))}
 
   def loss(
@@ -262,7 +263,7 @@ class Byol(Method):
   ) -> tuple[jax.Array, tuple[Any, dict]]:
     """Total loss of one batch; returns (loss, (new_loss_state, metrics))."""
     del rng, sched
-    outputs, new_state = self.forward(params, teacher_params, loss_state, views)
+    outputs, new_state = self.forward_bn(params, teacher_params, loss_state, views)
     loss, metrics = self.byol_terms(outputs)
     return loss, (new_state, metrics)
 

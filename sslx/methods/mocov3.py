@@ -31,6 +31,7 @@ from sslx.methods.accumulation import LossStateRule
 from sslx.methods.teacher_cls import TeacherClsMethod
 from sslx.models import heads
 from sslx.models.build import build_backbone, compute_dtype
+from sslx.normalize import l2_normalize
 
 
 class MocoConfigError(errors.UserError):
@@ -146,6 +147,6 @@ class MocoV3(TeacherClsMethod):
     q, k = outputs["q"], outputs["k"]
     loss = moco_losses.mocov3_loss(q[0], q[1], k[0], k[1], self.config.loss.temperature)
     # Collapse diagnostic: std of the normalised keys per dimension (-> 0 when all keys agree).
-    kn = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
+    kn = l2_normalize(k)
     metrics = {"loss_contrastive": loss, "key_std": jnp.mean(jnp.std(kn, axis=1))}
     return loss, (loss_state, metrics)

@@ -150,7 +150,8 @@ class Sage(Byol):
       lambda: self.network().init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=False)
     )["params"]
     got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), evaluator)
-    same = jax.tree.structure(expected) == jax.tree.structure(got) and all(
+    # PyTreeDef's comparison is untyped in jax's stubs.
+    same = jax.tree.structure(expected) == jax.tree.structure(got) and all(  # type: ignore[operator]
       a.shape == b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got))
     )
     if not same:
@@ -224,7 +225,7 @@ class Sage(Byol):
   ) -> tuple[jax.Array, tuple[Any, dict]]:
     """BYOL loss + lambda * generation loss of both views; (loss, (new_loss_state, metrics))."""
     del rng, sched
-    outputs, new_state = self.forward(params, teacher_params, loss_state, views)
+    outputs, new_state = self.forward_bn(params, teacher_params, loss_state, views)
     byol_loss, metrics = self.byol_terms(outputs)
     weights = self.weights
     s_dec = loss_state["decoder_stats"]

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from sslx.normalize import l2_normalize
+
 Array = jax.Array
 DType = Any
 
@@ -24,13 +26,6 @@ _TRUNC_NORMAL_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, u
 
 # DINO builds the last layer after applying its init, so its direction keeps PyTorch's Linear default.
 _TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-  """``x / max(||x||_2, eps)`` along ``axis`` in float32 (torch F.normalize semantics)."""
-  x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 class WeightNormDense(nn.Module):

@@ -224,7 +224,7 @@ def vit_to_torch(params: Params, *, pos_embed: np.ndarray | None = None) -> Stat
     out["pos_embed"] = _f32(pos_embed)
   for key, path, kind in rows:
     out[key] = _OUT[kind](_get(params, path))
-  used = {path[0] for _, path, _ in rows} | set(VIT_DROPPED) | {"blocks"}
+  used: set[str] = {path[0] for _, path, _ in rows} | set(VIT_DROPPED) | {"blocks"}
   for i, where in enumerate(_vit_block_paths(params)):
     block = _block_tree(params, where)
     block_rows = _vit_block_rows(block, i)
@@ -234,10 +234,10 @@ def vit_to_torch(params: Params, *, pos_embed: np.ndarray | None = None) -> Stat
     if bias is not None:
       out[f"blocks.{i}.attn.qkv.bias"] = bias
     mapped = {path for _, path, _ in block_rows} | {("attn", "q_bias"), ("attn", "v_bias")}
-    extra = [p for p in _paths(block) if p not in mapped]
-    if extra:
+    unmapped = [p for p in _paths(block) if p not in mapped]
+    if unmapped:
       raise LayoutError(
-        f"block {i} has parameters with no timm counterpart: {['/'.join(p) for p in extra]}"
+        f"block {i} has parameters with no timm counterpart: {['/'.join(p) for p in unmapped]}"
       )
     used.add(where[0])
   extra = sorted(set(params) - used)
@@ -299,11 +299,11 @@ def vit_from_torch(
   for key, path, kind in rows:
     _set(out, path, _IN[kind](np.asarray(sd[key])))
   stacked: list[dict] = []
-  for i, (where, block_rows, beit) in enumerate(blocks):
+  for i, (where, block_rows, fused_bias) in enumerate(blocks):
     new: dict = {}
     for key, path, kind in block_rows:
       _set(new, path, _IN[kind](np.asarray(sd[key])))
-    if beit:  # split timm's fused bias back into q and v
+    if fused_bias:  # split timm's fused bias back into q and v
       bias = _f32(sd[f"blocks.{i}.attn.qkv.bias"])
       d = bias.shape[0] // 3
       if np.any(bias[d : 2 * d] != 0):

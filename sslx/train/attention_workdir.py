@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -117,7 +118,7 @@ def write_attention(
 
   grid = (views.shape[1] // patch_size, views.shape[2] // patch_size)
   forward = knn.eval_forward(attention_fn, tuple(config.augment.mean), tuple(config.augment.std))
-  att = np.asarray(jax.device_get(forward(teacher, views)))
+  att = np.asarray(jax.device_get(forward(teacher, jnp.asarray(views))))
   maps = attention_lib.cls_attention(att, grid)
   masks = attention_lib.mass_mask(maps, keep)
   scale = scale or max(1, -(-112 // views.shape[1]))

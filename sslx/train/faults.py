@@ -175,7 +175,8 @@ def config_changes(
   of them (added or removed by a code change; they are reported, not refused).
   """
   a, b = _flatten(config_as_json(old)), _flatten(config_as_json(new))
-  refused, allowed = {}, {}
+  refused: dict[str, tuple[Any, Any]] = {}
+  allowed: dict[str, tuple[Any, Any]] = {}
   for key in sorted(a.keys() & b.keys()):
     if a[key] != b[key]:
       (allowed if is_resume_safe(key) else refused)[key] = (a[key], b[key])

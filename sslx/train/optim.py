@@ -43,7 +43,7 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
 
 
 class FreezeState(NamedTuple):
-  count: jax.Array
+  steps: jax.Array
   inner: Any
 
 
@@ -61,10 +61,10 @@ def freeze_for(inner: optax.GradientTransformation, steps: int) -> optax.Gradien
 
   def update(updates, state, params=None):
     new_updates, new_inner = inner.update(updates, state.inner, params)
-    frozen = state.count < steps
+    frozen = state.steps < steps
     out = jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates)
     kept = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.inner, new_inner)
-    return out, FreezeState(state.count + 1, kept)
+    return out, FreezeState(state.steps + 1, kept)
 
   return optax.GradientTransformation(init, update)
 

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import jax
 from absl import logging
@@ -42,7 +43,7 @@ class StopOnSignal:
   def __init__(self, reached_sync_point: Callable[[int], bool] | None = None):
     self.requested: str | None = None
     self._reached_sync_point = reached_sync_point
-    self._previous: dict[int, object] = {}
+    self._previous: dict[int, Any] = {}
     self._multi = False
 
   def __enter__(self) -> StopOnSignal:

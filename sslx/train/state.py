@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,10 @@ class TrainState:
   opt_state: Any
   loss_state: Any
   rng: jax.Array
+
+  if TYPE_CHECKING:  # added by flax.struct.dataclass, which the type check does not follow
+
+    def replace(self, **changes: Any) -> TrainState: ...
 
 
 def ema_update(teacher: Any, student: Any, momentum: jax.Array) -> Any:

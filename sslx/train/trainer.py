@@ -700,6 +700,7 @@ def _run(
         scalars["data/skipped_images"] = float(len(data_iter.bad_indices))
         if config.get("skip_nonfinite_updates", 0):
           scalars["optim/skipped_updates"] = float(jax.device_get(state.opt_state.total_notfinite))
+        assert meter is not None  # made with the compiled step
         progress = meter.update(done, time.time())
         for name, value in (
           ("perf/img_per_sec", progress.images_per_second),

@@ -8,7 +8,8 @@ from flax import linen as nn
 from flax import traverse_util
 
 from sslx.models import heads
-from sslx.models.heads import DINOHead, WeightNormDense, l2_normalize
+from sslx.models.heads import DINOHead, WeightNormDense
+from sslx.normalize import l2_normalize
 
 SMALL = dict(out_dim=40, hidden_dim=24, bottleneck_dim=8)
 
