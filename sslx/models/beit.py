@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sslx.models.vit import DropPath, sincos_2d
+from sslx.models.vit import DropPath, gelu_exact, sincos_2d
 
 Array = jax.Array
 XAVIER = nn.initializers.xavier_uniform()
@@ -106,7 +106,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    h = nn.gelu(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x), approximate=False)
+    h = gelu_exact(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(x))
     return dense(d, self.dtype, "fc2")(h).astype(jnp.float32)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from sslx.models.vit import gelu_exact
 from sslx.normalize import l2_normalize
 
 Array = jax.Array
@@ -43,16 +44,20 @@ class WeightNormDense(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: [..., in]. Returns float32 [..., features]."""
     v = self.param("kernel", _TORCH_DEFAULT_KERNEL, (x.shape[-1], self.features), jnp.float32)
-    weight = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    # x (g v / ||v||) computed as (x v) g / ||v||: the same product with the per-unit scale on the
+    # [..., out] result. Normalising the [in, out] weight first let XLA's CPU backend fuse the
+    # norm's reduction into the matrix product of the teacher's 65536-wide layer, which then took
+    # about 40% of a ViT-S/16 step (issue 22, experiments/bench/RESULTS.md).
+    scale = 1.0 / jnp.linalg.norm(v, axis=0)
     if not self.fixed_scale:
-      weight = weight * self.param("g", nn.initializers.ones, (self.features,), jnp.float32)
+      scale = scale * self.param("g", nn.initializers.ones, (self.features,), jnp.float32)
     out = jnp.einsum(
       "...i,io->...o",
       x.astype(self.dtype),
-      weight.astype(self.dtype),
+      v.astype(self.dtype),
       preferred_element_type=jnp.float32,
     )
-    return out.astype(jnp.float32)
+    return out.astype(jnp.float32) * scale
 
 
 def _bottleneck_mlp(head: DINOHead, x: Array, train: bool | None) -> Array:
@@ -86,7 +91,7 @@ def _bottleneck_mlp(head: DINOHead, x: Array, train: bool | None) -> Array:
         name=f"bn_{i}",
         parent=head,
       )(h)
-    h = nn.gelu(h, approximate=False)
+    h = gelu_exact(h)
   h = dense(head.bottleneck_dim, f"mlp_{head.num_layers - 1}")(h)
   return l2_normalize(h)
 

@@ -10,7 +10,6 @@ Conventions:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -309,7 +308,17 @@ class Attention(nn.Module):
     return dense(d, "proj")(out).astype(jnp.float32), attn
 
 
-_GELU = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU: the exact erf form
+def gelu_exact(x: Array) -> Array:
+  """torch's nn.GELU(): the exact erf form, written as torch computes it, x/2 (1 + erf(x/sqrt 2)).
+
+  The same function as jax.nn.gelu(approximate=False) (within 1e-6), which goes through erfc:
+  XLA's CPU backend evaluates erfc 3-4x slower than erf, and the exact GELU of the demo's step
+  (experiments/bench/RESULTS.md, issue 22) cost more than its matrix products.
+  """
+  return x * 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
+_GELU = gelu_exact  # torch nn.GELU: the exact erf form
 _GELU_RECOMPUTED = jax.checkpoint(_GELU)
 _REMAT_LAYER_NORM = nn.remat(nn.LayerNorm)
 
