@@ -9,8 +9,8 @@ Choices, so they can be compared with torchvision/PIL:
     scales the image; contrast c blends with the mean of the image's grey level; saturation s blends
     with the per-pixel grey image; hue h ~ U(-H, H) shifts H in HSV. Each step clips to [0, 1].
     The order of the four steps is a random permutation per image, as torchvision draws one per call:
-    we draw it as the argsort of 4 uniforms and apply step k as ``lax.switch(perm[k], ...)``
-    inside a ``fori_loop`` (under vmap each step evaluates all four and selects).
+    we draw it as the argsort of 4 uniforms; under vmap a slot computes each step and keeps the
+    image's, with the costly hue step computed once (`_color_jitter`).
   * Grey level uses ITU-R 601-2 luma weights (0.299, 0.587, 0.114), as PIL's convert('L').
   * Blur: PIL's GaussianBlur(radius=sigma), sigma ~ U(blur_sigma) per image, which is what the
     official recipes call: three passes of an "extended" box blur per axis whose variance together is
@@ -90,11 +90,16 @@ def hsv_to_rgb(x: jax.Array) -> jax.Array:
   q = v * (1.0 - s * f)
   t = v * (1.0 - s * (1.0 - f))
   sector = sector.astype(jnp.int32) % 6
-  choices_r = jnp.stack([v, q, p, p, t, v], axis=-1)
-  choices_g = jnp.stack([t, v, v, q, p, p], axis=-1)
-  choices_b = jnp.stack([p, p, t, v, v, q], axis=-1)
-  pick = lambda c: jnp.take_along_axis(c, sector[..., None], axis=-1)[..., 0]
-  return jnp.stack([pick(choices_r), pick(choices_g), pick(choices_b)], axis=-1)
+
+  def pick(*choices: jax.Array) -> jax.Array:  # choices[sector], as selects (a gather is slower)
+    out = choices[5]
+    for i in range(4, -1, -1):
+      out = jnp.where(sector == i, choices[i], out)
+    return out
+
+  return jnp.stack(
+    [pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], axis=-1
+  )
 
 
 def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
@@ -105,8 +110,23 @@ def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
 
 
 def _color_jitter(
-  key: jax.Array, x: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
+  key: jax.Array,
+  x: jax.Array,
+  brightness: float,
+  contrast: float,
+  saturation: float,
+  hue: float,
 ) -> jax.Array:
+  """torchvision's ColorJitter on one image: the enabled steps in a random order, each with its
+  own factor.
+
+  Under vmap every image has its own order, so a step slot computes each candidate step and
+  keeps the image's. The hue step (an HSV round trip) costs several times the other three
+  together, so it is computed once: the cheap steps that come before it in the image's order
+  run in the first pass of slots (later slots leave the image as it is), then hue, then the
+  cheap steps after it in a second pass. Each image goes through the same steps in the same
+  order as with one slot loop over all four.
+  """
   # Like torchvision, a strength of 0 drops that step (and spares an HSV round trip for hue=0).
   steps = [
     (op, lo, hi)
@@ -121,20 +141,34 @@ def _color_jitter(
   if not steps:
     return x
   ops = tuple(op for op, _, _ in steps)
+  n = len(ops)
   k_perm, k_factor = jax.random.split(key)
   lows = jnp.asarray([lo for _, lo, _ in steps], jnp.float32)
   highs = jnp.asarray([hi for _, _, hi in steps], jnp.float32)
-  factors = jax.random.uniform(k_factor, (len(ops),), minval=lows, maxval=highs)
+  factors = jax.random.uniform(k_factor, (n,), minval=lows, maxval=highs)
   # argsort of iid uniforms is a uniform random permutation, and compiles much faster than
   # jax.random.permutation.
-  order = jnp.argsort(jax.random.uniform(k_perm, (len(ops),)))
+  order = jnp.argsort(jax.random.uniform(k_perm, (n,)))
+  has_hue = hue > 0
+  cheap = ops[:-1] if has_hue else ops
+  # The slot of the hue step (n when there is none: every slot is in the first pass).
+  hue_slot = jnp.argmax(order == n - 1) if has_hue else n
 
-  def step(i: jax.Array, img: jax.Array) -> jax.Array:
-    op = order[i]
-    return jax.lax.switch(op, ops, img, factors[op])
+  def slot(k: jax.Array, img: jax.Array, first: bool) -> jax.Array:
+    op = order[k]
+    active = k < hue_slot if first else k > hue_slot
+    out = img
+    for i, f in enumerate(cheap):
+      out = jnp.where(active & (op == i), f(img, factors[i]), out)
+    return out
 
-  # A loop rather than unrolled switches: the body is compiled once.
-  return jax.lax.fori_loop(0, len(ops), step, x)
+  # Loops rather than unrolled slots: the body is compiled once, and each slot's image is
+  # materialised (fused into the next slot's candidates it would be recomputed for each).
+  x = jax.lax.fori_loop(0, n, lambda k, img: slot(k, img, True), x)
+  if has_hue:
+    x = ops[-1](x, factors[n - 1])
+    x = jax.lax.fori_loop(1, n, lambda k, img: slot(k, img, False), x)
+  return x
 
 
 BLUR_PASSES = 3  # Pillow's ImageFilter.GaussianBlur
