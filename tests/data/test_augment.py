@@ -200,3 +200,22 @@ def test_augment_multicrop_defaults_and_bad_shapes():
   assert np.isfinite(np.asarray(globals_out)).all()
   with pytest.raises(ValueError, match=r'\[B, N, S, S, 3\]'):
     augment.augment_multicrop(jax.random.key(1), crops[0], crops, None)
+
+
+def test_color_jitter_applies_each_images_order_with_hue_once():
+  """The batched jitter (hue computed once, cheap steps in two slot loops) gives each image its
+  own steps in its own random order, as applying them one by one does."""
+  x = jnp.asarray(np.random.default_rng(4).random((12, 8, 8, 3)), jnp.float32)
+  keys = jax.random.split(jax.random.key(7), 12)
+  strengths = (0.4, 0.4, 0.2, 0.1)
+  got = jax.jit(jax.vmap(lambda k, img: augment._color_jitter(k, img, *strengths)))(keys, x)
+  ops = (augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation)
+  lows = np.float32([0.6, 0.6, 0.8, -0.1])
+  highs = np.float32([1.4, 1.4, 1.2, 0.1])
+  for key, img, out in zip(keys, x, np.asarray(got)):
+    k_perm, k_factor = jax.random.split(key)
+    factors = jax.random.uniform(k_factor, (4,), minval=lows, maxval=highs)
+    want = img
+    for op in np.argsort(np.asarray(jax.random.uniform(k_perm, (4,)))):
+      want = augment.adjust_hue(want, factors[3]) if op == 3 else ops[op](want, factors[op])
+    np.testing.assert_allclose(out, want, atol=2e-6)

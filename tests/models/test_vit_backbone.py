@@ -460,3 +460,15 @@ def test_cudnn_attention_matches_explicit_on_gpu():
     )(variables["params"])
     g, r = grad["block_0"]["attn"]["qkv"]["kernel"], ref_grad["block_0"]["attn"]["qkv"]["kernel"]
     assert float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)) < 0.05
+
+
+def test_gelu_exact_is_the_erf_form():
+  """gelu_exact (torch's formula, x/2 (1 + erf(x/sqrt 2))) and jax's erfc form agree, as do
+  their gradients."""
+  from sslx.models.vit import gelu_exact
+
+  x = jnp.linspace(-8.0, 8.0, 4001, dtype=jnp.float32)
+  ref = lambda v: jax.nn.gelu(v, approximate=False)  # noqa: E731
+  np.testing.assert_allclose(gelu_exact(x), ref(x), atol=2e-6)
+  grad = jax.vmap(jax.grad(gelu_exact))(x)
+  np.testing.assert_allclose(grad, jax.vmap(jax.grad(ref))(x), atol=2e-6)
