@@ -30,9 +30,14 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from sslx.errors import UserError
 from sslx.models import beit
 
 Batches = Iterable[Mapping[str, np.ndarray]]
+
+
+class ProbeError(UserError):
+  """A probe setting cannot be used; the message names the setting to change."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -405,3 +405,44 @@ def resnet_from_torch(state_dict: Mapping[str, Any], like_params: Params) -> tup
       + "\n  check config.model.depth, width and stem against the weights."
     )
   return out["params"], out["batch_stats"]
+
+
+def pos_grid_of(state_dict: Mapping[str, Any]) -> int | None:
+  """The side of the square patch grid of a timm state dict's `pos_embed` [1, 1 + n*n, D]."""
+  if "pos_embed" not in state_dict:
+    return None
+  tokens = int(np.shape(state_dict["pos_embed"])[1]) - 1
+  side = int(round(tokens**0.5))
+  if side * side != tokens:
+    raise LayoutError(f"pos_embed has {tokens} patch positions, not a square grid.")
+  return side
+
+
+def fit_pos_embed(state_dict: Mapping[str, Any], like: Params) -> tuple[StateDict, str | None]:
+  """Resizes a learned `pos_embed` to the grid of `like`'s, as DINO's ViT does at run time.
+
+  Weights trained at another resolution (e.g. 224 px / 16 = 14 patches per side) meet a config
+  with another `pos_grid`; the patch positions are resampled with DINO's bicubic
+  (sslx.models.vit.interpolate_pos_grid) and the [CLS] position is kept.
+
+  Returns:
+    (the state dict, resized if needed; a note for the log, or None when nothing changed).
+    A `like` without a `pos_embed` parameter (fixed positions) leaves the state dict alone.
+  """
+  sd = dict(state_dict)
+  if "pos_embed" not in like or "pos_embed" not in sd:
+    return sd, None
+  want = int(np.shape(like["pos_embed"])[1]) - 1
+  side_want = int(round(want**0.5))
+  side = pos_grid_of(sd)
+  table = np.asarray(sd["pos_embed"], np.float32)
+  if side == side_want or table.shape[-1] != np.shape(like["pos_embed"])[-1]:
+    return sd, None  # same grid, or a width mismatch that the strict check reports
+  from sslx.models import vit  # here: vit is heavy and only this path needs it
+
+  d = table.shape[-1]
+  grid = vit.interpolate_pos_grid(table[0, 1:].reshape(side, side, d), (side_want, side_want))
+  sd["pos_embed"] = np.concatenate(
+    [table[:, :1], np.asarray(grid, np.float32).reshape(1, side_want * side_want, d)], axis=1
+  )
+  return sd, f"pos_embed resized from a {side}x{side} to a {side_want}x{side_want} patch grid"

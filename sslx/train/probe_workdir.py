@@ -34,16 +34,28 @@ def _on_uint8(fn: Callable, params: Any, config: ml_collections.ConfigDict) -> C
 
 
 def teacher_of(
-  config: ml_collections.ConfigDict, workdir: str, method: Any, random_init: bool
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  method: Any,
+  random_init: bool,
+  init_from: str | None = None,
+  init_from_key: str = "auto",
 ) -> tuple[int, Any]:
   """(step, what `method.features` takes) of the latest checkpoint, or (0, the same at init)
   with random_init: the teacher's parameters (the student's for a method without a teacher)
-  through the method's `eval_params` (e.g. BatchNorm statistics)."""
-  if random_init:
+  through the method's `eval_params` (e.g. BatchNorm statistics). With `init_from` (a file,
+  sslx/models/init_from.py) the initial parameters get its backbone, and no checkpoint is read."""
+  if random_init or init_from:
     size = config.data.global_crops.size
     # The same draw as the trainer's step-0 state (trainer.build: split(seed) -> init key).
     r_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
     params, loss_state = jax.jit(lambda r: method.init(r, (size, size, 3)))(r_init)
+    if init_from:
+      from sslx.models import init_from as init_from_lib
+
+      params, loss_state, _ = init_from_lib.init_params(
+        method, jax.device_get(params), jax.device_get(loss_state), init_from, init_from_key
+      )
     teacher = method.teacher_params(params) if method.has_teacher else None
     return 0, evaluated_params(
       method, {"params": params, "teacher_params": teacher, "loss_state": loss_state}
@@ -64,13 +76,21 @@ def teacher_of(
 
 
 def evaluate(
-  config: ml_collections.ConfigDict, workdir: str, mode: str, random_init: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mode: str,
+  random_init: bool = False,
+  init_from: str | None = None,
+  init_from_key: str = "auto",
 ) -> dict[str, Any]:
-  """Runs `mode` ('knn' | 'linear_probe' | 'attentive_probe') on the workdir's teacher."""
+  """Runs `mode` ('knn' | 'linear_probe' | 'attentive_probe') on the workdir's teacher, or on
+  the weights of the file `init_from` (no checkpoint needed)."""
   if mode not in MODES:
     raise ValueError(f"mode {mode!r}; valid: {MODES}")
+  if random_init and init_from:
+    raise probe.ProbeError("--random_init and --init_from exclude each other; drop one")
   method = make_method(config)
-  step, teacher = teacher_of(config, workdir, method, random_init)
+  step, teacher = teacher_of(config, workdir, method, random_init, init_from, init_from_key)
   dc, ec = config.data, config.eval
   batches = lambda split: pipeline.eval_dataset(dc, split, batch_size=ec.batch_size)  # noqa: E731
   classes = pipeline.eval_num_classes(dc)
@@ -111,6 +131,11 @@ def evaluate(
       max_train=max_train,
       max_test=max_test,
     )
-  what = "random init" if random_init else f"step {step}"
+  what = (
+    "random init" if random_init else (f"init_from {init_from}" if init_from else f"step {step}")
+  )
   logging.info("%s %s: top-1 %.2f%% top-5 %.2f%%", mode, what, res["top1"], res["top5"])
-  return {"step": step, "random_init": random_init, **res}
+  out = {"step": step, "random_init": random_init, **res}
+  if init_from:
+    out["init_from"] = init_from
+  return out
