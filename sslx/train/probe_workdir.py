@@ -75,6 +75,14 @@ def teacher_of(
   return step, evaluated_params(method, parts)
 
 
+def _protocol(pc: Any) -> str:
+  """config.probe.protocol: 'cached' (default: features once, BN + Linear) or 'dino'."""
+  name = str(pc.get("protocol", "cached")) if pc else "cached"
+  if name not in probe.PROTOCOLS:
+    raise probe.ProbeError(f"config.probe.protocol={name!r}; valid: {', '.join(probe.PROTOCOLS)}")
+  return name
+
+
 def evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -108,6 +116,25 @@ def evaluate(
       k=ec.knn_k,
       temperature=ec.knn_temperature,
     )
+  elif mode == "linear_probe" and _protocol(pc) == "dino":
+    dino = probe.DinoLinearSettings.from_config(pc.get("dino"), seed)
+    n, pool = dino.n_last_blocks, dino.avgpool
+    blocks = _on_uint8(lambda p, images: method.block_features(p, images, n, pool), teacher, config)
+
+    def progress(epoch: int, loss: float) -> None:
+      logging.info("linear_probe (dino) epoch %d/%d: loss %.4f", epoch + 1, dino.epochs, loss)
+
+    res = probe.dino_linear_probe(
+      blocks,
+      batches(dc.eval_train_split),
+      batches(dc.eval_test_split),
+      num_classes=classes,
+      settings=dino,
+      max_train=max_train,
+      max_test=max_test,
+      on_epoch=progress,
+    )
+    res["protocol"] = "dino"
   elif mode == "linear_probe":
     settings = probe.ProbeSettings.from_config(pc.get("linear") if pc else None, seed)
     res = probe.linear_probe(
