@@ -10,10 +10,11 @@ Errors a user can fix end with one `error: ...` line and status 1. `--mode=knn` 
 weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` and
 `attentive_probe` train a probe on its frozen features (sslx/eval/probe.py).
 `--random_init` evaluates freshly initialised weights instead (the baselines).
-`--init_from=FILE [--init_from_key=auto|teacher|student|ENTRY]` starts from published weights:
-an official DINO / iBOT / SERE / MoCo v3 / CAE checkpoint (.pth, read without torch), timm names
-or an sslx export (sslx/models/init_from.py). On a fresh workdir `--mode=train` starts its
-student and teacher from that backbone (a workdir with a checkpoint resumes and ignores it, so
+`--init_from=FILE [--init_from_key=auto|teacher|student|ENTRY] [--init_from_head]` starts from
+published weights: an official DINO / iBOT / SERE / MoCo v3 / CAE checkpoint (.pth, read without
+torch), timm names or an sslx export (sslx/models/init_from.py). On a fresh workdir
+`--mode=train` starts its student and teacher from that backbone (and with `--init_from_head`
+DINO's projection head; a workdir with a checkpoint resumes and ignores it, so
 the same command resumes); `--mode=knn|linear_probe|attentive_probe` evaluate the file's weights
 without any checkpoint. `--config.probe.protocol=dino` makes `linear_probe` DINO's linear
 protocol (sslx/eval/probe.py).
@@ -54,6 +55,11 @@ flags.DEFINE_string(
   "A backbone file (official DINO / iBOT / SERE / MoCo v3 / CAE .pth, timm names, an sslx "
   "export): the initial weights of a fresh --mode=train workdir (ignored when it has a "
   "checkpoint), or the weights --mode=knn|linear_probe|attentive_probe evaluate.",
+)
+flags.DEFINE_bool(
+  "init_from_head",
+  False,
+  "--init_from with --mode=train: also load the projection head of a DINO checkpoint.",
 )
 flags.DEFINE_string(
   "init_from_key",
@@ -104,7 +110,11 @@ def main(argv):
       raise UserError(f"--init_from does not apply to --mode={FLAGS.mode}; drop it")
     if FLAGS.mode == "train":
       results = trainer.run(
-        config, FLAGS.workdir, init_from=FLAGS.init_from, init_from_key=FLAGS.init_from_key
+        config,
+        FLAGS.workdir,
+        init_from=FLAGS.init_from,
+        init_from_key=FLAGS.init_from_key,
+        init_from_head=FLAGS.init_from_head,
       )
     elif FLAGS.mode == "export":
       from sslx.train import export_workdir

@@ -27,6 +27,7 @@ Optional, with defaults:
   export_backbone(params, loss_state, weights) -> (torch state dict, metadata) for --mode=export.
   import_backbone(params, loss_state, state_dict) -> (params, loss_state): the inverse, for
     --init_from (sslx/models/init_from.py): a fresh init with the backbone replaced.
+  import_head(params, head_state_dict) -> params: an official projection head (--init_from_head).
   block_features(eval_params, images, n_last_blocks, avgpool) -> [B, D'] for the DINO linear
     protocol: the [CLS] of the last n blocks (and the mean patch token), after the final norm.
   attention() -> (forward, patch size) for --mode=attention: forward(eval_params, images) gives
@@ -164,6 +165,15 @@ class Method(abc.ABC):
     """
     del params, loss_state, state_dict
     raise UnsupportedMode(f"--init_from: no importer for config.method={self.config.method!r}")
+
+  def import_head(self, params: Any, head_state_dict: Mapping[str, np.ndarray]) -> Any:
+    """`params` with the projection head taken from an official checkpoint's `head.` entries
+    (prefix stripped); raises LayoutError on any mismatch."""
+    del params, head_state_dict
+    raise UnsupportedMode(
+      f"--init_from_head: no importer of official heads for config.method="
+      f"{self.config.method!r}; drop --init_from_head"
+    )
 
   def block_features(
     self, eval_params: Any, images: jax.Array, n_last_blocks: int, avgpool: bool
@@ -307,6 +317,9 @@ class AddOn(Method):
     # Importers replace only the backbone, so the add-on's own parameters (e.g. SERE's heads)
     # pass through with their fresh init.
     return self.base.import_backbone(params, loss_state, state_dict)
+
+  def import_head(self, params: Any, head_state_dict: Mapping[str, np.ndarray]) -> Any:
+    return self.base.import_head(params, head_state_dict)
 
   def block_features(
     self, eval_params: Any, images: jax.Array, n_last_blocks: int, avgpool: bool

@@ -63,6 +63,9 @@ class Backbone:
   state_dict: dict[str, np.ndarray]  # timm / torchvision names, float arrays
   source: str  # e.g. "entry 'teacher', prefix 'backbone.'"
   ignored: tuple[str, ...]  # keys of the chosen entry that are not part of the backbone
+  # The projection head next to the backbone in DINO / iBOT / SERE checkpoints ('head.' of the
+  # same entry, prefix stripped); empty for other files.
+  head: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _is_array(x: Any) -> bool:
@@ -184,7 +187,10 @@ def read_backbone(path: str, key: str = "auto") -> Backbone:
     for k, v in _beit_to_timm(kept).items()
   }
   source = where + (f", prefix {prefix!r}" if prefix else "")
-  return Backbone(kept, source, tuple(sorted(ignored)))
+  head = {}
+  if prefix == "backbone.":  # the multi-crop wrapper keeps its head beside the backbone
+    head = {k[len("head.") :]: np.asarray(v) for k, v in sd.items() if k.startswith("head.")}
+  return Backbone(kept, source, tuple(sorted(ignored)), head)
 
 
 def _one_line(e: Exception) -> str:
@@ -192,24 +198,33 @@ def _one_line(e: Exception) -> str:
 
 
 def init_params(
-  method: Any, params: Any, loss_state: Any, path: str, key: str = "auto"
+  method: Any, params: Any, loss_state: Any, path: str, key: str = "auto", head: bool = False
 ) -> tuple[Any, Any, Backbone]:
   """A method's fresh (params, loss_state) with the backbone of `path` -> (params, loss_state,
-  what was read). Logs where the weights came from and what was ignored.
+  what was read). Logs where the weights came from and what was ignored. With `head`, the
+  file's projection head too (`Method.import_head`; DINO's).
 
   Raises:
     InitFromError: the file cannot be read, or its backbone does not fit the config (one
       message listing every missing, unexpected and mis-shaped key).
   """
-  return apply_backbone(method, params, loss_state, read_backbone(path, key), path)
+  return apply_backbone(method, params, loss_state, read_backbone(path, key), path, head)
 
 
 def apply_backbone(
-  method: Any, params: Any, loss_state: Any, backbone: Backbone, path: str
+  method: Any, params: Any, loss_state: Any, backbone: Backbone, path: str, head: bool = False
 ) -> tuple[Any, Any, Backbone]:
   """`init_params` for a backbone already read (`read_backbone`) from `path`."""
+  if head and not backbone.head:
+    raise InitFromError(
+      f"--init_from_head: {path} ({backbone.source}) has no projection head next to the "
+      "backbone (only DINO / iBOT / SERE training checkpoints do); drop --init_from_head"
+    )
   try:
     params, loss_state = method.import_backbone(params, loss_state, backbone.state_dict)
+    if head:
+      params = method.import_head(params, backbone.head)
+      logging.info("init_from: the projection head too (%d tensors)", len(backbone.head))
   except torch_layout.LayoutError as e:
     raise InitFromError(f"--init_from={path} ({backbone.source}): {_one_line(e)}") from e
   logging.info(

@@ -446,3 +446,50 @@ def fit_pos_embed(state_dict: Mapping[str, Any], like: Params) -> tuple[StateDic
     [table[:, :1], np.asarray(grid, np.float32).reshape(1, side_want * side_want, d)], axis=1
   )
   return sd, f"pos_embed resized from a {side}x{side} to a {side_want}x{side_want} patch grid"
+
+
+# ---- DINO head (facebookresearch/dino vision_transformer.py DINOHead) ----------------------
+def dino_head_from_torch(state_dict: Mapping[str, Any], like: Params) -> dict:
+  """An official DINOHead state dict (keys `mlp.{i}.*`, `last_layer.weight_g/_v`) -> the params
+  of sslx.models.heads.DINOHead shaped like `like`.
+
+  The official MLP is an nn.Sequential of Linear / GELU layers, so its Linears sit at indices
+  0, 2, 4, ... (`mlp.weight` for a one-layer MLP); they map to `mlp_0`, `mlp_1`, ... in order.
+  The weight-normalised last layer's direction `weight_v` [out, in] becomes `kernel` [in, out];
+  its magnitude `weight_g` becomes `g`, or, for a head with `norm_last_layer` (no `g`), must be 1.
+
+  Raises:
+    LayoutError: listing every missing, unexpected or mis-shaped key; also for a head with
+      BatchNorm (not imported) and for a learned magnitude that the config fixes at 1.
+  """
+  if any(k.startswith("bn_") for k in like):
+    raise LayoutError("heads with BatchNorm (config.head.use_bn) are not imported; drop it")
+  layers = sorted((k for k in like if k.startswith("mlp_")), key=lambda k: int(k[4:]))
+  if len(layers) == 1:
+    names = {"mlp": layers[0]}
+  else:
+    names = {f"mlp.{2 * i}": name for i, name in enumerate(layers)}
+  wants: dict[str, tuple[int, ...] | None] = {}
+  for torch_name, name in names.items():
+    wants[f"{torch_name}.weight"] = _torch_shape("linear", like[name]["kernel"])
+    wants[f"{torch_name}.bias"] = tuple(np.shape(like[name]["bias"]))
+  v_shape = _torch_shape("linear", like["last_layer"]["kernel"])
+  wants["last_layer.weight_v"] = v_shape
+  wants["last_layer.weight_g"] = (v_shape[0], 1)
+  _check_keys(state_dict, wants, "DINO head")
+  out: dict = {}
+  for torch_name, name in names.items():
+    out[name] = {
+      "kernel": _linear_out(state_dict[f"{torch_name}.weight"]),
+      "bias": _f32(state_dict[f"{torch_name}.bias"]),
+    }
+  g = _f32(state_dict["last_layer.weight_g"])[:, 0]
+  out["last_layer"] = {"kernel": _linear_out(state_dict["last_layer.weight_v"])}
+  if "g" in like["last_layer"]:
+    out["last_layer"]["g"] = g
+  elif not np.allclose(g, 1.0):
+    raise LayoutError(
+      "the head's last layer has a learned magnitude (weight_g != 1): set "
+      "config.head.norm_last_layer=False to load it"
+    )
+  return out

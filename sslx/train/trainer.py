@@ -443,13 +443,15 @@ def run(
   stop_after: int | None = None,
   init_from: str | None = None,
   init_from_key: str = "auto",
+  init_from_head: bool = False,
 ) -> dict[str, Any]:
   """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
 
   `init_from` (a file, sslx/models/init_from.py) sets the backbone of the initial student and
-  teacher of a fresh workdir; `init_from_key` picks the network in files holding several. A
-  workdir that has a checkpoint resumes from it and ignores `init_from` (logged), so the
-  command that started a run also resumes it after a preemption.
+  teacher of a fresh workdir (and with `init_from_head` the projection head, for DINO);
+  `init_from_key` picks the network in files holding several. A workdir that has a checkpoint
+  resumes from it and ignores `init_from` (logged), so the command that started a run also
+  resumes it after a preemption.
 
   SIGTERM and SIGINT end the run after the current step with a checkpoint of it
   (sslx/train/preemption.py); the results then hold 'preempted': the signal's name.
@@ -462,7 +464,7 @@ def run(
   Returns the last evaluation results and the final step (used by scripts/tests).
   """
   with preemption.StopOnSignal() as stop:
-    return _run(config, workdir, stop_after, stop, (init_from, init_from_key))
+    return _run(config, workdir, stop_after, stop, (init_from, init_from_key, init_from_head))
 
 
 def _resume_point(config, workdir: str, ckpt) -> None:
@@ -541,7 +543,7 @@ def _run(
   workdir: str,
   stop_after: int | None,
   stop: preemption.StopOnSignal,
-  init_from: tuple[str | None, str] = (None, "auto"),
+  init_from: tuple[str | None, str, bool] = (None, "auto", False),
 ) -> dict[str, Any]:
   quiet_libraries()
   # ---- Checks that need no compiling: settings, workdir, the checkpoint's config ------------
@@ -556,7 +558,7 @@ def _run(
   )
   stop.set_sync_point(ckpt.reached_preemption)
   _resume_point(config, workdir, ckpt)
-  init_path, init_key = init_from
+  init_path, init_key, init_head = init_from
   if init_path and ckpt.latest_step() is not None:
     logging.info(
       "init_from: %s has a checkpoint (step %d): resuming from it, --init_from=%s ignored",
@@ -570,6 +572,11 @@ def _run(
     from sslx.models import init_from as init_from_lib
 
     backbone = init_from_lib.read_backbone(init_path, init_key)
+    if init_head and not backbone.head:
+      raise init_from_lib.InitFromError(
+        f"--init_from_head: {init_path} ({backbone.source}) has no projection head next to "
+        "the backbone (only DINO / iBOT / SERE training checkpoints do); drop --init_from_head"
+      )
   config_json = faults.config_as_json(config)
   if is_main:  # only now: a refused config must not replace the record of the run's own
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -652,7 +659,9 @@ def _run(
   if state is None:
     state = built.init(config.seed)
     if backbone is not None:
-      state = _with_backbone(method, state, state_sharding, backbone, init_path, init_key, workdir)
+      state = _with_backbone(
+        method, state, state_sharding, backbone, init_path, init_key, workdir, init_head
+      )
   start_step = int(jax.device_get(state.step))
 
   # ---- Evaluators ----------------------------------------------------------------
@@ -783,7 +792,9 @@ def _run(
   return results
 
 
-def _with_backbone(method, state, state_sharding, backbone, path: str, key: str, workdir: str):
+def _with_backbone(
+  method, state, state_sharding, backbone, path: str, key: str, workdir: str, head: bool = False
+):
   """The initial state with the student's and the teacher's backbone read from `path`."""
   from sslx.models import init_from as init_from_lib
 
@@ -794,7 +805,7 @@ def _with_backbone(method, state, state_sharding, backbone, path: str, key: str,
   else:
     params, loss_state = jax.device_get((state.params, state.loss_state))
   params, loss_state, backbone = init_from_lib.apply_backbone(
-    method, params, loss_state, backbone, path
+    method, params, loss_state, backbone, path, head
   )
 
   def put(tree, shardings):
@@ -816,6 +827,7 @@ def _with_backbone(method, state, state_sharding, backbone, path: str, key: str,
         {
           "path": os.path.abspath(path),
           "key": key,
+          "head": head,
           "source": backbone.source,
           "tensors": len(backbone.state_dict),
           "ignored": list(backbone.ignored),

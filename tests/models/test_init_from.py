@@ -180,3 +180,65 @@ def test_training_starts_student_and_teacher_from_the_file(tmp_path):
   for a, b in zip(jax.tree.leaves(new.params["head"]), jax.tree.leaves(state.params["head"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert (tmp_path / "init_from.json").exists()
+
+
+def test_fresh_workdir_starts_from_the_file_and_a_resume_ignores_it(tmp_path, caplog):
+  from sslx.train import checkpoint, trainer
+
+  c = load_config_file(os.path.join(ROOT, "configs/dino.py:smoke"))
+  with c.unlocked():
+    c.total_steps = 1
+  path = os.path.join(FIX, "dino_deitsmall_pretrain.pth")
+  wd = str(tmp_path / "run")
+  assert trainer.run(c, wd, init_from=path)["step"] == 1
+  assert os.path.exists(os.path.join(wd, "init_from.json"))
+  ckpt = checkpoint.Checkpointer(wd, async_save=False)
+  teacher = ckpt.restore_parts(1, ("teacher_params",))["teacher_params"]["backbone"]
+  ckpt.close()
+  file_cls = init_from.read_backbone(path).state_dict["cls_token"]
+  # One EMA step (momentum 0.996) away from the file's weights, not from a random init.
+  assert np.abs(np.asarray(teacher["cls_token"]) - file_cls).max() < 1e-2
+  os.remove(os.path.join(wd, "init_from.json"))
+  with caplog.at_level("INFO"):
+    assert trainer.run(c, wd, init_from=path)["step"] == 1  # resumed at the end: no step
+  assert "--init_from=" + path + " ignored" in caplog.text
+  assert not os.path.exists(os.path.join(wd, "init_from.json"))
+
+
+def test_methods_without_per_block_tokens_refuse_the_dino_protocol():
+  from sslx.methods.base import UnsupportedMode
+
+  for name in ("cae.py:smoke", "byol.py:smoke"):
+    method = make_method(load_config_file(os.path.join(ROOT, "configs", name)))
+    with pytest.raises(UnsupportedMode, match="protocol='dino'"):
+      method.block_features(None, None, 4, False)
+
+
+def test_dino_head_loads_and_gives_the_official_logits():
+  c = _config("dino.py:smoke", 4)
+  with c.unlocked():
+    c.head.update(out_dim=16, hidden_dim=16, bottleneck_dim=8)
+  method = make_method(c)
+  params, _ = jax.device_get(jax.jit(lambda r: method.init(r, (16, 16, 3)))(jax.random.PRNGKey(0)))
+  path = os.path.join(FIX, "dino_checkpoint.pth")
+  params, _, read = init_from.init_params(method, params, {}, path, "teacher", head=True)
+  assert set(read.head) == {
+    "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
+    "last_layer.weight_g", "last_layer.weight_v",
+  }  # fmt: skip
+  golden = np.load(os.path.join(FIX, "golden.npz"))
+  _, logits = method.network(teacher=True).apply({"params": params}, golden["images"], train=False)
+  want = golden["dino.teacher.head"]
+  np.testing.assert_allclose(np.asarray(logits), want, rtol=0, atol=2e-5 * np.abs(want).max())
+  # A file without a head next to the backbone, and a head the config cannot hold, are refused.
+  plain = os.path.join(FIX, "dino_deitsmall_pretrain.pth")
+  with pytest.raises(init_from.InitFromError, match="no projection head"):
+    init_from.init_params(method, params, {}, plain, head=True)
+  with c.unlocked():
+    c.head.hidden_dim = 24
+  small = make_method(c)
+  params, _ = jax.device_get(jax.jit(lambda r: small.init(r, (16, 16, 3)))(jax.random.PRNGKey(0)))
+  with pytest.raises(
+    init_from.InitFromError, match=r"mlp.0.weight: got \[16, 32\], want \[24, 32\]"
+  ):
+    init_from.init_params(small, params, {}, path, head=True)
