@@ -13,6 +13,10 @@ what makes a probe cheap on a CPU; the official code re-runs the frozen encoder 
 crops every epoch. The attentive unit's Linears are xavier-initialised (sslx/models/beit.py);
 the official uses truncated normal 0.02.
 
+`dino_linear_probe` is DINO's linear protocol instead (facebookresearch/dino `eval_linear.py`;
+config.probe.protocol='dino'): a BatchNorm-free Linear on the [CLS] of the last blocks, trained
+on features recomputed every epoch from fresh random-resized crops and flips.
+
 Evaluators take feature functions, never a train state: `feature_fn(uint8 images [b, S, S, 3])
 -> [b, D]` and `token_fn(...) -> [b, T, D]`, and labelled batches as yielded by
 sslx/data/pipeline.eval_dataset ('image', 'label', 'mask').

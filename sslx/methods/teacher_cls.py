@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sslx.errors import UserError
 from sslx.methods.base import Forward, Method
 from sslx.models import torch_layout, vit
 
@@ -107,7 +108,13 @@ class TeacherClsMethod(Method):
     the order DINO's code produces (it can combine the pool only with n = 1), so its published
     linear heads would apply; for n > 1 the pool is appended.
     """
-    out = self._backbone().apply(
+    backbone = self._backbone()
+    if not 1 <= n_last_blocks <= backbone.depth:
+      raise UserError(
+        f"config.probe.dino.n_last_blocks={n_last_blocks} must be in [1, {backbone.depth}] "
+        "(the backbone's depth)"
+      )
+    out = backbone.apply(
       {"params": eval_params["backbone"]}, images, train=False, n_last_blocks=n_last_blocks
     )
     cls = out["block_cls"]

@@ -1,9 +1,11 @@
 """Standalone evaluations of a workdir's teacher: kNN, linear probe, attentive probe.
 
-`main.py --mode=linear_probe|attentive_probe [--random_init]` lands here (and `--mode=knn
---random_init`). Like `trainer.evaluate_workdir` it restores only the teacher parameters of the
-latest checkpoint; `random_init=True` evaluates the method's freshly initialised parameters
-instead (the baseline rows of RESULTS). Works for any method through its interface
+`main.py --mode=linear_probe|attentive_probe [--random_init | --init_from=FILE]` lands here (and
+`--mode=knn` with either flag). Like `trainer.evaluate_workdir` it restores only the teacher
+parameters of the latest checkpoint; `random_init=True` evaluates the method's freshly
+initialised parameters instead (the baseline rows of RESULTS), `init_from` those parameters with
+the file's backbone (sslx/models/init_from.py). `config.probe.protocol='dino'` makes the linear
+probe DINO's protocol (`method.block_features`, fresh crops every epoch). Works for any method through its interface
 (sslx/methods/base.py): the feature is `method.features`, the attentive probe's tokens
 `method.tokens`, both on `evaluated_params`. Single process (probes cache features on the host).
 """
