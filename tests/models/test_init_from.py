@@ -182,25 +182,30 @@ def test_training_starts_student_and_teacher_from_the_file(tmp_path):
   assert (tmp_path / "init_from.json").exists()
 
 
-def test_fresh_workdir_starts_from_the_file_and_a_resume_ignores_it(tmp_path, caplog):
-  from sslx.train import checkpoint, trainer
+def test_run_reads_the_file_on_a_fresh_workdir_and_ignores_it_on_a_resume(tmp_path, caplog):
+  """trainer.run's wiring, without compiling a step (the positive path of a fresh workdir is
+  test_training_starts_student_and_teacher_from_the_file)."""
+  from sslx.train import checkpoint, faults, sharding, trainer
 
   c = load_config_file(os.path.join(ROOT, "configs/dino.py:smoke"))
   with c.unlocked():
     c.total_steps = 1
   path = os.path.join(FIX, "dino_deitsmall_pretrain.pth")
-  wd = str(tmp_path / "run")
-  assert trainer.run(c, wd, init_from=path)["step"] == 1
-  assert os.path.exists(os.path.join(wd, "init_from.json"))
+  # Fresh workdir: the file is read before anything compiles, and a misfit is one error.
+  with pytest.raises(init_from.InitFromError, match="no such file"):
+    trainer.run(c, str(tmp_path / "a"), init_from=str(tmp_path / "missing.pth"))
+  cae = os.path.join(FIX, "cae_checkpoint.pth")
+  with pytest.raises(init_from.InitFromError, match=r"unexpected keys \(4\): blocks.0.ls1.gamma"):
+    trainer.run(c, str(tmp_path / "b"), init_from=cae)
+  # A workdir with a checkpoint (here at the last step, so nothing is trained) resumes from it.
+  wd = str(tmp_path / "c")
+  built = trainer.build(c, sharding.make_mesh(c.mesh), steps_per_epoch=10, total_steps=1)
+  state = built.init(c.seed)
   ckpt = checkpoint.Checkpointer(wd, async_save=False)
-  teacher = ckpt.restore_parts(1, ("teacher_params",))["teacher_params"]["backbone"]
+  ckpt.save(1, state.replace(step=state.step + 1), None, faults.config_as_json(c))
   ckpt.close()
-  file_cls = init_from.read_backbone(path).state_dict["cls_token"]
-  # One EMA step (momentum 0.996) away from the file's weights, not from a random init.
-  assert np.abs(np.asarray(teacher["cls_token"]) - file_cls).max() < 1e-2
-  os.remove(os.path.join(wd, "init_from.json"))
   with caplog.at_level("INFO"):
-    assert trainer.run(c, wd, init_from=path)["step"] == 1  # resumed at the end: no step
+    assert trainer.run(c, wd, init_from=path)["step"] == 1
   assert "--init_from=" + path + " ignored" in caplog.text
   assert not os.path.exists(os.path.join(wd, "init_from.json"))
 
