@@ -76,9 +76,14 @@ def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
   )
   # --mode=linear_probe: 'cached' (features once, BN + Linear: fast) or 'dino' (DINO's
   # eval_linear.py: fresh crops every epoch, the [CLS] of the last n blocks; sslx/eval/probe.py).
+  # The cached probes' settings are sslx/eval/probe.py's ProbeSettings defaults.
   c.probe = ml_collections.ConfigDict(
     dict(
       protocol="cached",
+      linear=dict(optimizer="sgd", lr=0.1, batch_size=256, epochs=10, warmup_epochs=1.0),
+      attentive=dict(
+        optimizer="sgd", lr=0.1, batch_size=256, epochs=10, warmup_epochs=1.0, num_heads=0
+      ),
       dino=dict(
         n_last_blocks=4,
         avgpool=False,
