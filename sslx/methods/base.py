@@ -25,6 +25,11 @@ Optional, with defaults:
     computes the SERE overlaps only when someone asks for them.
   tokens(eval_params, images) -> [B, T, D] ([CLS] first) for the attentive probe.
   export_backbone(params, loss_state, weights) -> (torch state dict, metadata) for --mode=export.
+  import_backbone(params, loss_state, state_dict) -> (params, loss_state): the inverse, for
+    --init_from (sslx/models/init_from.py): a fresh init with the backbone replaced.
+  import_head(params, head_state_dict) -> params: an official projection head (--init_from_head).
+  block_features(eval_params, images, n_last_blocks, avgpool) -> [B, D'] for the DINO linear
+    protocol: the [CLS] of the last n blocks (and the mean patch token), after the final norm.
   attention() -> (forward, patch size) for --mode=attention: forward(eval_params, images) gives
     the last block's attention [B, heads, 1 + N, 1 + N].
   supports_addons / forward / loss_terms: methods that split their loss into a forward pass and
@@ -153,6 +158,38 @@ class Method(abc.ABC):
     """The backbone of `params` as a PyTorch state dict plus file metadata."""
     raise UnsupportedMode(f"no exporter for config.method={self.config.method!r}")
 
+  def import_backbone(
+    self, params: Any, loss_state: Any, state_dict: Mapping[str, np.ndarray]
+  ) -> tuple[Any, Any]:
+    """(params, loss_state) with the backbone taken from `state_dict` (export_backbone's layout).
+
+    `params` / `loss_state` are a fresh init: everything that is not the backbone (heads,
+    predictors, decoders, centres) keeps its initial value. Raises
+    sslx.models.torch_layout.LayoutError listing every missing, unexpected or mis-shaped key.
+    """
+    del params, loss_state, state_dict
+    raise UnsupportedMode(f"--init_from: no importer for config.method={self.config.method!r}")
+
+  def import_head(self, params: Any, head_state_dict: Mapping[str, np.ndarray]) -> Any:
+    """`params` with the projection head taken from an official checkpoint's `head.` entries
+    (prefix stripped); raises LayoutError on any mismatch."""
+    del params, head_state_dict
+    raise UnsupportedMode(
+      f"--init_from_head: no importer of official heads for config.method="
+      f"{self.config.method!r}; drop --init_from_head"
+    )
+
+  def block_features(
+    self, eval_params: Any, images: jax.Array, n_last_blocks: int, avgpool: bool
+  ) -> jax.Array:
+    """DINO's linear-protocol feature: the [CLS] of the last `n_last_blocks` blocks (each after
+    the final norm), with `avgpool` also the mean patch token of the last block -> [B, D']."""
+    del eval_params, images, n_last_blocks, avgpool
+    raise UnsupportedMode(
+      f"config.method={self.config.method!r} has no per-block [CLS] tokens for "
+      "config.probe.protocol='dino'; use the default protocol ('cached')"
+    )
+
   def attention(self) -> tuple[Forward, int]:
     """(forward(eval_params, images) -> last-block attention [B, h, 1+N, 1+N], patch size)."""
     raise UnsupportedMode(
@@ -277,6 +314,21 @@ class AddOn(Method):
     self, params: Any, loss_state: Any, weights: str
   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return self.base.export_backbone(params, loss_state, weights)
+
+  def import_backbone(
+    self, params: Any, loss_state: Any, state_dict: Mapping[str, np.ndarray]
+  ) -> tuple[Any, Any]:
+    # Importers replace only the backbone, so the add-on's own parameters (e.g. SERE's heads)
+    # pass through with their fresh init.
+    return self.base.import_backbone(params, loss_state, state_dict)
+
+  def import_head(self, params: Any, head_state_dict: Mapping[str, np.ndarray]) -> Any:
+    return self.base.import_head(params, head_state_dict)
+
+  def block_features(
+    self, eval_params: Any, images: jax.Array, n_last_blocks: int, avgpool: bool
+  ) -> jax.Array:
+    return self.base.block_features(eval_params, images, n_last_blocks, avgpool)
 
   def attention(self) -> tuple[Forward, int]:
     return self.base.attention()

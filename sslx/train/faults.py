@@ -47,6 +47,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
   "data.eval_test_split",
   "data.eval_resize",
   "data.eval_size",
+  "probe.",  # probe settings: evaluation only
 )
 
 

@@ -437,9 +437,21 @@ def quiet_libraries() -> None:
 
 
 def run(
-  config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after: int | None = None,
+  init_from: str | None = None,
+  init_from_key: str = "auto",
+  init_from_head: bool = False,
 ) -> dict[str, Any]:
   """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+  `init_from` (a file, sslx/models/init_from.py) sets the backbone of the initial student and
+  teacher of a fresh workdir (and with `init_from_head` the projection head, for DINO);
+  `init_from_key` picks the network in files holding several. A workdir that has a checkpoint
+  resumes from it and ignores `init_from` (logged), so the command that started a run also
+  resumes it after a preemption.
 
   SIGTERM and SIGINT end the run after the current step with a checkpoint of it
   (sslx/train/preemption.py); the results then hold 'preempted': the signal's name.
@@ -452,7 +464,7 @@ def run(
   Returns the last evaluation results and the final step (used by scripts/tests).
   """
   with preemption.StopOnSignal() as stop:
-    return _run(config, workdir, stop_after, stop)
+    return _run(config, workdir, stop_after, stop, (init_from, init_from_key, init_from_head))
 
 
 def _resume_point(config, workdir: str, ckpt) -> None:
@@ -527,7 +539,11 @@ def _restore_latest(ckpt, abstract_state, data_iter):
 
 
 def _run(
-  config, workdir: str, stop_after: int | None, stop: preemption.StopOnSignal
+  config,
+  workdir: str,
+  stop_after: int | None,
+  stop: preemption.StopOnSignal,
+  init_from: tuple[str | None, str, bool] = (None, "auto", False),
 ) -> dict[str, Any]:
   quiet_libraries()
   # ---- Checks that need no compiling: settings, workdir, the checkpoint's config ------------
@@ -542,6 +558,25 @@ def _run(
   )
   stop.set_sync_point(ckpt.reached_preemption)
   _resume_point(config, workdir, ckpt)
+  init_path, init_key, init_head = init_from
+  if init_path and ckpt.latest_step() is not None:
+    logging.info(
+      "init_from: %s has a checkpoint (step %d): resuming from it, --init_from=%s ignored",
+      workdir,
+      ckpt.latest_step(),
+      init_path,
+    )
+    init_path = None
+  backbone = None
+  if init_path:  # read before anything compiles: a bad file fails at once
+    from sslx.models import init_from as init_from_lib
+
+    backbone = init_from_lib.read_backbone(init_path, init_key)
+    if init_head and not backbone.head:
+      raise init_from_lib.InitFromError(
+        f"--init_from_head: {init_path} ({backbone.source}) has no projection head next to "
+        "the backbone (only DINO / iBOT / SERE training checkpoints do); drop --init_from_head"
+      )
   config_json = faults.config_as_json(config)
   if is_main:  # only now: a refused config must not replace the record of the run's own
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -623,6 +658,10 @@ def _run(
     )
   if state is None:
     state = built.init(config.seed)
+    if backbone is not None:
+      state = _with_backbone(
+        method, state, state_sharding, backbone, init_path, init_key, workdir, init_head
+      )
   start_step = int(jax.device_get(state.step))
 
   # ---- Evaluators ----------------------------------------------------------------
@@ -752,6 +791,52 @@ def _run(
       preemption.PREEMPTED_EXIT_CODE,
     )
   return results
+
+
+def _with_backbone(
+  method, state, state_sharding, backbone, path: str, key: str, workdir: str, head: bool = False
+):
+  """The initial state with the student's and the teacher's backbone read from `path`."""
+  from sslx.models import init_from as init_from_lib
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    params, loss_state = multihost_utils.process_allgather((state.params, state.loss_state))
+  else:
+    params, loss_state = jax.device_get((state.params, state.loss_state))
+  params, loss_state, backbone = init_from_lib.apply_backbone(
+    method, params, loss_state, backbone, path, head
+  )
+
+  def put(tree, shardings):
+    return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+      tree,
+      shardings,
+    )
+
+  teacher = method.teacher_params(params) if method.has_teacher else None
+  state = state.replace(
+    params=put(params, state_sharding.params),
+    loss_state=put(loss_state, state_sharding.loss_state),
+    teacher_params=put(teacher, state_sharding.teacher_params) if teacher is not None else None,
+  )
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "init_from.json"), "w") as f:
+      json.dump(
+        {
+          "path": os.path.abspath(path),
+          "key": key,
+          "head": head,
+          "source": backbone.source,
+          "tensors": len(backbone.state_dict),
+          "ignored": list(backbone.ignored),
+        },
+        f,
+        indent=2,
+      )
+  return state
 
 
 def _report_bad_files(data_iter: DevicePrefetcher, train_ds, reported: set[int]) -> set[int]:
