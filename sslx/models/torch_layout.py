@@ -436,12 +436,16 @@ def fit_pos_embed(state_dict: Mapping[str, Any], like: Params) -> tuple[StateDic
   side_want = int(round(want**0.5))
   side = pos_grid_of(sd)
   table = np.asarray(sd["pos_embed"], np.float32)
-  if side == side_want or table.shape[-1] != np.shape(like["pos_embed"])[-1]:
+  if side is None or side == side_want or table.shape[-1] != np.shape(like["pos_embed"])[-1]:
     return sd, None  # same grid, or a width mismatch that the strict check reports
+  import jax.numpy as jnp
+
   from sslx.models import vit  # here: vit is heavy and only this path needs it
 
   d = table.shape[-1]
-  grid = vit.interpolate_pos_grid(table[0, 1:].reshape(side, side, d), (side_want, side_want))
+  grid = vit.interpolate_pos_grid(
+    jnp.asarray(table[0, 1:].reshape(side, side, d)), (side_want, side_want)
+  )
   sd["pos_embed"] = np.concatenate(
     [table[:, :1], np.asarray(grid, np.float32).reshape(1, side_want * side_want, d)], axis=1
   )

@@ -67,7 +67,9 @@ def _opaque_class(name: str) -> Any:
   """A callable standing for global `name`: calling it, or `cls.__new__(cls)`, gives an Opaque."""
 
   class _Stand(Opaque):
-    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:  # noqa: D102
+    # Returns the base class on purpose: unpickling calls cls.__new__(cls) and must get a plain
+    # Opaque record, not an instance of this stand-in.
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:  # type: ignore[misc]
       return Opaque(name, args, kwargs)
 
   _Stand.__qualname__ = _Stand.__name__ = name

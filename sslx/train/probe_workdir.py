@@ -105,6 +105,7 @@ def evaluate(
   batches = lambda split: pipeline.eval_dataset(dc, split, batch_size=ec.batch_size)  # noqa: E731
   classes = pipeline.eval_num_classes(dc)
   features = _on_uint8(method.features, teacher, config)
+  res: dict[str, Any]
   pc = config.get("probe") or {}
   seed = int(pc.get("seed", 0)) if pc else 0
   max_train = int(pc.get("max_train", 0)) if pc else 0
