@@ -2,6 +2,8 @@ r"""sslx entry point: flags -> config -> trainer.
 
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/run \
       [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe|export|attention]
+  python main.py --mode=finetune --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft \
+      --config.finetune.pretrained=/tmp/run [--config.finetune.weights=teacher|student]
 
 A workdir that already holds a checkpoint resumes from it (a config that changes shapes, the
 method or the schedules is refused: sslx/train/faults.py). SIGTERM or Ctrl-C stops training after
@@ -10,6 +12,11 @@ Errors a user can fix end with one `error: ...` line and status 1. `--mode=knn` 
 weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` and
 `attentive_probe` train a probe on its frozen features (sslx/eval/probe.py).
 `--random_init` evaluates freshly initialised weights instead (the baselines).
+`--mode=finetune` (configs/finetune.py) trains a classifier on a pretrained ViT: the backbone
+starts from the latest checkpoint of the pretraining workdir `--config.finetune.pretrained` (its
+teacher, or `--config.finetune.weights=student`), or fresh with `--random_init` (the
+from-scratch baseline); it resumes, stops on SIGTERM and is evaluated (top-1 / top-5) like any
+training run (sslx/methods/finetune.py). `--mode=train` with that config does the same.
 `--mode=export [--weights=teacher|student]` writes the latest checkpoint's backbone as PyTorch
 weights (timm / torchvision names) to <workdir>/export/ (sslx/train/export_workdir.py).
 `--mode=attention [--num_images=8] [--images=a.jpg,folder] [--keep_mass=0.6]` draws the ViT
@@ -31,7 +38,7 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "knn", "linear_probe", "attentive_probe", "export", "attention"],
+  ["train", "finetune", "knn", "linear_probe", "attentive_probe", "export", "attention"],
   "What to do with the workdir.",
 )
 flags.DEFINE_enum(
@@ -40,7 +47,12 @@ flags.DEFINE_enum(
   ["teacher", "student"],
   "--mode=export: the EMA teacher (what the kNN evaluates) or the student.",
 )
-flags.DEFINE_bool("random_init", False, "Evaluate freshly initialised weights (eval modes only).")
+flags.DEFINE_bool(
+  "random_init",
+  False,
+  "Evaluation modes: evaluate freshly initialised weights. --mode=finetune: train from "
+  "scratch instead of --config.finetune.pretrained (the baseline).",
+)
 flags.DEFINE_integer("num_images", 8, "--mode=attention: how many images (rows).")
 flags.DEFINE_list(
   "images",
@@ -80,7 +92,17 @@ def main(argv):
   from sslx.train import trainer
 
   try:
-    if FLAGS.mode == "train":
+    if FLAGS.mode == "finetune" or (FLAGS.mode == "train" and config.method == "finetune"):
+      if config.method != "finetune":
+        raise UserError(
+          f"--mode=finetune needs a fine-tuning config (--config=configs/finetune.py[:preset]); "
+          f"{config.method!r} is a pretraining method: use --mode=train"
+        )
+      if FLAGS.random_init:
+        with config.unlocked():
+          config.finetune.random_init = True
+      results = trainer.run(config, FLAGS.workdir)
+    elif FLAGS.mode == "train":
       results = trainer.run(config, FLAGS.workdir)
     elif FLAGS.mode == "export":
       from sslx.train import export_workdir

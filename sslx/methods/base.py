@@ -11,6 +11,7 @@ Required (abstract; registration fails with a one-line error naming what is miss
   loss_state_rule (class attribute): how the loss state combines under gradient accumulation.
 
 Optional, with defaults:
+  check_config(config) (classmethod): refuses impossible settings before anything is built.
   has_teacher (True): keep an EMA teacher in the train state. A method without one (CAE) keeps
     no second copy of its parameters; `teacher_params` is then never called and its loss gets
     None for the teacher.
@@ -24,6 +25,11 @@ Optional, with defaults:
   extra_batch_keys: batch entries the step needs beyond `BASE_BATCH_KEYS`; the data pipeline
     computes the SERE overlaps only when someone asks for them.
   tokens(eval_params, images) -> [B, T, D] ([CLS] first) for the attentive probe.
+  device_views(rng, batch) -> the views `loss` takes, from the device batch; None (default):
+    the trainer's multi-crop photometric augmentation (config.augment) makes them.
+  is_classifier / logits(eval_params, images) -> [B, K]: a method whose network ends in a
+    classifier (fine-tuning) is evaluated by its top-1 / top-5 on the evaluation split
+    instead of the kNN of its features.
   export_backbone(params, loss_state, weights) -> (torch state dict, metadata) for --mode=export.
   attention() -> (forward, patch size) for --mode=attention: forward(eval_params, images) gives
     the last block's attention [B, heads, 1 + N, 1 + N].
@@ -84,6 +90,7 @@ class Method(abc.ABC):
   loss_state_rule: ClassVar[LossStateRule]
   has_teacher: ClassVar[bool] = True
   supports_addons: ClassVar[bool] = False
+  is_classifier: ClassVar[bool] = False
   extra_batch_keys: ClassVar[frozenset[str]] = frozenset()
 
   # ---- required -------------------------------------------------------------------------
@@ -108,6 +115,12 @@ class Method(abc.ABC):
     """[B, D] features of normalised float images (kNN, linear probe)."""
 
   # ---- optional -------------------------------------------------------------------------
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Raises a UserError for settings the method cannot run with, before anything is built
+    (the trainer calls it first); default: accepts all."""
+    del config
+
   def teacher_params(self, params: Any) -> Any:
     """The part of `params` the EMA teacher tracks."""
     return params
@@ -135,6 +148,16 @@ class Method(abc.ABC):
   def batch_keys(self) -> frozenset[str]:
     """The batch entries sent to the device."""
     return BASE_BATCH_KEYS | self.extra_batch_keys
+
+  def device_views(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+    """The views `loss` takes, made on the device from the batch; None: the trainer's
+    multi-crop augmentation makes them."""
+    del rng, batch
+    return None
+
+  def logits(self, eval_params: Any, images: jax.Array) -> jax.Array:
+    """[B, K] class scores of normalised float images (methods with `is_classifier`)."""
+    raise UnsupportedMode(f"config.method={self.config.method!r} has no classifier")
 
   def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """[B, T, D] tokens, [CLS] first, for the attentive probe."""
@@ -243,6 +266,16 @@ class AddOn(Method):
   @property
   def supports_addons(self) -> bool:  # type: ignore[override]
     return True
+
+  @property
+  def is_classifier(self) -> bool:  # type: ignore[override]
+    return self.base.is_classifier
+
+  def device_views(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+    return self.base.device_views(rng, batch)
+
+  def logits(self, eval_params: Any, images: jax.Array) -> jax.Array:
+    return self.base.logits(eval_params, images)
 
   @property
   def batch_keys(self) -> frozenset[str]:
