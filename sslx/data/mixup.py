@@ -44,18 +44,21 @@ def batch_mix_params(
     prob: probability of mixing this batch at all.
     switch_prob: with both kinds enabled, the probability of cutmix rather than mixup.
   """
-  k_apply, k_switch, k_mix, k_cut = jax.random.split(rng, 4)
+  k_u, k_beta = jax.random.split(rng)
+  # One draw for both coin flips: every separate random call costs compile time on CPUs.
+  u = jax.random.uniform(k_u, (2,))
   one = jnp.ones([], jnp.float32)
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return one, jnp.zeros([], bool)
   if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(k_switch) < switch_prob
+    use_cutmix = u[1] < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else one
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else one
-  apply = jax.random.uniform(k_apply) < prob
-  lam = jnp.where(apply, jnp.where(use_cutmix, lam_cut, lam_mix), 1.0).astype(jnp.float32)
+  # One Beta draw with the chosen kind's alpha (one gamma sampler to compile, not two).
+  alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
+  lam = jax.random.beta(k_beta, alpha, alpha)
+  apply = u[0] < prob
+  lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
   return lam, use_cutmix & apply
 
 
@@ -71,9 +74,10 @@ def cutmix_box(
   ratio = jnp.sqrt(1.0 - lam)
   cut_h = jnp.floor(height * ratio).astype(jnp.int32)
   cut_w = jnp.floor(width * ratio).astype(jnp.int32)
-  k_y, k_x = jax.random.split(rng)
-  cy = jax.random.randint(k_y, (), 0, height)
-  cx = jax.random.randint(k_x, (), 0, width)
+  u = jax.random.uniform(rng, (2,))
+  # Uniform integer centre in 0 .. side - 1 (numpy's randint(0, side)).
+  cy = jnp.minimum(jnp.floor(u[0] * height).astype(jnp.int32), height - 1)
+  cx = jnp.minimum(jnp.floor(u[1] * width).astype(jnp.int32), width - 1)
   y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
   x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
   kept = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / float(height * width)
@@ -156,10 +160,13 @@ def random_erasing(
   if prob <= 0:
     return images
   b, h, w, c = images.shape
-  k_do, k_area, k_aspect, k_top, k_left, k_noise = jax.random.split(rng, 6)
-  target = jax.random.uniform(k_area, (b, attempts), minval=area[0], maxval=area[1]) * (h * w)
+  k_u, k_noise = jax.random.split(rng)
+  # One uniform draw for everything but the noise (each random call costs compile time):
+  # [area fraction x attempts | log aspect x attempts | top | left | erase?].
+  u = jax.random.uniform(k_u, (b, 2 * attempts + 3))
+  target = (area[0] + (area[1] - area[0]) * u[:, :attempts]) * (h * w)
   log_lo, log_hi = jnp.log(aspect[0]), jnp.log(aspect[1])
-  ratio = jnp.exp(jax.random.uniform(k_aspect, (b, attempts), minval=log_lo, maxval=log_hi))
+  ratio = jnp.exp(log_lo + (log_hi - log_lo) * u[:, attempts : 2 * attempts])
   eh = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
   ew = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
   fits = (eh < h) & (ew < w)
@@ -167,8 +174,8 @@ def random_erasing(
   eh = jnp.take_along_axis(eh, first[:, None], axis=1)[:, 0]
   ew = jnp.take_along_axis(ew, first[:, None], axis=1)[:, 0]
   # top uniform in 0 .. h - eh inclusive (Python's random.randint), left likewise.
-  top = jnp.floor(jax.random.uniform(k_top, (b,)) * (h - eh + 1)).astype(jnp.int32)
-  left = jnp.floor(jax.random.uniform(k_left, (b,)) * (w - ew + 1)).astype(jnp.int32)
+  top = jnp.floor(u[:, -3] * (h - eh + 1)).astype(jnp.int32)
+  left = jnp.floor(u[:, -2] * (w - ew + 1)).astype(jnp.int32)
   rows = jnp.arange(h)[None, :, None]
   cols = jnp.arange(w)[None, None, :]
   inside = (
@@ -177,7 +184,7 @@ def random_erasing(
     & (cols >= left[:, None, None])
     & (cols < (left + ew)[:, None, None])
   )
-  erase = (jax.random.uniform(k_do, (b,)) < prob) & jnp.any(fits, axis=1)
+  erase = (u[:, -1] < prob) & jnp.any(fits, axis=1)
   mask = (inside & erase[:, None, None])[..., None]
   noise = jax.random.normal(k_noise, (b, h, w, c), images.dtype)
   return jnp.where(mask, noise, images)
