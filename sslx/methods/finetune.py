@@ -249,7 +249,7 @@ def load_backbone(
     sd, _, step, weights = export_workdir.backbone_state_dict(pre_config, source, weights)
   except UserError as e:
     raise FinetuneError(f"config.finetune.pretrained={source!r}: {e}") from e
-  shapes = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
+  shapes = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)  # shapes only
   try:
     loaded = torch_layout.vit_from_torch(sd, shapes, pos_embed=pos_embed)
   except torch_layout.LayoutError as e:
@@ -326,10 +326,12 @@ class Finetune(Method):
     if fc.random_init:
       return params, {}
     if self._pretrained is None:
-      # Read once on the host; a closed-over constant of the (jitted) init afterwards.
-      self._pretrained = load_backbone(
-        fc.pretrained, params["backbone"], weights=fc.weights, pos_embed=self._fixed_positions()
-      )
+      # Read once, on the host even while init is being traced (jax.eval_shape, jit): the
+      # restore creates concrete arrays; a closed-over constant of the traced init afterwards.
+      with jax.ensure_compile_time_eval():
+        self._pretrained = load_backbone(
+          fc.pretrained, params["backbone"], weights=fc.weights, pos_embed=self._fixed_positions()
+        )
     return {**params, "backbone": jax.tree.map(jnp.asarray, self._pretrained)}, {}
 
   def _fixed_positions(self) -> np.ndarray | None:
