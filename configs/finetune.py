@@ -17,7 +17,7 @@ pretraining one (variant, patch size, positions); drop path may differ.
 
   # Fashion-MNIST on the CPU, from the `make demo` network, and the from-scratch baseline:
   python main.py --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft_fmnist \
-      --config.finetune.pretrained=runs/demo/pretrained
+      --config.finetune.pretrained=runs/demo
   python main.py --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft_fmnist_scratch \
       --random_init
 
