@@ -98,9 +98,7 @@ def test_layer_decay_follows_the_official_rule(scan, pooling):
   seen = set()
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = [ft._name(k) for k in path]
-    scale = np.broadcast_to(
-      ft.jax.tree_util.tree_reduce(lambda a, b: a, [_at(scales, path)]), leaf.shape
-    )
+    scale = np.broadcast_to(_at(scales, path), leaf.shape)
     stacked = names[:2] == ["backbone", "blocks"]
     for i in range(leaf.shape[0]) if stacked else [None]:
       name = _timm_name(names, i)
