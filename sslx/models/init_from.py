@@ -162,12 +162,42 @@ def _beit_to_timm(sd: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def read_workdir(path: str, key: str = "auto") -> Backbone:
+  """The backbone of an sslx workdir's latest checkpoint, as `--mode=export` writes it: the
+  teacher ('auto', 'teacher') or the student ('student'), in the workdir's own config."""
+  import json
+
+  import ml_collections
+
+  from sslx.train import export_workdir  # here: the train package imports this module
+
+  if key not in KEYS:
+    raise InitFromError(f"--init_from={path} is a workdir: --init_from_key must be one of {KEYS}")
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise InitFromError(
+      f"--init_from={path} is a folder but not an sslx workdir (no config.json); pass a "
+      "workdir of a training run or a weights file"
+    )
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  weights = "student" if key == "student" else "teacher"
+  try:
+    sd, _, step, weights = export_workdir.backbone_state_dict(config, path, weights)
+  except UserError as e:
+    raise InitFromError(f"--init_from={path}: {e}") from e
+  return Backbone(sd, f"workdir, step {step}, {weights}", ())
+
+
 def read_backbone(path: str, key: str = "auto") -> Backbone:
-  """The backbone state dict of `path` by the rules of this module's docstring.
+  """The backbone state dict of `path` by the rules of this module's docstring; a folder is read
+  as an sslx workdir (`read_workdir`).
 
   Raises:
     InitFromError: a missing or unreadable file, an unknown `key`, or no network in the file.
   """
+  if os.path.isdir(path):
+    return read_workdir(path, key)
   obj = read_file(path)
   sd, where, choice = _pick_entry(obj, key, path)
   sd = _strip(sd, "module.")

@@ -127,7 +127,8 @@ def evaluate(
     def progress(epoch: int, loss: float) -> None:
       logging.info("linear_probe (dino) epoch %d/%d: loss %.4f", epoch + 1, dino.epochs, loss)
 
-    res = probe.dino_linear_probe(
+    res = {"protocol": "dino"}
+    res |= probe.dino_linear_probe(
       blocks,
       batches(dc.eval_train_split),
       batches(dc.eval_test_split),
@@ -137,7 +138,6 @@ def evaluate(
       max_test=max_test,
       on_epoch=progress,
     )
-    res["protocol"] = "dino"
   elif mode == "linear_probe":
     settings = probe.ProbeSettings.from_config(pc.get("linear") if pc else None, seed)
     res = probe.linear_probe(
@@ -165,7 +165,7 @@ def evaluate(
     "random init" if random_init else (f"init_from {init_from}" if init_from else f"step {step}")
   )
   logging.info("%s %s: top-1 %.2f%% top-5 %.2f%%", mode, what, res["top1"], res["top5"])
-  out = {"step": step, "random_init": random_init, **res}
+  out: dict[str, Any] = {"step": step, "random_init": random_init, **res}
   if init_from:
     out["init_from"] = init_from
   return out

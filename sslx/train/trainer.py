@@ -106,17 +106,19 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, r_aug, r_model = jax.random.split(state.rng, 3)
-    if "canvas" in batch:  # config.data.crops_on = 'device'
-      batch = device_crops.canvas_crops(
-        batch,
-        config.data.global_crops.size,
-        config.data.local_crops.size,
-        config.data.interpolation,
+    views = method.device_views(r_aug, batch)  # a method's own (fine-tuning), or:
+    if views is None:
+      if "canvas" in batch:  # config.data.crops_on = 'device'
+        batch = device_crops.canvas_crops(
+          batch,
+          config.data.global_crops.size,
+          config.data.local_crops.size,
+          config.data.interpolation,
+        )
+      g, l = augment.augment_multicrop(
+        r_aug, batch["global_crops"], batch["local_crops"], config.augment
       )
-    g, l = augment.augment_multicrop(
-      r_aug, batch["global_crops"], batch["local_crops"], config.augment
-    )
-    views = {**batch, "global": g, "local": l}
+      views = {**batch, "global": g, "local": l}
     sched = {k: f(state.step) for k, f in method_scheds.items()}
     sched["step"] = state.step
 
@@ -258,14 +260,18 @@ def _accumulate(grad_fn, params, loss_state, views, rng, k: int, rule: LossState
   )
 
 
-def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndarray]:
+def make_feature_fn(
+  method, mesh, config, forward: Callable | None = None
+) -> Callable[[Any, np.ndarray], np.ndarray]:
   """uint8 images (the full eval batch, same on every process) -> numpy features.
 
   Each process sends its own slice of the batch to its devices and gathers the
   result back, so evaluation works unchanged on one CPU and on several hosts.
+  `forward` (default `method.features`): (eval params, normalised images) -> outputs, e.g.
+  `method.logits`.
   """
   features = knn.eval_forward(
-    method.features, tuple(config.augment.mean), tuple(config.augment.std)
+    forward or method.features, tuple(config.augment.mean), tuple(config.augment.std)
   )
 
   shard = sharding.batch_sharding(mesh)
@@ -302,6 +308,26 @@ def evaluate_knn(config, feature_fn, params, num_classes: int | None = None) -> 
     k=ec.knn_k,
     temperature=ec.knn_temperature,
   )
+
+
+def evaluate_classifier(config, logits_fn, params) -> dict[str, float]:
+  """Top-1 / top-5 (percent) of a classifier on config.data.eval_test_split (fine-tuning).
+
+  `logits_fn(params, uint8 images) -> numpy [b, K]`; padded examples (mask False) are skipped.
+  """
+  dc = config.data
+  hits1 = hits5 = total = 0
+  for batch in pipeline.eval_dataset(dc, dc.eval_test_split, batch_size=config.eval.batch_size):
+    logits = np.asarray(logits_fn(params, batch["image"]), np.float32)
+    keep = np.asarray(batch["mask"], bool)
+    labels = np.asarray(batch["label"])[keep]
+    top = np.argsort(-logits[keep], axis=1)[:, :5]
+    hits1 += int(np.sum(top[:, 0] == labels))
+    hits5 += int(np.sum(np.any(top == labels[:, None], axis=1)))
+    total += int(keep.sum())
+  if not total:
+    raise pipeline.DataError(f"the evaluation split {dc.eval_test_split!r} has no images")
+  return {"top1": 100.0 * hits1 / total, "top5": 100.0 * hits5 / total, "num_test": total}
 
 
 def _check_finite(window: list, first_step: int, config, last_finite: int | None) -> None:
@@ -558,7 +584,11 @@ def _run(
   )
   stop.set_sync_point(ckpt.reached_preemption)
   _resume_point(config, workdir, ckpt)
+  method = make_method(config)
   init_path, init_key, init_head = init_from
+  start = method.start_weights()  # e.g. fine-tuning's pretrained network
+  if not init_path and start is not None:
+    init_path, init_key = start
   if init_path and ckpt.latest_step() is not None:
     logging.info(
       "init_from: %s has a checkpoint (step %d): resuming from it, --init_from=%s ignored",
@@ -600,7 +630,6 @@ def _run(
   ec = config.eval
   # Checked now: a kNN that cannot run should stop the run before it compiles, not hours in.
   eval_classes = pipeline.eval_num_classes(config.data) if ec.knn_every_steps else None
-  method = make_method(config)
   train_ds = pipeline.train_dataset(
     config.data,
     seed=config.seed,
@@ -658,7 +687,7 @@ def _run(
     )
   if state is None:
     state = built.init(config.seed)
-    if backbone is not None:
+    if backbone is not None and init_path:
       state = _with_backbone(
         method, state, state_sharding, backbone, init_path, init_key, workdir, init_head
       )
@@ -669,17 +698,25 @@ def _run(
   writer = metrics_lib.create_writer(workdir, is_main_process=is_main, resume_step=start_step)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
-  feature_fn = make_feature_fn(method, mesh, config)
+  # A classifier (fine-tuning) is evaluated by its own top-1 / top-5 instead of the kNN, on the
+  # same schedule (config.eval.knn_every_steps).
+  classifier = method.is_classifier
+  eval_name = "eval" if classifier else "knn"
+  feature_fn = make_feature_fn(method, mesh, config, method.logits if classifier else None)
   results: dict[str, Any] = {}
 
   def run_evals(step: int, params):
     t0 = time.time()
-    res = evaluate_knn(config, feature_fn, params, eval_classes)
-    scalars = {f"knn/{k}": v for k, v in res.items()}
+    if classifier:
+      res = evaluate_classifier(config, feature_fn, params)
+    else:
+      res = evaluate_knn(config, feature_fn, params, eval_classes)
+    scalars = {f"{eval_name}/{k}": v for k, v in res.items()}
     writer.write_scalars(step, scalars)
     logging.info(
-      "step %d kNN top-1 %.2f%% top-5 %.2f%% (%.1f s)",
+      "step %d %s top-1 %.2f%% top-5 %.2f%% (%.1f s)",
       step,
+      "classifier" if classifier else "kNN",
       res["top1"],
       res["top5"],
       time.time() - t0,
@@ -687,7 +724,7 @@ def _run(
     return res
 
   if ec.knn_every_steps and start_step == 0 and ec.get("knn_at_start", False):
-    results["knn_init"] = run_evals(0, eval_params_of(method, state))
+    results[f"{eval_name}_init"] = run_evals(0, eval_params_of(method, state))
 
   # ---- Train loop -------------------------------------------------------------------
   compiled = None
@@ -769,7 +806,7 @@ def _run(
       if preempted:
         break  # no evaluation: the grace period before SIGKILL is for the save
       if ec.knn_every_steps and (done % ec.knn_every_steps == 0 or is_last):
-        results["knn"] = run_evals(done, eval_params_of(method, state))
+        results[eval_name] = run_evals(done, eval_params_of(method, state))
       if done == stop_after:
         break
   finally:
