@@ -47,7 +47,7 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "knn", "linear_probe", "attentive_probe", "export", "attention"],
+  ["train", "finetune", "knn", "linear_probe", "attentive_probe", "export", "attention"],
   "What to do with the workdir.",
 )
 flags.DEFINE_enum(
