@@ -2,6 +2,8 @@ r"""sslx entry point: flags -> config -> trainer.
 
   python main.py --config=configs/dino.py:fashion_mnist --workdir=/tmp/run \
       [--config.batch_size=256 ...] [--mode=train|knn|linear_probe|attentive_probe|export|attention]
+  python main.py --mode=finetune --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft \
+      --init_from=/tmp/run [--init_from_key=teacher|student]
 
 A workdir that already holds a checkpoint resumes from it (a config that changes shapes, the
 method or the schedules is refused: sslx/train/faults.py). SIGTERM or Ctrl-C stops training after
@@ -10,6 +12,20 @@ Errors a user can fix end with one `error: ...` line and status 1. `--mode=knn` 
 weighted kNN evaluation on the latest checkpoint of --workdir; `linear_probe` and
 `attentive_probe` train a probe on its frozen features (sslx/eval/probe.py).
 `--random_init` evaluates freshly initialised weights instead (the baselines).
+`--init_from=FILE [--init_from_key=auto|teacher|student|ENTRY] [--init_from_head]` starts from
+published weights: an official DINO / iBOT / SERE / MoCo v3 / CAE checkpoint (.pth, read without
+torch), timm names or an sslx export (sslx/models/init_from.py). On a fresh workdir
+`--mode=train` starts its student and teacher from that backbone (and with `--init_from_head`
+DINO's projection head; a workdir with a checkpoint resumes and ignores it, so
+the same command resumes); `--mode=knn|linear_probe|attentive_probe` evaluate the file's weights
+without any checkpoint. `--config.probe.protocol=dino` makes `linear_probe` DINO's linear
+protocol (sslx/eval/probe.py). `--init_from` may also name a workdir: its latest checkpoint's
+backbone (the teacher unless --init_from_key=student).
+`--mode=finetune` (configs/finetune.py) trains a classifier on a pretrained ViT whose backbone
+starts from `--init_from` (a workdir or a file, also settable as config.finetune.pretrained), or
+fresh with `--random_init` (the from-scratch baseline); it resumes, stops on SIGTERM and is
+evaluated (top-1 / top-5) like any training run (sslx/methods/finetune.py). `--mode=train` with
+that config does the same.
 `--mode=export [--weights=teacher|student]` writes the latest checkpoint's backbone as PyTorch
 weights (timm / torchvision names) to <workdir>/export/ (sslx/train/export_workdir.py).
 `--mode=attention [--num_images=8] [--images=a.jpg,folder] [--keep_mass=0.6]` draws the ViT
@@ -31,7 +47,7 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "knn", "linear_probe", "attentive_probe", "export", "attention"],
+  ["train", "finetune", "knn", "linear_probe", "attentive_probe", "export", "attention"],
   "What to do with the workdir.",
 )
 flags.DEFINE_enum(
@@ -40,7 +56,31 @@ flags.DEFINE_enum(
   ["teacher", "student"],
   "--mode=export: the EMA teacher (what the kNN evaluates) or the student.",
 )
-flags.DEFINE_bool("random_init", False, "Evaluate freshly initialised weights (eval modes only).")
+flags.DEFINE_bool(
+  "random_init",
+  False,
+  "Evaluation modes: evaluate freshly initialised weights. --mode=finetune: train from "
+  "scratch (the baseline).",
+)
+flags.DEFINE_string(
+  "init_from",
+  None,
+  "A backbone file (official DINO / iBOT / SERE / MoCo v3 / CAE .pth, timm names, an sslx "
+  "export) or a workdir (its latest checkpoint): the initial weights of a fresh "
+  "--mode=train|finetune workdir (ignored when it has a checkpoint), or the weights "
+  "--mode=knn|linear_probe|attentive_probe evaluate.",
+)
+flags.DEFINE_bool(
+  "init_from_head",
+  False,
+  "--init_from with --mode=train: also load the projection head of a DINO checkpoint.",
+)
+flags.DEFINE_string(
+  "init_from_key",
+  "auto",
+  "--init_from: 'auto' (what the official evaluations read), 'teacher', 'student', or the "
+  "name of a top-level entry of the file.",
+)
 flags.DEFINE_integer("num_images", 8, "--mode=attention: how many images (rows).")
 flags.DEFINE_list(
   "images",
@@ -80,8 +120,23 @@ def main(argv):
   from sslx.train import trainer
 
   try:
-    if FLAGS.mode == "train":
-      results = trainer.run(config, FLAGS.workdir)
+    if FLAGS.init_from and FLAGS.mode in ("export", "attention"):
+      raise UserError(f"--init_from does not apply to --mode={FLAGS.mode}; drop it")
+    if FLAGS.mode == "finetune" or (FLAGS.mode == "train" and config.method == "finetune"):
+      from sslx.methods import finetune
+
+      results = trainer.run(
+        finetune.with_start(config, FLAGS.init_from, FLAGS.init_from_key, FLAGS.random_init),
+        FLAGS.workdir,
+      )
+    elif FLAGS.mode == "train":
+      results = trainer.run(
+        config,
+        FLAGS.workdir,
+        init_from=FLAGS.init_from,
+        init_from_key=FLAGS.init_from_key,
+        init_from_head=FLAGS.init_from_head,
+      )
     elif FLAGS.mode == "export":
       from sslx.train import export_workdir
 
@@ -97,12 +152,19 @@ def main(argv):
         keep=FLAGS.keep_mass,
         random_init=FLAGS.random_init,
       )
-    elif FLAGS.mode == "knn" and not FLAGS.random_init:
+    elif FLAGS.mode == "knn" and not FLAGS.random_init and not FLAGS.init_from:
       results = trainer.evaluate_workdir(config, FLAGS.workdir)
     else:
       from sslx.train import probe_workdir
 
-      results = probe_workdir.evaluate(config, FLAGS.workdir, FLAGS.mode, FLAGS.random_init)
+      results = probe_workdir.evaluate(
+        config,
+        FLAGS.workdir,
+        FLAGS.mode,
+        FLAGS.random_init,
+        init_from=FLAGS.init_from,
+        init_from_key=FLAGS.init_from_key,
+      )
   except (UserError, trainer.TrainingDiverged, FileNotFoundError) as e:
     # Problems the user can fix: one clear message, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)

@@ -121,15 +121,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Probes (sslx/eval/probe.py; paper §5.2): linear = BN(no affine) + Linear on the CLS,
   # LARS lr 6.4 at batch 16384; attentive = cross-attention from a learned query over all tokens,
   # BN(no affine), Linear, SGD momentum 0.9 lr 0.4 at batch 8192; 90 epochs, 10 warm-up, no wd.
-  c.probe = ml_collections.ConfigDict(
+  c.probe.update(
     dict(
       linear=dict(optimizer="lars", lr=6.4, batch_size=16384, epochs=90, warmup_epochs=10.0),
       attentive=dict(
         optimizer="sgd", lr=0.4, batch_size=8192, epochs=90, warmup_epochs=10.0, num_heads=0
       ),
-      max_train=0,
-      max_test=0,
-      seed=0,
     )
   )
   return c

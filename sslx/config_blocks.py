@@ -74,6 +74,31 @@ def checkpoint_and_eval(c: ml_collections.ConfigDict) -> None:
   c.eval = ml_collections.ConfigDict(
     dict(knn_every_steps=25000, knn_at_start=False, knn_k=20, knn_temperature=0.07, batch_size=512)
   )
+  # --mode=linear_probe: 'cached' (features once, BN + Linear: fast) or 'dino' (DINO's
+  # eval_linear.py: fresh crops every epoch, the [CLS] of the last n blocks; sslx/eval/probe.py).
+  # The cached probes' settings are sslx/eval/probe.py's ProbeSettings defaults.
+  c.probe = ml_collections.ConfigDict(
+    dict(
+      protocol="cached",
+      linear=dict(optimizer="sgd", lr=0.1, batch_size=256, epochs=10, warmup_epochs=1.0),
+      attentive=dict(
+        optimizer="sgd", lr=0.1, batch_size=256, epochs=10, warmup_epochs=1.0, num_heads=0
+      ),
+      dino=dict(
+        n_last_blocks=4,
+        avgpool=False,
+        lr_per_256=0.001,
+        batch_size=1024,
+        epochs=100,
+        momentum=0.9,
+        crop_scale=(0.08, 1.0),
+        max_host_gib=16.0,
+      ),
+      max_train=0,
+      max_test=0,
+      seed=0,
+    )
+  )
 
 
 def scale_out(c: ml_collections.ConfigDict) -> None:

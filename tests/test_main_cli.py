@@ -123,6 +123,9 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
     ),
     # A bad choice for the new device-crop switch names the valid values.
     (("--config=configs/dino.py:smoke", "--config.data.crops_on=gpu"), "'host', 'device'"),
+    # --mode=finetune: a pretraining config, or no starting point.
+    (("--config=configs/dino.py:smoke", "--mode=finetune"), "use --mode=train"),
+    (("--config=configs/finetune.py:smoke", "--mode=finetune"), "--random_init for the"),
   ],
 )
 def test_config_errors_found_while_building_are_one_line(tmp_path, args, message):

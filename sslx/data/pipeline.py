@@ -68,6 +68,7 @@ class _MultiCrop:
     mask_spec: masks_lib.MaskSpec = masks_lib.MaskSpec(),
     patch_size: int = 16,
     canvas_size: int = 0,
+    host_augment: Any = None,
   ):
     self.global_spec = global_spec
     self.local_spec = local_spec
@@ -76,6 +77,9 @@ class _MultiCrop:
     self.mask_spec = mask_spec
     self.patch_size = patch_size
     self.canvas_size = canvas_size  # > 0: crops are resampled on the device (device_crops.py)
+    # (uint8 image, generator) -> uint8 image, applied to every global crop (fine-tuning's
+    # RandAugment, sslx/data/randaugment.py); drawn after the crops and masks.
+    self.host_augment = host_augment
 
   def __call__(
     self, element: dict[str, Any], rng: np.random.Generator, *, masks_on: bool = True
@@ -113,6 +117,8 @@ class _MultiCrop:
         )
       else:
         out['global_masks'] = np.zeros((self.global_spec.number, side, side), bool)
+    if self.host_augment is not None:
+      out['global_crops'] = np.stack([self.host_augment(c, rng) for c in out['global_crops']])
     for key in ('label', 'skipped', 'bad_indices', 'index'):
       out[key] = element[key]
     return out
@@ -466,7 +472,14 @@ def train_dataset(
       'patches; masks need whole patches (change data.global_crops.size)'
     )
   multi_crop = _MultiCrop(
-    global_spec, local_spec, data_cfg.interpolation, ratio, mask_spec, patch_size, canvas_size
+    global_spec,
+    local_spec,
+    data_cfg.interpolation,
+    ratio,
+    mask_spec,
+    patch_size,
+    canvas_size,
+    host_augment=host_augment_of(data_cfg),
   )
   masks_cfg = data_cfg.get('masks')
   masks_from = int(masks_cfg.get('pred_start_epoch', 0)) if masks_cfg is not None else 0
@@ -481,6 +494,35 @@ def train_dataset(
     masks_from_epoch=masks_from,
   )
   return TrainStream(make, data_cfg)
+
+
+def host_augment_of(data_cfg: Any) -> Any:
+  """The host augmentation of the global crops that ``data_cfg`` asks for, or None.
+
+  ``data_cfg.randaugment`` (optional): {'policy': timm's policy string such as
+  'rand-m9-mstd0.5-inc1' ('' = off), 'fill': grey levels of uncovered pixels} (fine-tuning).
+
+  Raises:
+    DataError: a policy that cannot be parsed, or one with crops resampled on the device (the
+      host never sees those crops).
+  """
+  from sslx.data import randaugment  # pylint: disable=g-import-not-at-top
+
+  cfg = data_cfg.get('randaugment')
+  policy = (cfg.get('policy', '') if cfg is not None else '') or ''
+  if not policy:
+    return None
+  if canvas_size_of(data_cfg):
+    raise DataError(
+      f"config.data.randaugment.policy={policy!r} runs on the host's crops; set "
+      "config.data.crops_on='host' (or policy='' to turn it off)."
+    )
+  try:
+    return randaugment.RandAugment.from_policy(
+      policy, fill=tuple(cfg.get('fill', (124, 116, 104))), interpolation=data_cfg.interpolation
+    )
+  except randaugment.RandAugmentError as e:
+    raise DataError(f'config.data.randaugment: {e}') from e
 
 
 def steps_per_epoch(data_cfg: Any, global_batch_size: int) -> int:

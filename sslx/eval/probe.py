@@ -13,6 +13,10 @@ what makes a probe cheap on a CPU; the official code re-runs the frozen encoder 
 crops every epoch. The attentive unit's Linears are xavier-initialised (sslx/models/beit.py);
 the official uses truncated normal 0.02.
 
+`dino_linear_probe` is DINO's linear protocol instead (facebookresearch/dino `eval_linear.py`;
+config.probe.protocol='dino'): a BatchNorm-free Linear on the [CLS] of the last blocks, trained
+on features recomputed every epoch from fresh random-resized crops and flips.
+
 Evaluators take feature functions, never a train state: `feature_fn(uint8 images [b, S, S, 3])
 -> [b, D]` and `token_fn(...) -> [b, T, D]`, and labelled batches as yielded by
 sslx/data/pipeline.eval_dataset ('image', 'label', 'mask').
@@ -30,9 +34,14 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from sslx.errors import UserError
 from sslx.models import beit
 
 Batches = Iterable[Mapping[str, np.ndarray]]
+
+
+class ProbeError(UserError):
+  """A probe setting cannot be used; the message names the setting to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,3 +262,181 @@ def attentive_probe(
     raise ValueError(f"attentive probing needs tokens [T, D] per image; got {train_x.shape[1:]}.")
   head = AttentiveHead(num_classes, _heads_for(train_x.shape[-1], settings.num_heads))
   return train_and_score(head, train_x, train_y, test_x, test_y, settings)
+
+
+# ---- DINO's linear protocol (facebookresearch/dino eval_linear.py) -------------------------
+PROTOCOLS = ("cached", "dino")
+
+
+@dataclasses.dataclass(frozen=True)
+class DinoLinearSettings:
+  """config.probe.dino: DINO's linear evaluation (docs/fidelity.md, DINO).
+
+  The defaults are eval_linear.py's: the [CLS] of the last 4 blocks (ViT-S; ViT-B uses 1 block
+  and the pooled patch tokens), 100 epochs, lr 0.001 per 256 images, global batch 1024
+  (128 per GPU on 8 GPUs), SGD momentum 0.9, no weight decay, cosine by epoch to 0.
+  """
+
+  n_last_blocks: int = 4
+  avgpool: bool = False
+  lr_per_256: float = 0.001
+  batch_size: int = 1024
+  epochs: int = 100
+  momentum: float = 0.9
+  crop_scale: tuple[float, float] = (0.08, 1.0)
+  seed: int = 0
+  # The train split is held on the host as uint8 (crops are redrawn every epoch); refused
+  # above this size, with config.probe.max_train as the way out.
+  max_host_gib: float = 16.0
+
+  @classmethod
+  def from_config(cls, cfg: Any, seed: int = 0) -> DinoLinearSettings:
+    if cfg is None:
+      return cls(seed=seed)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(cfg).items() if k in names}
+    if "crop_scale" in values:
+      values["crop_scale"] = tuple(float(v) for v in values["crop_scale"])
+    return cls(**values, seed=seed)
+
+
+class DinoLinearHead(nn.Module):
+  """DINO's LinearClassifier: one Linear, weight N(0, 0.01^2), bias 0, no BatchNorm."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Dense(
+      self.num_classes,
+      kernel_init=nn.initializers.normal(0.01),
+      bias_init=nn.initializers.zeros,
+      name="linear",
+    )(x.astype(jnp.float32))
+
+
+def random_crop_flip(
+  images: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]
+) -> np.ndarray:
+  """torchvision's RandomResizedCrop (bilinear, its default) + RandomHorizontalFlip per image.
+
+  Crops are drawn from each image as given and resized back to its size.
+
+  Args:
+    images: uint8 [B, S, S, C].
+    rng: the draws (boxes, flips), so an epoch's crops follow from its seed.
+  """
+  from PIL import Image
+
+  from sslx.data import crops
+
+  out = np.empty_like(images)
+  size = images.shape[1]
+  for i, image in enumerate(images):
+    x0, y0, w, h = crops.random_resized_crop_box(rng, image.shape[0], image.shape[1], scale)
+    pil = Image.fromarray(np.ascontiguousarray(image[..., 0] if image.shape[-1] == 1 else image))
+    crop = np.asarray(
+      pil.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + w, y0 + h)), np.uint8
+    ).reshape(size, size, -1)
+    out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
+  return out
+
+
+def _collect_images(batches: Batches, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
+  images, labels, count = [], [], 0
+  for batch in batches:
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)), bool).reshape(-1)
+    images.append(np.asarray(batch["image"])[keep])
+    labels.append(np.asarray(batch["label"]).astype(np.int32).reshape(-1)[keep])
+    count += int(keep.sum())
+    if max_samples and count >= max_samples:
+      break
+  if not images:
+    raise ValueError("the probe got no batches; the evaluation dataset is empty.")
+  x, y = np.concatenate(images), np.concatenate(labels)
+  return (x[:max_samples], y[:max_samples]) if max_samples else (x, y)
+
+
+def dino_linear_probe(
+  feature_fn: Callable[[np.ndarray], Any],
+  train_batches: Batches,
+  test_batches: Batches,
+  *,
+  num_classes: int,
+  settings: DinoLinearSettings,
+  max_train: int = 0,
+  max_test: int = 0,
+  on_epoch: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+  """DINO's linear protocol: a Linear trained on frozen features of freshly augmented views.
+
+  Every epoch draws new crops and flips of the train images (seeded by settings.seed and the
+  epoch, so a rerun is identical) and recomputes their features with `feature_fn`; the test
+  images (the centred evaluation view) are featurised once. SGD with momentum, lr
+  lr_per_256 * batch / 256 on a per-epoch cosine to 0, no weight decay, cross-entropy.
+  Batches are full (the remainder of an epoch is left for the next epoch's draw).
+
+  Args:
+    feature_fn: uint8 images [b, S, S, 3] -> [b, D] (e.g. Method.block_features).
+    on_epoch: called with (epoch, mean train loss) after each epoch (progress logging).
+
+  Returns:
+    {'top1', 'top5' (percent), 'train_loss' (mean of the last epoch), 'num_train', 'num_test',
+    'feature_dim'}.
+  """
+  s = settings
+  train_x, train_y = _collect_images(train_batches, max_train)
+  gib = train_x.nbytes / 2**30
+  if gib > s.max_host_gib:
+    raise ProbeError(
+      f"the DINO linear protocol keeps the train images on the host: {gib:.1f} GiB > "
+      f"config.probe.dino.max_host_gib={s.max_host_gib}; set config.probe.max_train or raise it"
+    )
+  test_f, test_y = extract(feature_fn, test_batches, max_test)
+  n = train_x.shape[0]
+  bs = min(s.batch_size, n)
+  steps = n // bs
+  base_lr = s.lr_per_256 * bs / 256.0
+  head = DinoLinearHead(num_classes)
+  params = head.init(jax.random.PRNGKey(s.seed), jnp.zeros((1, test_f.shape[1])))["params"]
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=base_lr, momentum=s.momentum)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, x, y, lr):
+    def loss_fn(p):
+      logits = head.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    opt_state.hyperparams["learning_rate"] = lr
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses: list = []
+  for epoch in range(s.epochs):
+    # torch's CosineAnnealingLR(T_max=epochs, eta_min=0), stepped once per epoch.
+    lr = np.float32(base_lr * 0.5 * (1.0 + np.cos(np.pi * epoch / s.epochs)))
+    rng = np.random.default_rng([s.seed, epoch])
+    order = rng.permutation(n)
+    losses = []
+    for i in range(steps):
+      idx = order[i * bs : (i + 1) * bs]
+      views = random_crop_flip(train_x[idx], rng, s.crop_scale)
+      feats = np.asarray(feature_fn(views), np.float32)
+      params, opt_state, loss = step(params, opt_state, feats, train_y[idx], lr)
+      losses.append(loss)
+    if on_epoch is not None:
+      on_epoch(epoch, float(np.mean(jax.device_get(losses))))
+
+  logits = np.asarray(jax.jit(lambda x: head.apply({"params": params}, x))(test_f))
+  ranked = np.argsort(-logits, axis=-1)[:, :5]
+  m = test_f.shape[0]
+  return {
+    "top1": 100.0 * float((ranked[:, 0] == test_y).mean()),
+    "top5": 100.0 * float((ranked == test_y[:, None]).any(-1).mean()),
+    "train_loss": float(np.mean(jax.device_get(losses))) if losses else float("nan"),
+    "num_train": int(n),
+    "num_test": int(m),
+    "feature_dim": int(test_f.shape[1]),
+  }

@@ -15,6 +15,7 @@ from sslx.methods.base import AddOn, Method, MethodInterfaceError, check_method_
 from sslx.methods.byol import Byol
 from sslx.methods.cae import Cae
 from sslx.methods.dino import Dino
+from sslx.methods.finetune import Finetune
 from sslx.methods.ibot import Ibot
 from sslx.methods.koleo import WithKoLeo
 from sslx.methods.mocov3 import MocoV3
@@ -52,6 +53,7 @@ for _name, _cls in (
   ("cae", Cae),
   ("byol", Byol),
   ("sage", Sage),
+  ("finetune", Finetune),
 ):
   register(_name, _cls)
 

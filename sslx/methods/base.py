@@ -11,6 +11,7 @@ Required (abstract; registration fails with a one-line error naming what is miss
   loss_state_rule (class attribute): how the loss state combines under gradient accumulation.
 
 Optional, with defaults:
+  check_config(config) (classmethod): refuses impossible settings before anything is built.
   has_teacher (True): keep an EMA teacher in the train state. A method without one (CAE) keeps
     no second copy of its parameters; `teacher_params` is then never called and its loss gets
     None for the teacher.
@@ -24,7 +25,19 @@ Optional, with defaults:
   extra_batch_keys: batch entries the step needs beyond `BASE_BATCH_KEYS`; the data pipeline
     computes the SERE overlaps only when someone asks for them.
   tokens(eval_params, images) -> [B, T, D] ([CLS] first) for the attentive probe.
+  device_views(rng, batch) -> the views `loss` takes, from the device batch; None (default):
+    the trainer's multi-crop photometric augmentation (config.augment) makes them.
+  is_classifier / logits(eval_params, images) -> [B, K]: a method whose network ends in a
+    classifier (fine-tuning) is evaluated by its top-1 / top-5 on the evaluation split
+    instead of the kNN of its features.
   export_backbone(params, loss_state, weights) -> (torch state dict, metadata) for --mode=export.
+  import_backbone(params, loss_state, state_dict) -> (params, loss_state): the inverse, for
+    --init_from (sslx/models/init_from.py): a fresh init with the backbone replaced.
+  start_weights() -> (file or workdir, key) | None: where a fresh run's backbone comes from when
+    the config says so (fine-tuning); --init_from overrides it.
+  import_head(params, head_state_dict) -> params: an official projection head (--init_from_head).
+  block_features(eval_params, images, n_last_blocks, avgpool) -> [B, D'] for the DINO linear
+    protocol: the [CLS] of the last n blocks (and the mean patch token), after the final norm.
   attention() -> (forward, patch size) for --mode=attention: forward(eval_params, images) gives
     the last block's attention [B, heads, 1 + N, 1 + N].
   supports_addons / forward / loss_terms: methods that split their loss into a forward pass and
@@ -84,6 +97,7 @@ class Method(abc.ABC):
   loss_state_rule: ClassVar[LossStateRule]
   has_teacher: ClassVar[bool] = True
   supports_addons: ClassVar[bool] = False
+  is_classifier: ClassVar[bool] = False
   extra_batch_keys: ClassVar[frozenset[str]] = frozenset()
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -112,6 +126,12 @@ class Method(abc.ABC):
     """[B, D] features of normalised float images (kNN, linear probe)."""
 
   # ---- optional -------------------------------------------------------------------------
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Raises a UserError for settings the method cannot run with, before anything is built
+    (the trainer calls it first); default: accepts all."""
+    del config
+
   def teacher_params(self, params: Any) -> Any:
     """The part of `params` the EMA teacher tracks."""
     return params
@@ -140,6 +160,16 @@ class Method(abc.ABC):
     """The batch entries sent to the device."""
     return BASE_BATCH_KEYS | self.extra_batch_keys
 
+  def device_views(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+    """The views `loss` takes, made on the device from the batch; None: the trainer's
+    multi-crop augmentation makes them."""
+    del rng, batch
+    return None
+
+  def logits(self, eval_params: Any, images: jax.Array) -> jax.Array:
+    """[B, K] class scores of normalised float images (methods with `is_classifier`)."""
+    raise UnsupportedMode(f"config.method={self.config.method!r} has no classifier")
+
   def tokens(self, eval_params: Any, images: jax.Array) -> jax.Array:
     """[B, T, D] tokens, [CLS] first, for the attentive probe."""
     raise UnsupportedMode(
@@ -152,6 +182,44 @@ class Method(abc.ABC):
   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The backbone of `params` as a PyTorch state dict plus file metadata."""
     raise UnsupportedMode(f"no exporter for config.method={self.config.method!r}")
+
+  def import_backbone(
+    self, params: Any, loss_state: Any, state_dict: Mapping[str, np.ndarray]
+  ) -> tuple[Any, Any]:
+    """(params, loss_state) with the backbone taken from `state_dict` (export_backbone's layout).
+
+    `params` / `loss_state` are a fresh init: everything that is not the backbone (heads,
+    predictors, decoders, centres) keeps its initial value. Raises
+    sslx.models.torch_layout.LayoutError listing every missing, unexpected or mis-shaped key.
+    """
+    del params, loss_state, state_dict
+    raise UnsupportedMode(f"--init_from: no importer for config.method={self.config.method!r}")
+
+  def start_weights(self) -> tuple[str, str] | None:
+    """(file or workdir, network key) whose backbone a fresh run starts from, when the method's
+    config names one (fine-tuning's pretrained network); --init_from overrides it. None: the
+    method's own initialisation."""
+    return None
+
+  def import_head(self, params: Any, head_state_dict: Mapping[str, np.ndarray]) -> Any:
+    """`params` with the projection head taken from an official checkpoint's `head.` entries
+    (prefix stripped); raises LayoutError on any mismatch."""
+    del params, head_state_dict
+    raise UnsupportedMode(
+      f"--init_from_head: no importer of official heads for config.method="
+      f"{self.config.method!r}; drop --init_from_head"
+    )
+
+  def block_features(
+    self, eval_params: Any, images: jax.Array, n_last_blocks: int, avgpool: bool
+  ) -> jax.Array:
+    """DINO's linear-protocol feature: the [CLS] of the last `n_last_blocks` blocks (each after
+    the final norm), with `avgpool` also the mean patch token of the last block -> [B, D']."""
+    del eval_params, images, n_last_blocks, avgpool
+    raise UnsupportedMode(
+      f"config.method={self.config.method!r} has no per-block [CLS] tokens for "
+      "config.probe.protocol='dino'; use the default protocol ('cached')"
+    )
 
   def attention(self) -> tuple[Forward, int]:
     """(forward(eval_params, images) -> last-block attention [B, h, 1+N, 1+N], patch size)."""
@@ -249,6 +317,16 @@ class AddOn(Method):
     return True
 
   @property
+  def is_classifier(self) -> bool:  # type: ignore[override]
+    return self.base.is_classifier
+
+  def device_views(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+    return self.base.device_views(rng, batch)
+
+  def logits(self, eval_params: Any, images: jax.Array) -> jax.Array:
+    return self.base.logits(eval_params, images)
+
+  @property
   def batch_keys(self) -> frozenset[str]:
     return self.base.batch_keys | self.extra_batch_keys
 
@@ -277,6 +355,24 @@ class AddOn(Method):
     self, params: Any, loss_state: Any, weights: str
   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return self.base.export_backbone(params, loss_state, weights)
+
+  def import_backbone(
+    self, params: Any, loss_state: Any, state_dict: Mapping[str, np.ndarray]
+  ) -> tuple[Any, Any]:
+    # Importers replace only the backbone, so the add-on's own parameters (e.g. SERE's heads)
+    # pass through with their fresh init.
+    return self.base.import_backbone(params, loss_state, state_dict)
+
+  def import_head(self, params: Any, head_state_dict: Mapping[str, np.ndarray]) -> Any:
+    return self.base.import_head(params, head_state_dict)
+
+  def start_weights(self) -> tuple[str, str] | None:
+    return self.base.start_weights()
+
+  def block_features(
+    self, eval_params: Any, images: jax.Array, n_last_blocks: int, avgpool: bool
+  ) -> jax.Array:
+    return self.base.block_features(eval_params, images, n_last_blocks, avgpool)
 
   def attention(self) -> tuple[Forward, int]:
     return self.base.attention()

@@ -318,3 +318,23 @@ class Byol(Method):
         "width 64 and the ImageNet stem, so build a matching model to load this."
       )
     return sd, meta
+
+  def import_backbone(
+    self, params: Any, loss_state: Any, state_dict: Mapping[str, Any]
+  ) -> tuple[Any, Any]:
+    """The encoder from torchvision names; its BatchNorm statistics go to both the online
+    network and the target (which start equal, as at init)."""
+    encoder, stats = torch_layout.resnet_from_torch(state_dict, params["encoder"])
+
+    def with_stats(tree: Any) -> Any:
+      return {**tree, "encoder": stats}
+
+    new_state = {
+      **loss_state,
+      "online_stats": {
+        **loss_state["online_stats"],
+        "net": with_stats(loss_state["online_stats"]["net"]),
+      },
+      "target_stats": with_stats(loss_state["target_stats"]),
+    }
+    return {**params, "encoder": encoder}, new_state

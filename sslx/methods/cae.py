@@ -308,6 +308,18 @@ class Cae(Method):
     )
     return sd, {"architecture": "vit", "timm_kwargs": json.dumps(kwargs)}
 
+  def import_backbone(
+    self, params: Any, loss_state: Any, state_dict: Mapping[str, np.ndarray]
+  ) -> tuple[Any, Any]:
+    """The encoder from timm names (ls1/ls2, fused qkv bias with a zero k part); its sin-cos
+    positions are compared at the file's grid, since the encoder computes them per input."""
+    side = torch_layout.pos_grid_of(state_dict)
+    pos = None
+    if side is not None:
+      pos = fixed_positions(beit.sincos_pos_embed(side, side, self.network().embed_dim))
+    encoder = torch_layout.vit_from_torch(state_dict, params["encoder"], pos_embed=pos)
+    return {**params, "encoder": encoder}, loss_state
+
   def attention(self) -> tuple[Forward, int]:
     """The encoder on all patches; its blocks sow their attention weights."""
     net = self.network()

@@ -25,7 +25,7 @@ from flax import linen as nn
 from sslx.losses import dino as dino_losses
 from sslx.methods.accumulation import LossStateRule
 from sslx.methods.teacher_cls import TeacherClsMethod
-from sslx.models import heads
+from sslx.models import heads, torch_layout
 from sslx.models.build import build_backbone, compute_dtype
 from sslx.schedules import epoch_linspace_schedule
 
@@ -77,6 +77,11 @@ class Dino(TeacherClsMethod):
   def teacher_params(self, params: Any) -> Any:
     """The part of the student the EMA teacher tracks (all of it for DINO)."""
     return params
+
+  def import_head(self, params: Any, head_state_dict: Mapping[str, Any]) -> Any:
+    """DINO's released head (`head.` of a checkpoint's student or teacher)."""
+    head = torch_layout.dino_head_from_torch(head_state_dict, params["head"])
+    return {**params, "head": head}
 
   # ---- schedules --------------------------------------------------------------
   def schedules(self, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:

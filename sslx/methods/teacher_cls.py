@@ -15,7 +15,9 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from sslx.errors import UserError
 from sslx.methods.base import Forward, Method
 from sslx.models import torch_layout, vit
 
@@ -79,6 +81,50 @@ class TeacherClsMethod(Method):
       num_classes=0,
     )
     return sd, {"architecture": "vit", "timm_kwargs": json.dumps(kwargs)}
+
+  def import_backbone(
+    self, params: Any, loss_state: Any, state_dict: Mapping[str, np.ndarray]
+  ) -> tuple[Any, Any]:
+    """The ViT from timm / DINO names; a learned grid of another size is resized (logged)."""
+    like = params["backbone"]
+    sd, note = torch_layout.fit_pos_embed(state_dict, like)
+    if note:
+      logging.info("init_from: %s", note)
+    pos = None
+    side = torch_layout.pos_grid_of(sd)
+    if "pos_embed" not in like and side is not None:
+      # Fixed sin-cos positions are computed at the input's grid: compare at the file's grid.
+      pos = fixed_positions(vit.sincos_2d(side, side, self._backbone().embed_dim))
+    backbone = torch_layout.vit_from_torch(sd, like, pos_embed=pos)
+    return {**params, "backbone": backbone}, loss_state
+
+  def block_features(
+    self, eval_params: Any, images: jax.Array, n_last_blocks: int, avgpool: bool
+  ) -> jax.Array:
+    """DINO eval_linear's feature from the teacher backbone (docs/fidelity.md, DINO).
+
+    [CLS] of the last n blocks concatenated (oldest first); with `avgpool` the last block's mean
+    patch token follows. For n = 1 the two are interleaved per channel ([c0, p0, c1, p1, ...]),
+    the order DINO's code produces (it can combine the pool only with n = 1), so its published
+    linear heads would apply; for n > 1 the pool is appended.
+    """
+    backbone = self._backbone()
+    if not 1 <= n_last_blocks <= backbone.depth:
+      raise UserError(
+        f"config.probe.dino.n_last_blocks={n_last_blocks} must be in [1, {backbone.depth}] "
+        "(the backbone's depth)"
+      )
+    out = backbone.apply(
+      {"params": eval_params["backbone"]}, images, train=False, n_last_blocks=n_last_blocks
+    )
+    cls = out["block_cls"]
+    b = cls.shape[0]
+    if not avgpool:
+      return cls.reshape(b, -1)
+    pool = jnp.mean(out["patch"], axis=1)
+    if n_last_blocks == 1:
+      return jnp.stack([cls[:, 0], pool], axis=-1).reshape(b, -1)
+    return jnp.concatenate([cls.reshape(b, -1), pool], axis=-1)
 
   def attention(self) -> tuple[Forward, int]:
     backbone = self._backbone()

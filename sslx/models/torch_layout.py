@@ -405,3 +405,95 @@ def resnet_from_torch(state_dict: Mapping[str, Any], like_params: Params) -> tup
       + "\n  check config.model.depth, width and stem against the weights."
     )
   return out["params"], out["batch_stats"]
+
+
+def pos_grid_of(state_dict: Mapping[str, Any]) -> int | None:
+  """The side of the square patch grid of a timm state dict's `pos_embed` [1, 1 + n*n, D]."""
+  if "pos_embed" not in state_dict:
+    return None
+  tokens = int(np.shape(state_dict["pos_embed"])[1]) - 1
+  side = int(round(tokens**0.5))
+  if side * side != tokens:
+    raise LayoutError(f"pos_embed has {tokens} patch positions, not a square grid.")
+  return side
+
+
+def fit_pos_embed(state_dict: Mapping[str, Any], like: Params) -> tuple[StateDict, str | None]:
+  """Resizes a learned `pos_embed` to the grid of `like`'s, as DINO's ViT does at run time.
+
+  Weights trained at another resolution (e.g. 224 px / 16 = 14 patches per side) meet a config
+  with another `pos_grid`; the patch positions are resampled with DINO's bicubic
+  (sslx.models.vit.interpolate_pos_grid) and the [CLS] position is kept.
+
+  Returns:
+    (the state dict, resized if needed; a note for the log, or None when nothing changed).
+    A `like` without a `pos_embed` parameter (fixed positions) leaves the state dict alone.
+  """
+  sd = dict(state_dict)
+  if "pos_embed" not in like or "pos_embed" not in sd:
+    return sd, None
+  want = int(np.shape(like["pos_embed"])[1]) - 1
+  side_want = int(round(want**0.5))
+  side = pos_grid_of(sd)
+  table = np.asarray(sd["pos_embed"], np.float32)
+  if side is None or side == side_want or table.shape[-1] != np.shape(like["pos_embed"])[-1]:
+    return sd, None  # same grid, or a width mismatch that the strict check reports
+  import jax.numpy as jnp
+
+  from sslx.models import vit  # here: vit is heavy and only this path needs it
+
+  d = table.shape[-1]
+  grid = vit.interpolate_pos_grid(
+    jnp.asarray(table[0, 1:].reshape(side, side, d)), (side_want, side_want)
+  )
+  sd["pos_embed"] = np.concatenate(
+    [table[:, :1], np.asarray(grid, np.float32).reshape(1, side_want * side_want, d)], axis=1
+  )
+  return sd, f"pos_embed resized from a {side}x{side} to a {side_want}x{side_want} patch grid"
+
+
+# ---- DINO head (facebookresearch/dino vision_transformer.py DINOHead) ----------------------
+def dino_head_from_torch(state_dict: Mapping[str, Any], like: Params) -> dict:
+  """An official DINOHead state dict (keys `mlp.{i}.*`, `last_layer.weight_g/_v`) -> the params
+  of sslx.models.heads.DINOHead shaped like `like`.
+
+  The official MLP is an nn.Sequential of Linear / GELU layers, so its Linears sit at indices
+  0, 2, 4, ... (`mlp.weight` for a one-layer MLP); they map to `mlp_0`, `mlp_1`, ... in order.
+  The weight-normalised last layer's direction `weight_v` [out, in] becomes `kernel` [in, out];
+  its magnitude `weight_g` becomes `g`, or, for a head with `norm_last_layer` (no `g`), must be 1.
+
+  Raises:
+    LayoutError: listing every missing, unexpected or mis-shaped key; also for a head with
+      BatchNorm (not imported) and for a learned magnitude that the config fixes at 1.
+  """
+  if any(k.startswith("bn_") for k in like):
+    raise LayoutError("heads with BatchNorm (config.head.use_bn) are not imported; drop it")
+  layers = sorted((k for k in like if k.startswith("mlp_")), key=lambda k: int(k[4:]))
+  if len(layers) == 1:
+    names = {"mlp": layers[0]}
+  else:
+    names = {f"mlp.{2 * i}": name for i, name in enumerate(layers)}
+  wants: dict[str, tuple[int, ...] | None] = {}
+  for torch_name, name in names.items():
+    wants[f"{torch_name}.weight"] = _torch_shape("linear", like[name]["kernel"])
+    wants[f"{torch_name}.bias"] = tuple(np.shape(like[name]["bias"]))
+  v_shape = _torch_shape("linear", like["last_layer"]["kernel"])
+  wants["last_layer.weight_v"] = v_shape
+  wants["last_layer.weight_g"] = (v_shape[0], 1)
+  _check_keys(state_dict, wants, "DINO head")
+  out: dict = {}
+  for torch_name, name in names.items():
+    out[name] = {
+      "kernel": _linear_out(state_dict[f"{torch_name}.weight"]),
+      "bias": _f32(state_dict[f"{torch_name}.bias"]),
+    }
+  g = _f32(state_dict["last_layer.weight_g"])[:, 0]
+  out["last_layer"] = {"kernel": _linear_out(state_dict["last_layer.weight_v"])}
+  if "g" in like["last_layer"]:
+    out["last_layer"]["g"] = g
+  elif not np.allclose(g, 1.0):
+    raise LayoutError(
+      "the head's last layer has a learned magnitude (weight_g != 1): set "
+      "config.head.norm_last_layer=False to load it"
+    )
+  return out

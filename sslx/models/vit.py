@@ -387,9 +387,10 @@ class _ScanBody(nn.Module):
   attention: str
   recompute_elementwise: bool
   init_scheme: str
+  collect_cls: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, Array | None]:
     x, _ = Block(
       self.num_heads,
       self.mlp_ratio,
@@ -401,7 +402,8 @@ class _ScanBody(nn.Module):
       init_scheme=self.init_scheme,
       name="block",
     )(x, drop_rate)
-    return x, None
+    # Each block's [CLS] as a scan output, only when asked (the DINO linear protocol).
+    return x, (x[:, 0] if self.collect_cls else None)
 
 
 class ViT(nn.Module):
@@ -499,7 +501,13 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(
-    self, images: Array, *, train: bool, mask: Array | None = None, return_attention: bool = False
+    self,
+    images: Array,
+    *,
+    train: bool,
+    mask: Array | None = None,
+    return_attention: bool = False,
+    n_last_blocks: int = 0,
   ) -> dict[str, Array]:
     """Encodes a batch of images.
 
@@ -508,12 +516,17 @@ class ViT(nn.Module):
       train: enables stochastic depth (needs a 'dropout' rng when drop_path_rate > 0).
       mask: optional bool [B, H/p, W/p]; True marks patches replaced by the mask token (iBOT).
       return_attention: also return the last block's attention.
+      n_last_blocks: also return the [CLS] token after each of the last n blocks, each through
+        the final LayerNorm (DINO's `get_intermediate_layers`, for its linear protocol).
 
     Returns:
       dict of float32 arrays: 'cls' [B, D] and 'patch' [B, N, D] after the final LayerNorm;
       'prenorm' [B, 1 + N, D], the last block's output before it; with return_attention, 'attention'
-      [B, heads, 1 + N, 1 + N] (softmax rows sum to 1). N = (H/p) * (W/p).
+      [B, heads, 1 + N, 1 + N] (softmax rows sum to 1); with n_last_blocks, 'block_cls'
+      [B, n, D], oldest block first (its last row equals 'cls'). N = (H/p) * (W/p).
     """
+    if not 0 <= n_last_blocks <= self.depth:
+      raise ValueError(f"n_last_blocks={n_last_blocks} must be in [0, depth={self.depth}].")
     self._check_config()
     grid_h, grid_w = self._check_inputs(images, mask)
     d = self.embed_dim
@@ -570,6 +583,8 @@ class ViT(nn.Module):
       self.attention,
     )
     recompute = dict(recompute_elementwise=self.recompute_elementwise, init_scheme=self.init_scheme)
+    block_cls: list[Array] = []  # [CLS] after each of the first depth - 1 blocks, if asked
+    collect = n_last_blocks > 1
     if self.scan_blocks and self.depth > 1:
       scanned = nn.scan(
         _ScanBody,
@@ -578,18 +593,29 @@ class ViT(nn.Module):
         in_axes=0,
         length=self.depth - 1,
       )
-      x, _ = scanned(*block_args, **recompute, name="blocks")(x, jnp.asarray(rates[:-1]))
+      x, per_block = scanned(*block_args, **recompute, collect_cls=collect, name="blocks")(
+        x, jnp.asarray(rates[:-1])
+      )
+      if collect:
+        block_cls = list(per_block)
     else:
       for i in range(self.depth - 1):
         x, _ = Block(*block_args, **recompute, name=f"block_{i}")(x, float(rates[i]))
+        if collect:
+          block_cls.append(x[:, 0])
     x, attn = Block(
       *block_args, need_weights=return_attention, **recompute, name=f"block_{self.depth - 1}"
     )(x, float(rates[-1]))
 
-    normed = nn.LayerNorm(
+    norm = nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name="norm"
-    )(x)
+    )
+    normed = norm(x)
     out = {"cls": normed[:, 0], "patch": normed[:, 1:], "prenorm": x}
+    if n_last_blocks:
+      # LayerNorm is per token, so normalising the [CLS] alone equals DINO's norm(x)[:, 0].
+      earlier = [norm(c) for c in block_cls[len(block_cls) - (n_last_blocks - 1) :]]
+      out["block_cls"] = jnp.stack([*earlier, out["cls"]], axis=1)
     if return_attention:
       out["attention"] = attn.astype(jnp.float32)
     return out

@@ -33,10 +33,11 @@ class ExportError(UserError):
   """The workdir cannot be exported as asked (no checkpoint, unknown method, bad --weights)."""
 
 
-def export(
+def backbone_state_dict(
   config: ml_collections.ConfigDict, workdir: str, weights: str = "teacher"
-) -> dict[str, Any]:
-  """Writes the latest checkpoint's backbone; returns {'path', 'step', 'tensors', 'weights'}.
+) -> tuple[dict[str, np.ndarray], dict[str, str], int, str]:
+  """The latest checkpoint's backbone as a PyTorch state dict (what `export` writes; what
+  fine-tuning starts from) -> (state dict, metadata, step, weights actually read).
 
   Raises:
     ExportError: unknown `weights`, a method without an exporter, or no checkpoint in `workdir`.
@@ -59,6 +60,18 @@ def export(
   finally:
     ckpt.close()
   sd, meta = method.export_backbone(parts[key], parts["loss_state"], weights)
+  return sd, meta, step, weights
+
+
+def export(
+  config: ml_collections.ConfigDict, workdir: str, weights: str = "teacher"
+) -> dict[str, Any]:
+  """Writes the latest checkpoint's backbone; returns {'path', 'step', 'tensors', 'weights'}.
+
+  Raises:
+    ExportError: unknown `weights`, a method without an exporter, or no checkpoint in `workdir`.
+  """
+  sd, meta, step, weights = backbone_state_dict(config, workdir, weights)
   path = os.path.join(workdir, "export", f"{weights}_backbone_step{step}.safetensors")
   metadata = {
     "format": "pt",

@@ -47,6 +47,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
   "data.eval_test_split",
   "data.eval_resize",
   "data.eval_size",
+  "probe.",  # probe settings: evaluation only
 )
 
 
@@ -73,6 +74,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     raise RunConfigError(
       f"config.method={config.method!r} is not a method; valid: {', '.join(sorted(METHODS))}"
     )
+  METHODS[config.method].check_config(config)  # the method's own settings (e.g. fine-tuning's)
   positive = {
     "batch_size": config.batch_size,
     "log_every_steps": config.log_every_steps,

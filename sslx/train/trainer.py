@@ -106,17 +106,19 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, r_aug, r_model = jax.random.split(state.rng, 3)
-    if "canvas" in batch:  # config.data.crops_on = 'device'
-      batch = device_crops.canvas_crops(
-        batch,
-        config.data.global_crops.size,
-        config.data.local_crops.size,
-        config.data.interpolation,
+    views = method.device_views(r_aug, batch)  # a method's own (fine-tuning), or:
+    if views is None:
+      if "canvas" in batch:  # config.data.crops_on = 'device'
+        batch = device_crops.canvas_crops(
+          batch,
+          config.data.global_crops.size,
+          config.data.local_crops.size,
+          config.data.interpolation,
+        )
+      g, l = augment.augment_multicrop(
+        r_aug, batch["global_crops"], batch["local_crops"], config.augment
       )
-    g, l = augment.augment_multicrop(
-      r_aug, batch["global_crops"], batch["local_crops"], config.augment
-    )
-    views = {**batch, "global": g, "local": l}
+      views = {**batch, "global": g, "local": l}
     sched = {k: f(state.step) for k, f in method_scheds.items()}
     sched["step"] = state.step
 
@@ -258,14 +260,18 @@ def _accumulate(grad_fn, params, loss_state, views, rng, k: int, rule: LossState
   )
 
 
-def make_feature_fn(method, mesh, config) -> Callable[[Any, np.ndarray], np.ndarray]:
+def make_feature_fn(
+  method, mesh, config, forward: Callable | None = None
+) -> Callable[[Any, np.ndarray], np.ndarray]:
   """uint8 images (the full eval batch, same on every process) -> numpy features.
 
   Each process sends its own slice of the batch to its devices and gathers the
   result back, so evaluation works unchanged on one CPU and on several hosts.
+  `forward` (default `method.features`): (eval params, normalised images) -> outputs, e.g.
+  `method.logits`.
   """
   features = knn.eval_forward(
-    method.features, tuple(config.augment.mean), tuple(config.augment.std)
+    forward or method.features, tuple(config.augment.mean), tuple(config.augment.std)
   )
 
   shard = sharding.batch_sharding(mesh)
@@ -302,6 +308,26 @@ def evaluate_knn(config, feature_fn, params, num_classes: int | None = None) -> 
     k=ec.knn_k,
     temperature=ec.knn_temperature,
   )
+
+
+def evaluate_classifier(config, logits_fn, params) -> dict[str, float]:
+  """Top-1 / top-5 (percent) of a classifier on config.data.eval_test_split (fine-tuning).
+
+  `logits_fn(params, uint8 images) -> numpy [b, K]`; padded examples (mask False) are skipped.
+  """
+  dc = config.data
+  hits1 = hits5 = total = 0
+  for batch in pipeline.eval_dataset(dc, dc.eval_test_split, batch_size=config.eval.batch_size):
+    logits = np.asarray(logits_fn(params, batch["image"]), np.float32)
+    keep = np.asarray(batch["mask"], bool)
+    labels = np.asarray(batch["label"])[keep]
+    top = np.argsort(-logits[keep], axis=1)[:, :5]
+    hits1 += int(np.sum(top[:, 0] == labels))
+    hits5 += int(np.sum(np.any(top == labels[:, None], axis=1)))
+    total += int(keep.sum())
+  if not total:
+    raise pipeline.DataError(f"the evaluation split {dc.eval_test_split!r} has no images")
+  return {"top1": 100.0 * hits1 / total, "top5": 100.0 * hits5 / total, "num_test": total}
 
 
 def _check_finite(window: list, first_step: int, config, last_finite: int | None) -> None:
@@ -437,9 +463,21 @@ def quiet_libraries() -> None:
 
 
 def run(
-  config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after: int | None = None,
+  init_from: str | None = None,
+  init_from_key: str = "auto",
+  init_from_head: bool = False,
 ) -> dict[str, Any]:
   """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+  `init_from` (a file, sslx/models/init_from.py) sets the backbone of the initial student and
+  teacher of a fresh workdir (and with `init_from_head` the projection head, for DINO);
+  `init_from_key` picks the network in files holding several. A workdir that has a checkpoint
+  resumes from it and ignores `init_from` (logged), so the command that started a run also
+  resumes it after a preemption.
 
   SIGTERM and SIGINT end the run after the current step with a checkpoint of it
   (sslx/train/preemption.py); the results then hold 'preempted': the signal's name.
@@ -452,7 +490,7 @@ def run(
   Returns the last evaluation results and the final step (used by scripts/tests).
   """
   with preemption.StopOnSignal() as stop:
-    return _run(config, workdir, stop_after, stop)
+    return _run(config, workdir, stop_after, stop, (init_from, init_from_key, init_from_head))
 
 
 def _resume_point(config, workdir: str, ckpt) -> None:
@@ -527,7 +565,11 @@ def _restore_latest(ckpt, abstract_state, data_iter):
 
 
 def _run(
-  config, workdir: str, stop_after: int | None, stop: preemption.StopOnSignal
+  config,
+  workdir: str,
+  stop_after: int | None,
+  stop: preemption.StopOnSignal,
+  init_from: tuple[str | None, str, bool] = (None, "auto", False),
 ) -> dict[str, Any]:
   quiet_libraries()
   # ---- Checks that need no compiling: settings, workdir, the checkpoint's config ------------
@@ -542,6 +584,29 @@ def _run(
   )
   stop.set_sync_point(ckpt.reached_preemption)
   _resume_point(config, workdir, ckpt)
+  method = make_method(config)
+  init_path, init_key, init_head = init_from
+  start = method.start_weights()  # e.g. fine-tuning's pretrained network
+  if not init_path and start is not None:
+    init_path, init_key = start
+  if init_path and ckpt.latest_step() is not None:
+    logging.info(
+      "init_from: %s has a checkpoint (step %d): resuming from it, --init_from=%s ignored",
+      workdir,
+      ckpt.latest_step(),
+      init_path,
+    )
+    init_path = None
+  backbone = None
+  if init_path:  # read before anything compiles: a bad file fails at once
+    from sslx.models import init_from as init_from_lib
+
+    backbone = init_from_lib.read_backbone(init_path, init_key)
+    if init_head and not backbone.head:
+      raise init_from_lib.InitFromError(
+        f"--init_from_head: {init_path} ({backbone.source}) has no projection head next to "
+        "the backbone (only DINO / iBOT / SERE training checkpoints do); drop --init_from_head"
+      )
   config_json = faults.config_as_json(config)
   if is_main:  # only now: a refused config must not replace the record of the run's own
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -565,7 +630,6 @@ def _run(
   ec = config.eval
   # Checked now: a kNN that cannot run should stop the run before it compiles, not hours in.
   eval_classes = pipeline.eval_num_classes(config.data) if ec.knn_every_steps else None
-  method = make_method(config)
   train_ds = pipeline.train_dataset(
     config.data,
     seed=config.seed,
@@ -623,6 +687,10 @@ def _run(
     )
   if state is None:
     state = built.init(config.seed)
+    if backbone is not None and init_path:
+      state = _with_backbone(
+        method, state, state_sharding, backbone, init_path, init_key, workdir, init_head
+      )
   start_step = int(jax.device_get(state.step))
 
   # ---- Evaluators ----------------------------------------------------------------
@@ -630,17 +698,25 @@ def _run(
   writer = metrics_lib.create_writer(workdir, is_main_process=is_main, resume_step=start_step)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
-  feature_fn = make_feature_fn(method, mesh, config)
+  # A classifier (fine-tuning) is evaluated by its own top-1 / top-5 instead of the kNN, on the
+  # same schedule (config.eval.knn_every_steps).
+  classifier = method.is_classifier
+  eval_name = "eval" if classifier else "knn"
+  feature_fn = make_feature_fn(method, mesh, config, method.logits if classifier else None)
   results: dict[str, Any] = {}
 
   def run_evals(step: int, params):
     t0 = time.time()
-    res = evaluate_knn(config, feature_fn, params, eval_classes)
-    scalars = {f"knn/{k}": v for k, v in res.items()}
+    if classifier:
+      res = evaluate_classifier(config, feature_fn, params)
+    else:
+      res = evaluate_knn(config, feature_fn, params, eval_classes)
+    scalars = {f"{eval_name}/{k}": v for k, v in res.items()}
     writer.write_scalars(step, scalars)
     logging.info(
-      "step %d kNN top-1 %.2f%% top-5 %.2f%% (%.1f s)",
+      "step %d %s top-1 %.2f%% top-5 %.2f%% (%.1f s)",
       step,
+      "classifier" if classifier else "kNN",
       res["top1"],
       res["top5"],
       time.time() - t0,
@@ -648,7 +724,7 @@ def _run(
     return res
 
   if ec.knn_every_steps and start_step == 0 and ec.get("knn_at_start", False):
-    results["knn_init"] = run_evals(0, eval_params_of(method, state))
+    results[f"{eval_name}_init"] = run_evals(0, eval_params_of(method, state))
 
   # ---- Train loop -------------------------------------------------------------------
   compiled = None
@@ -730,7 +806,7 @@ def _run(
       if preempted:
         break  # no evaluation: the grace period before SIGKILL is for the save
       if ec.knn_every_steps and (done % ec.knn_every_steps == 0 or is_last):
-        results["knn"] = run_evals(done, eval_params_of(method, state))
+        results[eval_name] = run_evals(done, eval_params_of(method, state))
       if done == stop_after:
         break
   finally:
@@ -752,6 +828,52 @@ def _run(
       preemption.PREEMPTED_EXIT_CODE,
     )
   return results
+
+
+def _with_backbone(
+  method, state, state_sharding, backbone, path: str, key: str, workdir: str, head: bool = False
+):
+  """The initial state with the student's and the teacher's backbone read from `path`."""
+  from sslx.models import init_from as init_from_lib
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    params, loss_state = multihost_utils.process_allgather((state.params, state.loss_state))
+  else:
+    params, loss_state = jax.device_get((state.params, state.loss_state))
+  params, loss_state, backbone = init_from_lib.apply_backbone(
+    method, params, loss_state, backbone, path, head
+  )
+
+  def put(tree, shardings):
+    return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+      tree,
+      shardings,
+    )
+
+  teacher = method.teacher_params(params) if method.has_teacher else None
+  state = state.replace(
+    params=put(params, state_sharding.params),
+    loss_state=put(loss_state, state_sharding.loss_state),
+    teacher_params=put(teacher, state_sharding.teacher_params) if teacher is not None else None,
+  )
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "init_from.json"), "w") as f:
+      json.dump(
+        {
+          "path": os.path.abspath(path),
+          "key": key,
+          "head": head,
+          "source": backbone.source,
+          "tensors": len(backbone.state_dict),
+          "ignored": list(backbone.ignored),
+        },
+        f,
+        indent=2,
+      )
+  return state
 
 
 def _report_bad_files(data_iter: DevicePrefetcher, train_ds, reported: set[int]) -> set[int]:

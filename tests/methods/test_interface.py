@@ -45,6 +45,6 @@ def test_a_missing_required_piece_fails_at_registration_naming_it():
 
 
 def test_every_registered_method_implements_the_interface():
-  assert set(METHODS) == {"dino", "ibot", "mocov3", "cae", "byol", "sage"}
+  assert set(METHODS) == {"dino", "ibot", "mocov3", "cae", "byol", "sage", "finetune"}
   for cls in METHODS.values():
     assert issubclass(cls, Method) and isinstance(cls.loss_state_rule, LossStateRule)

@@ -82,7 +82,7 @@ def test_train_mode_uses_batch_statistics_and_updates_running_stats():
 BN_SCRIPT = r"""
 import json, os, sys
 n = int(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, sys.argv[2])
 import jax, jax.numpy as jnp, numpy as np

@@ -1,6 +1,6 @@
 """Every evaluation mode on every method config, through the method interface: kNN (from the
-checkpoint and at random init), linear and attentive probes, export and the attention picture
-(or its one-line refusal for ResNets)."""
+checkpoint, at random init and from the exported file with --init_from), linear and attentive
+probes, export and the attention picture (or its one-line refusal for ResNets)."""
 
 import os
 
@@ -94,6 +94,9 @@ def test_every_mode(name, folder, tmp_path):
     assert res["num_train"] == 10 and res["num_test"] == 5 and 0 <= res["top1"] <= 100, mode
   exported = export_workdir.export(c, workdir, "teacher")
   assert exported["tensors"] > 0 and os.path.exists(exported["path"])
+  # --init_from of the export evaluates the same weights as the checkpoint, without it.
+  again = probe_workdir.evaluate(c, str(tmp_path / "empty"), "knn", init_from=exported["path"])
+  assert again["step"] == 0 and again["top1"] == pytest.approx(knn["top1"])
   if name in VITS:
     pic = attention_workdir.write_attention(c, workdir, num_images=2)
     assert os.path.exists(pic["png"]) and pic["heads"] >= 1

@@ -34,10 +34,14 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
-  env.update(
-    JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra
-  )
+  keep = ("JAX_COMPILATION_CACHE_DIR",)  # the test session's cache (tests/conftest.py)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k in keep or not k.startswith(("JAX_", "SLURM_", "OMPI_"))
+  }
+  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(), **extra)
   return env
 
 
