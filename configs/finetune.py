@@ -3,8 +3,10 @@ r"""Supervised fine-tuning of a pretrained ViT (sslx/methods/finetune.py).
 The backbone starts from `--init_from`: a pretraining workdir's latest checkpoint (its EMA
 teacher by default, `--init_from_key=student` for the student) or a weights file (an official
 DINO / iBOT / SERE / MoCo v3 checkpoint, timm names, an sslx export); or fresh with
-`--random_init` (the from-scratch baseline at the same budget). The fine-tuning model (config.model) must be the
-pretraining one (variant, patch size, positions); drop path may differ.
+`--random_init` (the from-scratch baseline at the same budget). The fine-tuning model
+(config.model) must be the pretraining one (variant, patch size, positions); drop path may
+differ. `config.model.arch` says which: 'vit' (DINO / iBOT / SERE / MoCo v3's ViT) or 'cae'
+(CAE's BEiT-style encoder: layer scale, q/v biases, fixed sin-cos positions; the cae_* presets).
 
   # ImageNet, the SERE paper's ViT-S/16 recipe (default preset):
   python main.py --mode=finetune --config=configs/finetune.py --workdir=/ckpt/ft_s16 \
@@ -14,7 +16,7 @@ pretraining one (variant, patch size, positions); drop path may differ.
   python main.py --mode=finetune --config=configs/finetune.py:sere_vit_b16 --workdir=/ckpt/ft_b16 \
       --init_from=/ckpt/sere_ibot_b16
   python main.py --mode=finetune --config=configs/finetune.py:cae_vit_b16 --workdir=/ckpt/ft_cae_b16 \
-      --init_from=<a ViT-B/16 pretraining workdir>
+      --init_from=/ckpt/cae_vitb16      # a configs/cae.py workdir, or CAE's released .pth
 
   # Fashion-MNIST on the CPU, from the `make demo` network, and the from-scratch baseline:
   python main.py --mode=finetune --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft_fmnist \
@@ -22,8 +24,11 @@ pretraining one (variant, patch size, positions); drop path may differ.
   python main.py --mode=finetune --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft_fmnist_scratch \
       --random_init
 
-  # A few steps for tests (`--config.finetune.pretrained` from configs/dino.py:smoke):
+  # A few steps for tests (`--config.finetune.pretrained` from configs/dino.py:smoke, and
+  # configs/cae.py:smoke's encoder for cae_smoke):
   python main.py --mode=finetune --config=configs/finetune.py:smoke --workdir=/tmp/ft_smoke --random_init
+  python main.py --mode=finetune --config=configs/finetune.py:cae_smoke --workdir=/tmp/ft_cae_smoke \
+      --init_from=/tmp/cae_smoke
 
 Recipes (what each preset sets, and where it comes from):
 * 'sere_vit_s16' (= ''): the SERE paper's ImageNet fine-tuning of ViT-S/16: 100 epochs, AdamW,
@@ -36,11 +41,20 @@ Recipes (what each preset sets, and where it comes from):
 * 'sere_vit_b16': the SERE paper gives its ViT-B/16 fine-tuning values only in a supplement;
   this preset is MAE's published ViT-B/16 command, which the SERE release points to: batch
   1024, 5e-4 per 256, layer decay 0.65, 100 epochs, drop path 0.1, the rest as above.
-* 'cae_vit_b16': the CAE paper's ViT-B fine-tuning (BEiT's protocol): 100 epochs, batch 4096,
-  lr 8e-3 (5e-4 per 256), layer decay 0.65, 5 warm-up epochs, weight decay 0.05; BEiT's
-  defaults for the rest: drop path 0.1, mean pooling, RandAugment, erasing 0.25, smoothing 0.1,
-  mixup 0.8 / cutmix 1.0, min lr 1e-6. (A CAE workdir's encoder has layer scale and its own
-  block layout, which this ViT backbone cannot hold yet: start from a plain ViT workdir.)
+* 'cae_vit_b16': the CAE paper's ViT-B fine-tuning (it follows BEiT's protocol), checked
+  against the paper's fine-tuning paragraph and the Atten4Vis/CAE release (its ViT-B
+  fine-tuning script, `tools/run_class_finetuning.py` defaults, `models/modeling_finetune.py`):
+  100 epochs, batch 4096 (128 x 32 GPUs), lr 8e-3 absolute (= 5e-4 per 256, not rescaled by
+  the release), layer decay 0.65, 5 warm-up epochs from 0, weight decay 0.05 constant, drop
+  path 0.1, mean pooling with fc_norm, head init x 0.001, RandAugment rand-m9-mstd0.5-inc1,
+  erasing 0.25, smoothing 0.1, mixup 0.8 / cutmix 1.0, min lr 1e-6, no EMA, no clipping,
+  betas (0.9, 0.999). The backbone is CAE's encoder (arch 'cae'): layer scale kept and
+  trained, q/v biases, the pretraining's fixed sin-cos positions; as the release does by
+  default, every block also learns BEiT's relative position bias (zero at the start), and
+  fc_norm starts from the encoder's final norm (its loader renames `norm.` to `fc_norm.`).
+  No weight decay on 1-D parameters (layer scale, q/v biases, norms, biases) and cls_token;
+  the relative position tables are decayed, as the release's default.
+* 'cae_smoke': 'smoke' with configs/cae.py:smoke's encoder (tests).
 * 'fashion_mnist': the `make demo` network (configs/dino.py:fashion_mnist's 4-block ViT), a few
   epochs on the CPU, lighter regularisation for a small model and data set.
 * 'smoke': a few steps of a tiny ViT (tests).
@@ -80,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
       pos_embed="learned",
       init_scheme="dino",
       recompute_elementwise=False,
+      # arch='cae' only: the layer-scale init of a fresh encoder (weights from a file bring
+      # their own) and BEiT's relative position bias (zero-initialised, learned).
+      init_values=0.1,
+      rel_pos_bias=False,
       embed_dim=0,
       depth=0,
       num_heads=0,
@@ -106,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
       mixup_switch_prob=0.5,
       reprob=0.25,  # random erasing per image
       ema_decay=0.0,  # > 0: EMA of the weights, evaluated instead of the weights
+      # arch='cae', pooling='mean': fc_norm starts from the pretrained final norm (CAE's loader)
+      fc_norm_from_norm=False,
     )
   )
   c.optim = ml_collections.ConfigDict(
@@ -146,7 +166,15 @@ def sere_vit_b16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def _cae_backbone(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CAE's encoder as the official fine-tuning builds it (see the module docstring)."""
+  c.model.update(arch="cae", pos_embed="sincos", init_values=0.1, rel_pos_bias=True)
+  c.finetune.update(pooling="mean", fc_norm_from_norm=True)
+  return c
+
+
 def cae_vit_b16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = _cae_backbone(c)
   c.model.variant = "base"
   c.batch_size = 4096
   c.optim.lr_per_256 = 8e-3 * 256 / 4096
@@ -198,6 +226,11 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def cae_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """'smoke' on configs/cae.py:smoke's encoder (same size), for tests."""
+  return _cae_backbone(smoke(c))
+
+
 PRESETS = {
   "": lambda c: c,
   "sere_vit_s16": lambda c: c,
@@ -205,6 +238,7 @@ PRESETS = {
   "cae_vit_b16": cae_vit_b16,
   "fashion_mnist": fashion_mnist,
   "smoke": smoke,
+  "cae_smoke": cae_smoke,
 }
 
 

@@ -3,7 +3,9 @@
 The trainer runs it like any pretraining method (mesh, checkpoints with the data position,
 resume, preemption, finite checks, metrics); what is specific lives here:
 
-* The network: the config's ViT and a linear head on its [CLS] token (`pooling='cls'`) or, as
+* The network: the config's backbone (`config.model.arch`: 'vit', the DINO-style ViT, or
+  'cae', CAE's BEiT-style encoder with layer scale, q/v biases and fixed sin-cos positions, plus
+  BEiT's relative position bias when `config.model.rel_pos_bias`) and a linear head on its [CLS] token (`pooling='cls'`) or, as
   BEiT, MAE and CAE fine-tune by default, on the LayerNorm ('fc_norm') of the mean of the last
   block's patch tokens (`pooling='mean'`; the backbone's own final norm is then unused, as
   theirs is replaced by an identity). The head's weights are N(0, head_init_std^2) times
@@ -16,8 +18,9 @@ resume, preemption, finite checks, metrics); what is specific lives here:
   works and the block layout (scanned or not) may differ from the pretraining run's; or freshly
   initialised (`config.finetune.random_init`, the from-scratch baseline).
 * The optimiser (`finetune_optimizer`): AdamW with the official layer-wise lr decay
-  (`layer_ids`, `layer_decay_scales`), no weight decay on biases, norms, 1-D parameters,
-  cls_token and pos_embed, warm-up + cosine lr, and gradient clipping by global norm if set.
+  (`layer_ids`, `layer_decay_scales`), no weight decay on biases, norms, 1-D parameters (layer
+  scale and BEiT's q/v biases among them), cls_token and pos_embed, warm-up + cosine lr, and
+  gradient clipping by global norm if set.
 * The batch (`device_views`): one RandAugmented crop per image comes from the host (the data
   pipeline, config.data.randaugment); on the device it is normalised, randomly erased, and
   mixed (mixup / cutmix with smoothed targets, sslx/data/mixup.py).
@@ -48,17 +51,40 @@ from sslx.data import mixup as mixup_lib
 from sslx.errors import UserError
 from sslx.methods.accumulation import LossStateRule
 from sslx.methods.base import Method
-from sslx.models import torch_layout, vit
-from sslx.models.build import build_backbone
+from sslx.methods.teacher_cls import fixed_positions
+from sslx.models import beit, cae, torch_layout, vit
+from sslx.models.build import ARCHS, build_backbone, build_cae_encoder
 
 # No weight decay on these (BEiT's and MAE's `no_weight_decay()`), besides biases and norms.
-NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed"})
+# Layer scale and BEiT's q/v biases are 1-D, which BEiT's rule already exempts; named here so
+# that a leading (stacked) axis cannot make them look 2-D.
+NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "gamma_1", "gamma_2", "q_bias", "v_bias"})
 # Parameters of the backbone that sit below the first block (layer id 0 of the official rule).
 EMBEDDING_NAMES = frozenset({"cls_token", "pos_embed", "patch_embed", "mask_token"})
 
 
 class FinetuneError(UserError):
   """The fine-tuning config or its starting weights cannot be used; the message names the fix."""
+
+
+def backbone_for(model_cfg: ml_collections.ConfigDict, *, drop_path: bool = True) -> nn.Module:
+  """The fine-tuning backbone of `config.model`: sslx.models.vit.ViT (arch 'vit') or
+  sslx.models.cae.CAEEncoder (arch 'cae'); both return 'cls' (normed) and 'prenorm' tokens.
+
+  Raises:
+    FinetuneError: an unknown arch, or an option the CAE encoder does not have.
+  """
+  arch = model_cfg.get("arch", "vit")
+  if arch not in ARCHS:
+    raise FinetuneError(f"config.model.arch={arch!r}; valid: {', '.join(ARCHS)}")
+  if arch == "vit":
+    return build_backbone(model_cfg, drop_path=drop_path)
+  if model_cfg.get("scan_blocks", False):
+    raise FinetuneError(
+      "the CAE encoder (config.model.arch='cae') has no scanned blocks: set "
+      "config.model.scan_blocks=False"
+    )
+  return build_cae_encoder(model_cfg, drop_path=drop_path)
 
 
 class Classifier(nn.Module):
@@ -195,7 +221,7 @@ def finetune_optimizer(
     "weight_decay": schedules.cosine_schedule(oc.weight_decay, oc.weight_decay_end, total_steps),
     "momentum": lambda step: jnp.asarray(fc.ema_decay, jnp.float32),
   }
-  depth = build_backbone(config.model).depth
+  depth = backbone_for(config.model).depth
   parts = []
   if oc.get("clip_grad"):
     parts.append(optax.clip_by_global_norm(float(oc.clip_grad)))
@@ -263,7 +289,7 @@ class Finetune(Method):
     if fc.pooling not in ("cls", "mean"):
       raise FinetuneError(f"config.finetune.pooling={fc.pooling!r}; valid: 'cls', 'mean'")
     return Classifier(
-      build_backbone(self.config.model, drop_path=train),
+      backbone_for(self.config.model, drop_path=train),
       self.num_classes,
       pooling=fc.pooling,
       head_init_std=fc.head_init_std,
@@ -283,25 +309,92 @@ class Finetune(Method):
     fc = self.config.finetune
     return None if fc.random_init else (str(fc.pretrained), str(fc.weights))
 
+  @property
+  def is_cae(self) -> bool:
+    """The backbone is CAE's encoder (config.model.arch='cae')."""
+    return self.config.model.get("arch", "vit") == "cae"
+
   def import_backbone(
     self, params: Any, loss_state: Any, state_dict: Mapping[str, np.ndarray]
   ) -> tuple[Any, Any]:
     """`params` with the backbone from a timm-layout state dict (a learned position grid of
-    another size is resized); the head keeps its fresh init."""
-    sd, note = torch_layout.fit_pos_embed(state_dict, params["backbone"])
+    another size is resized); the head keeps its fresh init.
+
+    For the CAE encoder, as the official CAE fine-tuning loads a pretrained encoder: relative
+    position bias tables the file lacks keep their zero init, and with mean pooling and
+    `config.finetune.fc_norm_from_norm` the file's final norm also starts fc_norm (the official
+    loader renames `norm.` to `fc_norm.`).
+
+    Raises:
+      FinetuneError: the file's ViT flavour (layer scale or not) and config.model.arch differ.
+      torch_layout.LayoutError: any other misfit (init_from reports it).
+    """
+    sd = dict(state_dict)
+    self._check_flavour(sd)
+    like = params["backbone"]
+    sd, note = torch_layout.fit_pos_embed(sd, like)
     if note:
       logging.info("finetune: %s", note)
-    backbone = torch_layout.vit_from_torch(
-      sd, params["backbone"], pos_embed=self._fixed_positions()
-    )
-    return {**params, "backbone": backbone}, loss_state
+    if self.is_cae:
+      kept = self._keep_fresh_tables(sd, like)
+      if kept:
+        logging.info(
+          "finetune: %d relative position bias tables start at zero (not in the weights)", kept
+        )
+    backbone = torch_layout.vit_from_torch(sd, like, pos_embed=self._positions_of(sd))
+    params = {**params, "backbone": backbone}
+    if self.is_cae and self.config.finetune.get("fc_norm_from_norm") and "fc_norm" in params:
+      params["fc_norm"] = {k: np.array(v) for k, v in backbone["norm"].items()}
+    return params, loss_state
+
+  def _check_flavour(self, sd: Mapping[str, Any]) -> None:
+    layer_scale = any(k.endswith(".ls1.gamma") for k in sd)
+    if layer_scale and not self.is_cae:
+      raise FinetuneError(
+        "the starting weights have layer scale (blocks.*.ls1.gamma): a CAE / BEiT-style "
+        "encoder; fine-tune it with config.model.arch='cae' "
+        "(--config=configs/finetune.py:cae_vit_b16, or :cae_smoke for the smoke models)"
+      )
+    if self.is_cae and not layer_scale and float(self.config.model.init_values) > 0:
+      raise FinetuneError(
+        "config.model.arch='cae' expects CAE's layer scale (blocks.*.ls1.gamma), which the "
+        "starting weights lack: fine-tune a plain ViT with config.model.arch='vit' (or set "
+        "config.model.init_values=0 for a BEiT-style encoder without layer scale)"
+      )
+
+  @staticmethod
+  def _keep_fresh_tables(sd: dict[str, Any], like: Mapping[str, Any]) -> int:
+    """Puts `like`'s relative position tables into `sd` where it has none -> how many."""
+    kept = 0
+    for name, block in like.items():
+      if name.startswith("block_") and torch_layout.REL_POS_TABLE in block.get("attn", {}):
+        key = f"blocks.{int(name[len('block_') :])}.attn.{torch_layout.REL_POS_TABLE}"
+        if key not in sd:
+          sd[key] = np.asarray(block["attn"][torch_layout.REL_POS_TABLE], np.float32)
+          kept += 1
+    return kept
+
+  def _positions_of(self, sd: Mapping[str, Any]) -> np.ndarray | None:
+    """The fixed sin-cos table a state dict's `pos_embed` must equal, at the file's grid (the
+    CAE encoder computes its table for each input), or None for learned positions."""
+    if self.is_cae:
+      side = torch_layout.pos_grid_of(sd)
+      if side is None:
+        return None
+      return fixed_positions(beit.sincos_pos_embed(side, side, self._embed_dim()))
+    return self._fixed_positions()
+
+  def _embed_dim(self) -> int:
+    return int(backbone_for(self.config.model).embed_dim)
 
   def _fixed_positions(self) -> np.ndarray | None:
-    m = self.network(train=False).backbone
-    if m.pos_embed != "sincos":
+    """The [1, 1 + N, D] sin-cos table (zero [CLS] row) at config.model.pos_grid, or None."""
+    mc = self.config.model
+    if not self.is_cae and mc.get("pos_embed", "learned") != "sincos":
       return None
-    table = vit.sincos_2d(m.pos_grid, m.pos_grid, m.embed_dim)
-    return np.concatenate([np.zeros((1, table.shape[1]), np.float32), table])[None]
+    # CAE's table (beit.sincos_pos_embed) is MoCo v3's (vit.sincos_2d): one function for both.
+    table = vit.sincos_2d(mc.pos_grid, mc.pos_grid, self._embed_dim())
+    return fixed_positions(table)
 
   def optimizer(self, params_shape: Any, steps_per_epoch: int, total_steps: int) -> Any:
     return finetune_optimizer(self.config, params_shape, steps_per_epoch, total_steps)
@@ -369,12 +462,14 @@ class Finetune(Method):
   def export_backbone(
     self, params: Any, loss_state: Any, weights: str
   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The fine-tuned backbone (no head) in timm's layout."""
+    """The fine-tuned backbone (no head) in timm's layout (a CAE encoder's relative position
+    bias tables under BEiT's key, which timm's VisionTransformer lacks: architecture
+    'vit+rel_pos_bias' then)."""
     del loss_state, weights
     m = self.network(train=False).backbone
     sd = torch_layout.vit_to_torch(params["backbone"], pos_embed=self._fixed_positions())
-    kwargs = dict(
-      img_size=m.pos_grid * m.patch_size,
+    kwargs: dict[str, Any] = dict(
+      img_size=self.config.model.pos_grid * m.patch_size,
       patch_size=m.patch_size,
       in_chans=int(sd["patch_embed.proj.weight"].shape[1]),
       embed_dim=m.embed_dim,
@@ -384,7 +479,12 @@ class Finetune(Method):
       qkv_bias=True,
       num_classes=0,
     )
-    return sd, {"architecture": "vit", "timm_kwargs": json.dumps(kwargs)}
+    arch = "vit"
+    if isinstance(m, cae.CAEEncoder):
+      kwargs["init_values"] = m.init_values
+      if m.rel_pos_bias:
+        arch = "vit+rel_pos_bias"
+    return sd, {"architecture": arch, "timm_kwargs": json.dumps(kwargs)}
 
 
 def with_start(

@@ -73,15 +73,49 @@ def _split_heads(x: Array, num_heads: int) -> Array:
   return x.reshape(x.shape[0], x.shape[1], num_heads, x.shape[2] // num_heads)
 
 
-def attention_weights(q: Array, k: Array, num_heads: int) -> Array:
-  """softmax(q k^T / sqrt(d_h)) per head, float32. q [B, Tq, D], k [B, Tk, D] -> [B, h, Tq, Tk]."""
+def attention_weights(q: Array, k: Array, num_heads: int, bias: Array | None = None) -> Array:
+  """softmax(q k^T / sqrt(d_h) + bias) per head, float32.
+
+  q [B, Tq, D], k [B, Tk, D], bias [h, Tq, Tk] or None -> [B, h, Tq, Tk].
+  """
   logits = jnp.einsum(
     "bqhc,bkhc->bhqk",
     _split_heads(q, num_heads),
     _split_heads(k, num_heads),
     preferred_element_type=jnp.float32,
   )
-  return jax.nn.softmax(logits * (q.shape[-1] // num_heads) ** -0.5, axis=-1)
+  logits = logits * (q.shape[-1] // num_heads) ** -0.5
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def relative_position_index(grid_h: int, grid_w: int) -> np.ndarray:
+  """BEiT's relative position index of a [CLS] + grid_h x grid_w token sequence.
+
+  Patch pairs index the table by their row and column offsets, (dr + h - 1) * (2w - 1) +
+  (dc + w - 1); the three rows after those (2h - 1)(2w - 1) are [CLS] -> patch, patch -> [CLS]
+  and [CLS] -> [CLS]. Row-major patches, [CLS] first.
+
+  Returns:
+    int32 [1 + h w, 1 + h w] into a table of `relative_position_table_size(h, w)` rows.
+  """
+  grid_r, grid_c = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  rows, cols = grid_r.reshape(-1), grid_c.reshape(-1)
+  dr = rows[:, None] - rows[None, :] + grid_h - 1
+  dc = cols[:, None] - cols[None, :] + grid_w - 1
+  size = relative_position_table_size(grid_h, grid_w)
+  index = np.zeros((grid_h * grid_w + 1,) * 2, np.int32)
+  index[1:, 1:] = dr * (2 * grid_w - 1) + dc
+  index[0, :] = size - 3
+  index[:, 0] = size - 2
+  index[0, 0] = size - 1
+  return index
+
+
+def relative_position_table_size(grid_h: int, grid_w: int) -> int:
+  """Rows of BEiT's relative position bias table: every offset, plus three for [CLS] pairs."""
+  return (2 * grid_h - 1) * (2 * grid_w - 1) + 3
 
 
 def mix_values(attn: Array, v: Array) -> Array:
@@ -113,11 +147,16 @@ class Mlp(nn.Module):
 class SelfAttention(nn.Module):
   """BEiT attention: bias-free fused qkv plus learned q_bias and v_bias (k bias fixed at 0).
 
+  With `rel_pos_grid` = (h, w) it also learns BEiT's relative position bias,
+  'relative_position_bias_table' [(2h - 1)(2w - 1) + 3, heads], zero at init, added to the
+  attention logits (`relative_position_index`); the input must then be [CLS] + h x w patches.
+
   The softmax weights [B, heads, T, T] are sown as 'intermediates'/'attention' (kept only when
   that collection is mutable, e.g. for `--mode=attention`; otherwise free)."""
 
   num_heads: int
   dtype: Any = jnp.float32
+  rel_pos_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -127,7 +166,22 @@ class SelfAttention(nn.Module):
     qkv = dense(3 * d, self.dtype, "qkv", use_bias=False)(x)
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    attn = attention_weights(q, k, self.num_heads)
+    bias = None
+    if self.rel_pos_grid is not None:
+      h, w = self.rel_pos_grid
+      if x.shape[1] != 1 + h * w:
+        raise ValueError(
+          f"relative position bias for a {h}x{w} grid needs 1 + {h * w} tokens, got "
+          f"{x.shape[1]}; set config.model.pos_grid to the image size / patch size."
+        )
+      table = self.param(
+        "relative_position_bias_table",
+        nn.initializers.zeros,
+        (relative_position_table_size(h, w), self.num_heads),
+        jnp.float32,
+      )
+      bias = jnp.transpose(table[relative_position_index(h, w)], (2, 0, 1))
+    attn = attention_weights(q, k, self.num_heads, bias)
     self.sow("intermediates", "attention", attn)
     return dense(d, self.dtype, "proj")(mix_values(attn, v)).astype(jnp.float32)
 
@@ -157,13 +211,16 @@ def _gamma(module: nn.Module, name: str, d: int, init_values: float) -> Array:
 
 
 class Block(nn.Module):
-  """Pre-norm BEiT block with layer scale: x + dp(g1 * attn(LN1 x)); x + dp(g2 * mlp(LN2 x))."""
+  """Pre-norm BEiT block with layer scale: x + dp(g1 * attn(LN1 x)); x + dp(g2 * mlp(LN2 x)).
+
+  `rel_pos_grid`: see SelfAttention (BEiT's relative position bias; fine-tuning only here)."""
 
   num_heads: int
   mlp_ratio: float = 4.0
   init_values: float = 0.1
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  rel_pos_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -173,7 +230,9 @@ class Block(nn.Module):
       _gamma(self, "gamma_2", d, self.init_values),
     )
     dp = DropPath(name="drop_path")
-    h = SelfAttention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1")(x))
+    h = SelfAttention(self.num_heads, self.dtype, self.rel_pos_grid, name="attn")(
+      layer_norm("norm1")(x)
+    )
     x = x + dp(g1 * h, self.drop_path, train)
     h = Mlp(self.mlp_ratio, self.dtype, name="mlp")(layer_norm("norm2")(x))
     return x + dp(g2 * h, self.drop_path, train)

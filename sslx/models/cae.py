@@ -62,24 +62,42 @@ def _rates(rate: float, depth: int) -> list[float]:
   return [float(r) for r in np.linspace(0.0, rate, depth)] if depth else []
 
 
-def _blocks_and_norm(module: nn.Module, x: Array, *, train: bool) -> Array:
+def _blocks(
+  module: nn.Module, x: Array, *, train: bool, rel_pos_grid: tuple[int, int] | None = None
+) -> Array:
   """`module.depth` BEiT self-attention blocks, drop path rising linearly to
-  `module.drop_path_rate`, then LayerNorm.
+  `module.drop_path_rate` (the output before the final LayerNorm).
 
-  Called from a compact `__call__`, so the layers are `module`'s children ('block_i', 'norm').
+  Called from a compact `__call__`, so the blocks are `module`'s children ('block_i').
   """
   active = bool(train) and module.drop_path_rate > 0
   for i, rate in enumerate(_rates(module.drop_path_rate, module.depth)):
     x = beit.Block(
-      module.num_heads, module.mlp_ratio, module.init_values, rate, module.dtype, name=f"block_{i}"
+      module.num_heads,
+      module.mlp_ratio,
+      module.init_values,
+      rate,
+      module.dtype,
+      rel_pos_grid,
+      name=f"block_{i}",
     )(x, active)
-  return beit.layer_norm("norm")(x)
+  return x
+
+
+def _blocks_and_norm(module: nn.Module, x: Array, *, train: bool) -> Array:
+  """`_blocks`, then LayerNorm ('norm')."""
+  return beit.layer_norm("norm")(_blocks(module, x, train=train))
 
 
 class CAEEncoder(nn.Module):
   """ViT encoder of the visible patches (official `VisionTransformerEncoder`).
 
   Parameters: 'patch_embed' (conv), 'cls_token' [1, 1, D], 'block_i', 'norm'.
+
+  `rel_pos_bias` (fine-tuning, as the official CAE / BEiT classification fine-tuning does by
+  default): every block also learns a relative position bias for a `rel_pos_grid` x
+  `rel_pos_grid` patch grid ('block_i/attn/relative_position_bias_table', zero at init, so a
+  pretrained encoder computes the same features at the start); all patches must be encoded.
   """
 
   patch_size: int = 16
@@ -90,6 +108,8 @@ class CAEEncoder(nn.Module):
   init_values: float = 0.1
   drop_path_rate: float = 0.1
   dtype: Any = jnp.float32
+  rel_pos_bias: bool = False
+  rel_pos_grid: int = 14
 
   @nn.compact
   def __call__(
@@ -103,7 +123,8 @@ class CAEEncoder(nn.Module):
       train: stochastic depth on (needs a 'dropout' rng when drop_path_rate > 0).
 
     Returns:
-      'tokens' [B, 1 + K, D] after the final LN, 'cls' [B, D], 'patch' [B, K, D].
+      'tokens' [B, 1 + K, D] after the final LN, 'cls' [B, D], 'patch' [B, K, D]; 'prenorm'
+      [B, 1 + K, D], the last block's output before the final LN (fine-tuning's mean pooling).
     """
     if self.embed_dim % self.num_heads:
       raise ValueError(
@@ -133,8 +154,14 @@ class CAEEncoder(nn.Module):
       x = gather_tokens(x, keep_idx)
     cls = self.param("cls_token", beit.TRUNC_NORMAL_1SIGMA, (1, 1, d), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)  # CLS position is 0
-    x = _blocks_and_norm(self, x, train=train)
-    return {"tokens": x, "cls": x[:, 0], "patch": x[:, 1:]}
+    rel_grid = None
+    if self.rel_pos_bias:
+      if keep_idx is not None:
+        raise ValueError("relative position bias is for fine-tuning on all patches: no keep_idx")
+      rel_grid = (self.rel_pos_grid, self.rel_pos_grid)
+    prenorm = _blocks(self, x, train=train, rel_pos_grid=rel_grid)
+    x = beit.layer_norm("norm")(prenorm)
+    return {"tokens": x, "cls": x[:, 0], "patch": x[:, 1:], "prenorm": prenorm}
 
 
 class LatentRegressor(nn.Module):

@@ -6,7 +6,8 @@
   `patch_embed.proj.*`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`,
   `norm.*`, plus `blocks.{i}.ls{1,2}.gamma` for layer scale (CAE). A state dict from here loads
   into `timm.models.vision_transformer.VisionTransformer(..., num_classes=0)` with
-  `load_state_dict(strict=True)`.
+  `load_state_dict(strict=True)`, except for a CAE fine-tuning encoder's relative position bias
+  (`blocks.{i}.attn.relative_position_bias_table`, BEiT's name), which that class lacks.
 * ResNets (BYOL/SaGe) use torchvision's `resnet{18,34,50,101}` names (`conv1`, `bn1`,
   `layer{1-4}.{j}.{conv,bn}{1,2,3}`, `downsample.{0,1}`), running statistics included; the
   classifier `fc` is not part of a backbone.
@@ -128,6 +129,12 @@ def _torch_shape(kind: str, leaf: Any) -> tuple[int, ...]:
 
 
 # ---- ViT ------------------------------------------------------------------------------------
+# BEiT's per-block relative position bias [(2h - 1)(2w - 1) + 3, heads] (sslx.models.beit), kept
+# under BEiT's key `blocks.{i}.attn.relative_position_bias_table`; timm's VisionTransformer has
+# no such parameter (its Beit model has, with BEiT's other names).
+REL_POS_TABLE = "relative_position_bias_table"
+
+
 def _vit_block_paths(params: Params) -> list[tuple[str, ...] | tuple[str, int]]:
   """Where each block lives: ('block_i',) or ('blocks', i) for blocks stacked by nn.scan."""
   out: list = []
@@ -177,6 +184,8 @@ def _vit_block_rows(block: Params, i: int) -> list[Row]:
     rows.append((t + "attn.qkv.bias", ("attn", "qkv", "bias"), "copy"))
   if "gamma_1" in block:
     rows += [(t + "ls1.gamma", ("gamma_1",), "copy"), (t + "ls2.gamma", ("gamma_2",), "copy")]
+  if _has(block, ("attn", REL_POS_TABLE)):  # BEiT's name (CAE fine-tuning)
+    rows.append((t + "attn." + REL_POS_TABLE, ("attn", REL_POS_TABLE), "copy"))
   return rows
 
 
