@@ -46,29 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.device_prefetch = 2
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
-  c.model = ml_collections.ConfigDict(
-    dict(
-      arch="vit",
-      variant="small",
-      patch_size=16,
-      pos_grid=14,
-      drop_path_rate=0.1,
-      dtype="bfloat16",
-      # 'auto': cuDNN's fused attention on GPUs, explicit elsewhere (models/vit.py).
-      scan_blocks=False,
-      attention="auto",
-      # 'learned' positions (DINO) or fixed 'sincos' (MoCo v3); parameter init 'dino' or 'mocov3'.
-      pos_embed="learned",
-      init_scheme="dino",
-      # True: backward recomputes LayerNorm/GELU from their inputs (less activation memory).
-      recompute_elementwise=False,
-      # 0 = take it from the variant; set to override (e.g. a custom small ViT).
-      embed_dim=0,
-      depth=0,
-      num_heads=0,
-      mlp_ratio=0.0,
-    )
-  )
+  c.model = config_blocks.vit_model()
   c.head = ml_collections.ConfigDict(
     dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True, use_bn=False)
   )

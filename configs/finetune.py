@@ -81,29 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.device_prefetch = 2
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.model = ml_collections.ConfigDict(
-    dict(
-      arch="vit",
-      variant="small",
-      patch_size=16,
-      pos_grid=14,
-      drop_path_rate=0.1,
-      dtype="bfloat16",
-      scan_blocks=False,
-      attention="auto",
-      pos_embed="learned",
-      init_scheme="dino",
-      recompute_elementwise=False,
-      # arch='cae' only: the layer-scale init of a fresh encoder (weights from a file bring
-      # their own) and BEiT's relative position bias (zero-initialised, learned).
-      init_values=0.1,
-      rel_pos_bias=False,
-      embed_dim=0,
-      depth=0,
-      num_heads=0,
-      mlp_ratio=0.0,
-    )
-  )
+  c.model = config_blocks.vit_model()
+  # arch='cae' only: the layer-scale init of a fresh encoder (weights from a file bring their
+  # own) and BEiT's relative position bias (zero-initialised, learned).
+  c.model.update(init_values=0.1, rel_pos_bias=False)
   c.finetune = ml_collections.ConfigDict(
     dict(
       # Where the backbone starts (main.py's --init_from / --init_from_key set these): a

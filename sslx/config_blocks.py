@@ -17,6 +17,35 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FMNIST_STD = (0.3530, 0.3530, 0.3530)
+
+
+def vit_model() -> ml_collections.ConfigDict:
+  """config.model of a ViT-S/16 (DINO's; fine-tuning starts from the same block)."""
+  return ml_collections.ConfigDict(
+    dict(
+      arch="vit",
+      variant="small",
+      patch_size=16,
+      pos_grid=14,
+      drop_path_rate=0.1,
+      dtype="bfloat16",
+      # 'auto': cuDNN's fused attention on GPUs, explicit elsewhere (models/vit.py).
+      scan_blocks=False,
+      attention="auto",
+      # 'learned' positions (DINO) or fixed 'sincos' (MoCo v3); parameter init 'dino' or 'mocov3'.
+      pos_embed="learned",
+      init_scheme="dino",
+      # True: backward recomputes LayerNorm/GELU from their inputs (less activation memory).
+      recompute_elementwise=False,
+      # 0 = take it from the variant; set to override (e.g. a custom small ViT).
+      embed_dim=0,
+      depth=0,
+      num_heads=0,
+      mlp_ratio=0.0,
+    )
+  )
+
+
 # pred_start_epoch: no masks before this epoch (iBOT's loader); crops are drawn the same anyway.
 NO_MASKS = dict(
   scheme="none",
