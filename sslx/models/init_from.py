@@ -241,15 +241,21 @@ def init_params(
   return apply_backbone(method, params, loss_state, read_backbone(path, key), path, head)
 
 
-def apply_backbone(
-  method: Any, params: Any, loss_state: Any, backbone: Backbone, path: str, head: bool = False
-) -> tuple[Any, Any, Backbone]:
-  """`init_params` for a backbone already read (`read_backbone`) from `path`."""
-  if head and not backbone.head:
+def check_head(backbone: Backbone, path: str) -> None:
+  """Raises InitFromError when --init_from_head asks for a head the file does not have."""
+  if not backbone.head:
     raise InitFromError(
       f"--init_from_head: {path} ({backbone.source}) has no projection head next to the "
       "backbone (only DINO / iBOT / SERE training checkpoints do); drop --init_from_head"
     )
+
+
+def apply_backbone(
+  method: Any, params: Any, loss_state: Any, backbone: Backbone, path: str, head: bool = False
+) -> tuple[Any, Any, Backbone]:
+  """`init_params` for a backbone already read (`read_backbone`) from `path`."""
+  if head:
+    check_head(backbone, path)
   try:
     params, loss_state = method.import_backbone(params, loss_state, backbone.state_dict)
     if head:

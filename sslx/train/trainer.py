@@ -602,11 +602,8 @@ def _run(
     from sslx.models import init_from as init_from_lib
 
     backbone = init_from_lib.read_backbone(init_path, init_key)
-    if init_head and not backbone.head:
-      raise init_from_lib.InitFromError(
-        f"--init_from_head: {init_path} ({backbone.source}) has no projection head next to "
-        "the backbone (only DINO / iBOT / SERE training checkpoints do); drop --init_from_head"
-      )
+    if init_head:
+      init_from_lib.check_head(backbone, init_path)
   config_json = faults.config_as_json(config)
   if is_main:  # only now: a refused config must not replace the record of the run's own
     with open(os.path.join(workdir, "config.json"), "w") as f:
