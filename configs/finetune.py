@@ -172,20 +172,24 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     variant="tiny",
     patch_size=4,
     pos_grid=7,
-    drop_path_rate=0.1,
+    drop_path_rate=0.0,
     dtype="float32",
     embed_dim=64,
     depth=4,
     num_heads=2,
     recompute_elementwise=True,
   )
+  # A 4-block ViT on 28-px images underfits in a few CPU epochs (from random init the official
+  # DINO ViT learns as slowly as ours on the same batches), so this preset drops the ImageNet
+  # recipe's regularisers (mixup, RandAugment, drop path) and raises the lr: 400-step trials
+  # in experiments/finetune/RESULTS.md.
   c.finetune.update(
-    pooling="cls", layer_decay=0.75, mixup=0.2, cutmix=0.0, reprob=0.0, label_smoothing=0.1
+    pooling="cls", layer_decay=0.75, mixup=0.0, cutmix=0.0, reprob=0.0, label_smoothing=0.1
   )
-  c.optim.update(lr_per_256=1e-3, warmup_epochs=0.2, min_lr=1e-6)
+  c.optim.update(lr_per_256=4e-3, warmup_epochs=0.2, min_lr=1e-6)
   config_blocks.use_fashion_mnist(c, size=28)
   c.data.global_crops.update(number=1, size=28, scale=(0.5, 1.0))
-  c.data.randaugment.update(policy="rand-m5-mstd0.5-inc1", fill=fill_from_mean(FMNIST_MEAN))
+  c.data.randaugment.update(policy="", fill=fill_from_mean(FMNIST_MEAN))
   c.augment.update(mean=FMNIST_MEAN, std=FMNIST_STD)
   c.checkpoint.update(every_steps=500, max_to_keep=2)
   # Evaluate the head once at the end only (use_fashion_mnist turns on a kNN at the start).
@@ -201,7 +205,10 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every_steps = 2
   # The same ViT as configs/dino.py:smoke, so its checkpoints load.
   c.model.update(embed_dim=32, depth=2, num_heads=2, patch_size=4, pos_grid=7)
+  # Every regulariser on, so that the tests run them all.
+  c.model.drop_path_rate = 0.1
   c.finetune.update(mixup=0.8, cutmix=1.0, reprob=0.25)
+  c.data.randaugment.policy = "rand-m5-mstd0.5-inc1"
   c.optim.update(warmup_epochs=0.0)
   c.checkpoint.update(every_steps=3, async_save=False)
   return c
