@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sslx.models import beit
+from sslx.models import beit, vit
 
 Array = jax.Array
 
@@ -136,13 +136,10 @@ class CAEEncoder(nn.Module):
     if h % p or w % p:
       raise ValueError(f"image {h}x{w} is not a multiple of patch_size={p}.")
     d = self.embed_dim
-    x = nn.Conv(
+    x = vit.PatchEmbed(
       d,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
+      p,
       dtype=self.dtype,
-      param_dtype=jnp.float32,
       kernel_init=beit.TRUNC_NORMAL_1SIGMA,
       bias_init=nn.initializers.zeros,
       name="patch_embed",

@@ -10,6 +10,7 @@ Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -211,6 +212,36 @@ def interpolate_pos_grid(grid: Array, out_hw: tuple[int, int]) -> Array:
   return jnp.einsum(
     "hi,wj,ijd->hwd", rows, cols, grid.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
   )
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches to D features: the stride-p convolution of every ViT, as one
+  matrix product.
+
+  Same parameters as `nn.Conv(features, (p, p), strides=(p, p), padding='VALID')` (a 'kernel'
+  [p, p, C, D] and a 'bias' [D], drawn from the same RNG streams, so initialisations and
+  checkpoints are unchanged) and the same result up to summation order. On CPUs XLA runs the
+  convolution's weight gradient through channel-major transposes of the whole batch of images,
+  which cost more than the product itself in the Fashion-MNIST step (experiments/bench/RESULTS.md);
+  as a product of [B * h * w, p * p * C] patches with the [p * p * C, D] kernel it needs none.
+  """
+
+  features: int
+  patch_size: int
+  dtype: DType = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    """images [B, H, W, C] with H, W multiples of p -> [B, H/p, W/p, D] in `dtype`."""
+    p = self.patch_size
+    b, h, w, c = images.shape
+    kernel = self.param("kernel", self.kernel_init, (p, p, c, self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    patches = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    out = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
+    return out + bias.astype(self.dtype)
 
 
 class DropPath(nn.Module):
@@ -533,13 +564,10 @@ class ViT(nn.Module):
 
     moco = self.init_scheme == "mocov3"
     fan_in = self.patch_size * self.patch_size * images.shape[-1]
-    x = nn.Conv(
+    x = PatchEmbed(
       d,
-      (self.patch_size, self.patch_size),
-      strides=(self.patch_size, self.patch_size),
-      padding="VALID",
+      self.patch_size,
       dtype=self.dtype,
-      param_dtype=jnp.float32,
       kernel_init=_patch_xavier if moco else _TORCH_DEFAULT_KERNEL,
       bias_init=nn.initializers.zeros if moco else _torch_default_bias(fan_in),
       name="patch_embed",

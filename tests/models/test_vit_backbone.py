@@ -7,6 +7,7 @@ import pytest
 from flax import linen as nn
 
 from sslx.models.vit import (
+  PatchEmbed,
   ViT,
   bicubic_resize_matrix,
   interpolate_pos_grid,
@@ -112,6 +113,27 @@ def test_init_follows_dino():
   assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.9 * bound
   kernel = np.asarray(params["patch_embed"]["kernel"])
   assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.99 * bound
+
+
+@pytest.mark.parametrize("p, hw, c", [(4, (28, 28), 3), (16, (32, 48), 3), (2, (6, 4), 1)])
+def test_patch_embed_is_the_strided_convolution(p, hw, c):
+  """PatchEmbed (one matrix product) draws the parameters nn.Conv(stride p, VALID) draws from the
+  same key, and gives its outputs and parameter gradients."""
+  images = _images((3, *hw, c), seed=1)
+  init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+  conv = nn.Conv(8, (p, p), strides=(p, p), padding="VALID", kernel_init=init, bias_init=init_bias)
+  patch = PatchEmbed(8, p, kernel_init=init, bias_init=init_bias)
+  params = conv.init(jax.random.key(2), images)
+  jax.tree.map(np.testing.assert_array_equal, params, patch.init(jax.random.key(2), images))
+  np.testing.assert_allclose(patch.apply(params, images), conv.apply(params, images), atol=1e-5)
+  grads = [
+    jax.grad(lambda v, m=m: jnp.sum(jnp.sin(m.apply(v, images))))(params) for m in (patch, conv)
+  ]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), *grads)
+
+
+def init_bias(key, shape, dtype=jnp.float32):
+  return jax.random.uniform(key, shape, dtype, -0.1, 0.1)
 
 
 def test_init_follows_mocov3():
