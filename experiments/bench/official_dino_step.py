@@ -21,18 +21,8 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 import types
-
-
-def _stub_torchvision() -> None:
-  tv = types.ModuleType("torchvision")
-  for name in ("datasets", "transforms", "models"):
-    sub = types.ModuleType(f"torchvision.{name}")
-    setattr(tv, name, sub)
-    sys.modules[f"torchvision.{name}"] = sub
-  sys.modules["torchvision"] = tv
 
 
 def main() -> None:
@@ -47,34 +37,15 @@ def main() -> None:
 
   import numpy as np
   import torch
-  import torch.distributed as dist
+  from official_on_cpu import NoDDP, import_official  # noqa: PLC0415  (this folder)
   from torch import nn
 
   torch.set_num_threads(a.threads)
   torch.manual_seed(0)
-  _stub_torchvision()
-  sys.path.insert(0, os.path.abspath(a.official))
-  import main_dino  # noqa: PLC0415  (the official code, from --official)
-  import utils  # noqa: PLC0415
-  import vision_transformer as vits  # noqa: PLC0415
-
-  torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
-  nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
-  torch.cuda.synchronize = lambda *args, **kwargs: None
-  # The end-of-epoch averaging of logged metrics across processes (a CUDA tensor); not the step.
-  utils.MetricLogger.synchronize_between_processes = lambda self: None
-  init_file = os.path.join(tempfile.mkdtemp(), "pg")
-  dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+  official = import_official(a.official, stub_torchvision=True)
+  main_dino, utils, vits = official.main_dino, official.utils, official.vits
 
   m, h = spec["model"], spec["head"]
-
-  class NoDDP(nn.Module):  # what DistributedDataParallel adds here: the .module attribute
-    def __init__(self, module):
-      super().__init__()
-      self.module = module
-
-    def forward(self, x):
-      return self.module(x)
 
   def vit(drop_path_rate):
     from functools import partial

@@ -22,9 +22,10 @@ What the Fashion-MNIST recipe (configs/dino.py:fashion_mnist) changes, and nothi
   `--config.total_steps`). The official `cosine_scheduler` takes whole warm-up epochs, so it is
   called with one iteration per "epoch" (the same arrays).
 
-Stand-ins for what a CPU lacks: `.cuda()` returns the tensor itself, DistributedDataParallel is a
-plain module with `.module`, a one-process gloo group serves DINOLoss's all_reduce, and the
-metric logger's end-of-run sync across processes is skipped.
+Stand-ins for what a CPU lacks: experiments/bench/official_on_cpu.py (no CUDA, no
+DistributedDataParallel, a one-process gloo group).
+The Fashion-MNIST reader is written out here because this runs under the torch environment,
+without sslx's dependencies.
 
   train: trains --steps steps with --seed; saves the teacher backbone (`<out>/teacher.pth`) and
          prints one JSON line {"images_per_second", "train_seconds", ...}.
@@ -38,7 +39,6 @@ import gzip
 import json
 import os
 import sys
-import tempfile
 import time
 from functools import partial
 
@@ -49,6 +49,7 @@ FMNIST_STD = (0.3530, 0.3530, 0.3530)
 MODEL = dict(patch_size=4, embed_dim=64, depth=4, num_heads=2, img_size=28)
 HEAD = dict(out_dim=1024, hidden_dim=512, bottleneck_dim=128)
 BATCH = 64
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LR = 4e-3 * BATCH / 256
 
 
@@ -68,24 +69,11 @@ def fashion_mnist(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def import_official(folder: str):
-  import torch
-  import torch.distributed as dist
-  from torch import nn
+  sys.path.insert(0, os.path.join(REPO, "experiments", "bench"))
+  from official_on_cpu import import_official as load  # noqa: PLC0415  (experiments/bench)
 
-  sys.path.insert(0, os.path.abspath(folder))
-  import eval_knn  # noqa: PLC0415  (the official code, from --official)
-  import main_dino  # noqa: PLC0415
-  import utils  # noqa: PLC0415
-  import vision_transformer as vits  # noqa: PLC0415
-
-  torch.Tensor.cuda = lambda self, *args, **kwargs: self
-  nn.Module.cuda = lambda self, *args, **kwargs: self
-  torch.cuda.synchronize = lambda *args, **kwargs: None
-  utils.MetricLogger.synchronize_between_processes = lambda self: None
-  if not dist.is_initialized():
-    init_file = os.path.join(tempfile.mkdtemp(), "pg")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-  return main_dino, utils, vits, eval_knn
+  o = load(folder, with_knn=True)
+  return o.main_dino, o.utils, o.vits, o.eval_knn
 
 
 def backbone(vits, drop_path_rate: float = 0.0):
@@ -165,7 +153,6 @@ class FirstBatches:
 
 def train(a) -> dict:
   import torch
-  from torch import nn
 
   torch.set_num_threads(a.threads)
   torch.manual_seed(a.seed)
@@ -174,6 +161,7 @@ def train(a) -> dict:
 
   random.seed(a.seed)
   main_dino, utils, vits, _ = import_official(a.official)
+  from official_on_cpu import NoDDP  # noqa: PLC0415  (experiments/bench, on the path now)
 
   images, labels = fashion_mnist(a.data, "train")
   dataset = Images(images, labels, fmnist_augmentation(main_dino, utils))
@@ -186,14 +174,6 @@ def train(a) -> dict:
     drop_last=True,
     persistent_workers=a.workers > 0,
   )
-
-  class NoDDP(nn.Module):  # what DistributedDataParallel adds here: the .module attribute
-    def __init__(self, module):
-      super().__init__()
-      self.module = module
-
-    def forward(self, x):
-      return self.module(x)
 
   def wrapped():
     head = vits.DINOHead(MODEL["embed_dim"], HEAD["out_dim"], use_bn=False, norm_last_layer=True,
