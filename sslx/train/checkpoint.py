@@ -50,6 +50,7 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of the last save started
+    self._closed = False
     self.set_aside_steps: list[int] = []  # by this object, in order
 
   def latest_step(self) -> int | None:
@@ -174,8 +175,32 @@ class Checkpointer:
       raise
 
   def close(self) -> None:
-    self.wait()
-    self._manager.close()
+    """Waits for the last save (raising its error) and stops orbax's threads; idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.close_after_error()
+
+  def close_after_error(self) -> None:
+    """`close` on the way out of a failed run: its own error is logged, not raised, so the run's
+    error is the one the user sees. Without it orbax's background threads (the tmp-folder cleanup
+    started by the constructor) can outlive the interpreter and print a traceback at exit."""
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("closing %s after an error: %s", self.directory, e)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -47,8 +47,7 @@ def backbone_state_dict(
   method = make_method(config)
   if weights == "student" and not method.has_teacher:
     weights = "teacher"  # one network: the student is what every evaluation reads
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-  try:
+  with ckpt_lib.Checkpointer(workdir, async_save=False) as ckpt:
     step = ckpt.latest_step()
     if step is None:
       raise ExportError(
@@ -57,8 +56,6 @@ def backbone_state_dict(
       )
     key = "teacher_params" if weights == "teacher" and method.has_teacher else "params"
     parts = ckpt.restore_parts(step, (key, "loss_state"))
-  finally:
-    ckpt.close()
   sd, meta = method.export_backbone(parts[key], parts["loss_state"], weights)
   return sd, meta, step, weights
 

@@ -392,6 +392,20 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
 
 
+def test_a_run_that_fails_after_opening_its_checkpoints_closes_them(tmp_path, monkeypatch):
+  # An open orbax manager keeps a cleanup thread that, left running at exit, prints a traceback
+  # after the run's own one-line error.
+  closed = []
+  real_close = checkpoint.Checkpointer.close
+  monkeypatch.setattr(
+    checkpoint.Checkpointer, "close", lambda self: closed.append(1) or real_close(self)
+  )
+  config = smoke_config(**{"data.path": str(tmp_path / "nowhere")})
+  with pytest.raises(errors.UserError, match="dataset-fashion-mnist"):
+    trainer.run(config, str(tmp_path / "w"))
+  assert closed == [1]
+
+
 def test_disk_full_during_a_save_is_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch):
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, tiny_state(1.0, 1), None)
