@@ -19,10 +19,13 @@ differ. `config.model.arch` says which: 'vit' (DINO / iBOT / SERE / MoCo v3's Vi
       --init_from=/ckpt/cae_vitb16      # a configs/cae.py workdir, or CAE's released .pth
 
   # Fashion-MNIST on the CPU, from the `make demo` network, and the from-scratch baseline:
-  python main.py --mode=finetune --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft_fmnist \
+  python main.py --mode=finetune --config=configs/finetune.py:demo --workdir=/tmp/ft_demo \
       --init_from=runs/demo
-  python main.py --mode=finetune --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft_fmnist_scratch \
+  python main.py --mode=finetune --config=configs/finetune.py:demo --workdir=/tmp/ft_demo_scratch \
       --random_init
+  # ... and from a configs/dino.py:fashion_mnist run (the 4-px-patch, width-64 ViT):
+  python main.py --mode=finetune --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft_fmnist \
+      --init_from=/tmp/dino_fmnist
 
   # A few steps for tests (`--config.finetune.pretrained` from configs/dino.py:smoke, and
   # configs/cae.py:smoke's encoder for cae_smoke):
@@ -55,8 +58,10 @@ Recipes (what each preset sets, and where it comes from):
   No weight decay on 1-D parameters (layer scale, q/v biases, norms, biases) and cls_token;
   the relative position tables are decayed, as the release's default.
 * 'cae_smoke': 'smoke' with configs/cae.py:smoke's encoder (tests).
-* 'fashion_mnist': the `make demo` network (configs/dino.py:fashion_mnist's 4-block ViT), a few
+* 'fashion_mnist': configs/dino.py:fashion_mnist's 4-block ViT (4-px patches, width 64), a few
   epochs on the CPU, lighter regularisation for a small model and data set.
+* 'demo': 'fashion_mnist' on the `make demo` network (configs/dino.py:demo: 7-px patches, width
+  128, 4 heads).
 * 'smoke': a few steps of a tiny ViT (tests).
 
 config.eval.knn_every_steps schedules the evaluation; for this classifier it is top-1 / top-5
@@ -163,6 +168,13 @@ def cae_vit_b16(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`fashion_mnist` on `make demo`'s network (configs/dino.py:demo: 7-px patches, width 128)."""
+  c = fashion_mnist(c)
+  c.model.update(patch_size=7, pos_grid=4, embed_dim=128, num_heads=4)
+  return c
+
+
 def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """configs/dino.py:fashion_mnist's ViT fine-tuned on Fashion-MNIST for a few CPU epochs."""
   c.batch_size = 128
@@ -225,6 +237,7 @@ PRESETS = {
   "sere_vit_b16": sere_vit_b16,
   "cae_vit_b16": cae_vit_b16,
   "fashion_mnist": fashion_mnist,
+  "demo": demo,
   "smoke": smoke,
   "cae_smoke": cae_smoke,
 }

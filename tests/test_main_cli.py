@@ -50,6 +50,34 @@ def test_every_config_preset_loads(name):
       assert c.head.out_dim == dino.head.out_dim
 
 
+@pytest.mark.parametrize("name", ["dino", "sere_dino"])
+def test_demo_preset_is_fashion_mnist_on_the_7px_network(name):
+  sys.path.insert(0, ROOT)
+  from sslx.config_check import load_config_file
+
+  demo = load_config_file(os.path.join(ROOT, f"configs/{name}.py:demo")).to_dict()
+  fmnist = load_config_file(os.path.join(ROOT, f"configs/{name}.py:fashion_mnist")).to_dict()
+  m, f = demo.pop("model"), fmnist.pop("model")
+  assert (m["patch_size"], m["pos_grid"], m["embed_dim"], m["num_heads"]) == (7, 4, 128, 4)
+  assert {k: v for k, v in m.items() if f[k] != v} == dict(
+    patch_size=7, pos_grid=4, embed_dim=128, num_heads=4
+  )
+  assert demo["data"].pop("local_crops")["size"] == 14
+  fmnist["data"].pop("local_crops")
+  assert demo == fmnist  # same data, schedule, losses and budget otherwise
+
+
+def test_finetune_demo_preset_builds_the_make_demo_network():
+  # `--mode=finetune --config=configs/finetune.py:demo --init_from=runs/demo` loads strictly.
+  sys.path.insert(0, ROOT)
+  from sslx.config_check import load_config_file
+
+  ft = load_config_file(os.path.join(ROOT, "configs/finetune.py:demo")).model
+  pre = load_config_file(os.path.join(ROOT, "configs/dino.py:demo")).model
+  keys = ("patch_size", "pos_grid", "embed_dim", "depth", "num_heads", "mlp_ratio", "variant")
+  assert {k: ft[k] for k in keys} == {k: pre[k] for k in keys}
+
+
 def test_sere_ibot_default_is_the_readme_recipe():
   sys.path.insert(0, ROOT)
   from sslx.config_check import load_config_file
