@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A small ViT on real Fashion-MNIST, sized for the 2-core CPU demo (11-13 minutes).
+  """A small ViT on real Fashion-MNIST, sized for a 2-core CPU (one epoch in 7-12 minutes).
 
   Tuned on the CPU budget (experiments/fashion_mnist/RESULTS.md): small batches and a
   fast teacher (momentum 0.95) learn most per image in one epoch; 4-px patches give
