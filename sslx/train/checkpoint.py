@@ -188,19 +188,31 @@ class Checkpointer:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
+    """Closes on every way out. After an error, closing's own error is logged, not raised, so the
+    run's error is the one the user sees; left open, orbax's background threads (the tmp-folder
+    cleanup started by the constructor) can outlive the interpreter and print a traceback."""
     if exc_type is None:
       self.close()
-    else:
-      self.close_after_error()
-
-  def close_after_error(self) -> None:
-    """`close` on the way out of a failed run: its own error is logged, not raised, so the run's
-    error is the one the user sees. Without it orbax's background threads (the tmp-folder cleanup
-    started by the constructor) can outlive the interpreter and print a traceback at exit."""
+      return
     try:
       self.close()
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("closing %s after an error: %s", self.directory, e)
+
+
+def read_latest(
+  workdir: str, keys: tuple[str, ...], error: type[Exception] = FileNotFoundError
+) -> tuple[int, dict[str, Any]]:
+  """(step, {key: tree}) of the latest checkpoint of `workdir`, restoring only `keys` (e.g.
+  the teacher for an evaluation); `error` naming the training command when there is none."""
+  with Checkpointer(workdir, async_save=False) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise error(
+        f"no checkpoint under {ckpt.directory}; train first with "
+        f"`python main.py --config=... --workdir={workdir}`"
+      )
+    return step, ckpt.restore_parts(step, keys)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

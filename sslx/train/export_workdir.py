@@ -47,15 +47,8 @@ def backbone_state_dict(
   method = make_method(config)
   if weights == "student" and not method.has_teacher:
     weights = "teacher"  # one network: the student is what every evaluation reads
-  with ckpt_lib.Checkpointer(workdir, async_save=False) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ExportError(
-        f"no checkpoint under {ckpt.directory}; train first with "
-        f"`python main.py --config=... --workdir={workdir}`"
-      )
-    key = "teacher_params" if weights == "teacher" and method.has_teacher else "params"
-    parts = ckpt.restore_parts(step, (key, "loss_state"))
+  key = "teacher_params" if weights == "teacher" and method.has_teacher else "params"
+  step, parts = ckpt_lib.read_latest(workdir, (key, "loss_state"), ExportError)
   sd, meta = method.export_backbone(parts[key], parts["loss_state"], weights)
   return sd, meta, step, weights
 

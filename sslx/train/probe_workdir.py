@@ -62,16 +62,8 @@ def teacher_of(
     return 0, evaluated_params(
       method, {"params": params, "teacher_params": teacher, "loss_state": loss_state}
     )
-  with ckpt_lib.Checkpointer(workdir, async_save=False) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(
-        f"no checkpoint under {ckpt.directory}; train first with "
-        f"`python main.py --config=... --workdir={workdir}`"
-      )
-    parts = ckpt.restore_parts(
-      step, ("teacher_params" if method.has_teacher else "params", "loss_state")
-    )
+  teacher_key = "teacher_params" if method.has_teacher else "params"
+  step, parts = ckpt_lib.read_latest(workdir, (teacher_key, "loss_state"))
   return step, evaluated_params(method, parts)
 
 

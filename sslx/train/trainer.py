@@ -575,17 +575,15 @@ def _run(
   # ---- Checks that need no compiling: settings, workdir, the checkpoint's config ------------
   faults.check_run_config(config)
   faults.check_workdir(workdir)
-  ckpt = ckpt_lib.Checkpointer(
+  # Closed on every way out (the loop's own close waits for the last save first): an open
+  # orbax manager left at exit prints a traceback after a failed run's one-line error.
+  with ckpt_lib.Checkpointer(
     workdir,
     max_to_keep=config.checkpoint.max_to_keep,
     async_save=config.checkpoint.get("async_save", True),
     cleanup_tmp=True,
-  )
-  try:
+  ) as ckpt:
     return _run_with(ckpt, config, workdir, stop_after, stop, init_from)
-  except BaseException:
-    ckpt.close_after_error()
-    raise
 
 
 def _run_with(
@@ -920,15 +918,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """Standalone kNN of the teacher in the latest checkpoint of `workdir`."""
   mesh = sharding.make_mesh(config.mesh)
   method = make_method(config)
-  with ckpt_lib.Checkpointer(workdir, async_save=False) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(
-        f"no checkpoint under {ckpt.directory}; train first with "
-        f"`python main.py --config=... --workdir={workdir}`"
-      )
-    teacher_key = "teacher_params" if method.has_teacher else "params"
-    params = evaluated_params(method, ckpt.restore_parts(step, (teacher_key, "loss_state")))
+  teacher_key = "teacher_params" if method.has_teacher else "params"
+  step, parts = ckpt_lib.read_latest(workdir, (teacher_key, "loss_state"))
+  params = evaluated_params(method, parts)
   res = evaluate_knn(config, make_feature_fn(method, mesh, config), params)
   logging.info("step %d kNN top-1 %.2f%% top-5 %.2f%%", step, res["top1"], res["top5"])
   return {"step": step, **res}
